@@ -1,0 +1,338 @@
+"""The ``rlpipe`` command line.
+
+Data (tables, YAML, JSON) goes to stdout; warnings and errors to stderr.
+Exit status: 0 success, 1 run failure, 2 usage or config error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import click
+
+from rlpipe.core.errors import RlpipeError
+
+
+class _Group(click.Group):
+    """Turns rlpipe's own errors into one ``error: ...`` line per problem on
+    stderr and the documented exit status, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RlpipeError as exc:
+            for line in exc.lines():
+                click.echo(f"error: {line}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+def _registry(ctx: click.Context):
+    obj = ctx.find_root().ensure_object(dict)
+    if "registry" not in obj:
+        from rlpipe.core.plugins import load_registry
+
+        obj["registry"] = load_registry(no_plugins=obj.get("no_plugins", False),
+                                        warn=lambda m: click.echo(f"rlpipe: warning: {m}", err=True))
+    return obj["registry"]
+
+
+def _load_config(ctx: click.Context, files: Sequence[str], overrides: Sequence[str]):
+    from rlpipe.core.config import load_config
+    from rlpipe.defaults import DEFAULT_CONFIG
+
+    return load_config(_registry(ctx), defaults=DEFAULT_CONFIG, files=files, overrides=overrides)
+
+
+def config_options(fn: Callable) -> Callable:
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                      help="Override one config key (dotted path; VALUE is YAML). Repeatable; applied after files.")(fn)
+    fn = click.option("-c", "--config", "files", multiple=True, type=click.Path(dir_okay=False),
+                      help="YAML config file. Repeatable; later files override earlier ones.")(fn)
+    return fn
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout instead of a table.")
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    cols = [headers, *rows]
+    widths = [max(len(str(r[i])) for r in cols) for i in range(len(headers))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in cols]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _version() -> str:
+    from rlpipe import __version__
+
+    return __version__
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(version=None, package_name="rlpipe", prog_name="rlpipe", message="%(prog)s %(version)s")
+@click.option("--no-plugins", is_flag=True, help="Load rlpipe's built-in plugins only.")
+@click.pass_context
+def cli(ctx: click.Context, no_plugins: bool) -> None:
+    """RL post-training of language models as an explicit, pluggable stage graph."""
+    ctx.ensure_object(dict)["no_plugins"] = no_plugins
+
+
+# -- listings --------------------------------------------------------------------------
+
+
+def _provider(plugin) -> str:
+    s = plugin.source
+    return f"{s.distribution} {s.version}" if s.distribution else f"{s.name} (in-process)"
+
+
+@cli.group(cls=_Group)
+def roles() -> None:
+    """Roles: the stages of the graph."""
+
+
+@roles.command("list")
+@json_option
+@click.pass_context
+def roles_list(ctx: click.Context, as_json: bool) -> None:
+    """List roles with their provider, status and the fields they consume and produce."""
+    reg = _registry(ctx)
+    entries = []
+    for name, item in sorted(reg.provided("rlpipe_roles").items()):
+        spec = item.spec
+        entries.append({
+            "name": name, "description": spec.description,
+            "distribution": item.plugin.source.distribution, "version": item.plugin.source.version,
+            "plugin": item.plugin.source.name,
+            "status": "active" if spec.factory is not None else "plan-only",
+            "note": "" if spec.factory is not None else spec.unavailable,
+            "consumes": sorted(spec.consumes), "optional_consumes": sorted(spec.optional_consumes),
+            "produces": sorted(spec.produces), "sink": spec.sink,
+        })
+    for name, plugins in sorted(reg.ambiguous("rlpipe_roles").items()):
+        for p in plugins:
+            entries.append({"name": name, "description": "", "distribution": p.source.distribution,
+                            "version": p.source.version, "plugin": p.source.name, "status": "conflict",
+                            "note": "claimed by several plugins; not used", "consumes": [],
+                            "optional_consumes": [], "produces": [], "sink": False})
+    if as_json:
+        _echo_json(entries)
+        return
+    rows = []
+    for e in entries:
+        consumes = ", ".join(e["consumes"] + [f"[{f}]" for f in e["optional_consumes"]])
+        provider = f"{e['distribution']} {e['version']}" if e["distribution"] else f"{e['plugin']} (in-process)"
+        rows.append([e["name"], e["status"], provider, consumes or "-", ", ".join(e["produces"]) or "-"])
+    click.echo(_table(["ROLE", "STATUS", "PROVIDED BY", "CONSUMES ([optional])", "PRODUCES"], rows))
+    notes = [e for e in entries if e["note"]]
+    if notes:
+        click.echo("")
+        for e in notes:
+            click.echo(f"{e['name']}: {e['note']}")
+
+
+def _options_doc(config_type: type | None) -> list[dict[str, Any]]:
+    if config_type is None:
+        return []
+    out = []
+    for f in attrs.fields(config_type):
+        default = f.default.factory() if isinstance(f.default, attrs.Factory) else f.default
+        from rlpipe.core.config import _plain
+
+        out.append({"name": f.name, "default": _plain(default)})
+    return out
+
+
+@cli.group(cls=_Group)
+def placements() -> None:
+    """Colocation policies (placement.policy)."""
+
+
+@placements.command("list")
+@json_option
+@click.pass_context
+def placements_list(ctx: click.Context, as_json: bool) -> None:
+    """List colocation policies with their provider and options."""
+    reg = _registry(ctx)
+    entries = []
+    for name, item in sorted(reg.provided("rlpipe_placement_policies").items()):
+        entries.append({"name": name, "description": item.spec.description,
+                        "distribution": item.plugin.source.distribution, "version": item.plugin.source.version,
+                        "plugin": item.plugin.source.name, "status": "active",
+                        "options": _options_doc(item.spec.config_type)})
+    for name, plugins in sorted(reg.ambiguous("rlpipe_placement_policies").items()):
+        for p in plugins:
+            entries.append({"name": name, "description": "claimed by several plugins; not used",
+                            "distribution": p.source.distribution, "version": p.source.version,
+                            "plugin": p.source.name, "status": "conflict", "options": []})
+    if as_json:
+        _echo_json(entries)
+        return
+    rows = []
+    for e in entries:
+        provider = f"{e['distribution']} {e['version']}" if e["distribution"] else f"{e['plugin']} (in-process)"
+        opts = ", ".join(o["name"] for o in e["options"]) or "-"
+        rows.append([e["name"], e["status"], provider, opts, e["description"]])
+    click.echo(_table(["POLICY", "STATUS", "PROVIDED BY", "OPTIONS", "DESCRIPTION"], rows))
+
+
+@cli.group(cls=_Group)
+def plugins() -> None:
+    """Installed plugins."""
+
+
+@plugins.command("list")
+@json_option
+@click.pass_context
+def plugins_list(ctx: click.Context, as_json: bool) -> None:
+    """List plugins (entry points in the 'rlpipe' group): status active, disabled,
+    failed or conflict, with the error and what each provides."""
+    reg = _registry(ctx)
+    entries = [p.to_json() for p in reg.plugins]
+    if as_json:
+        _echo_json(entries)
+        return
+    rows = []
+    for e in entries:
+        provides = ", ".join(f"{p['kind']} {p['name']}" for p in e["provides"]) or "-"
+        rows.append([e["name"], e["status"], e["distribution"] or "(in-process)", e["version"] or "-", provides])
+    click.echo(_table(["PLUGIN", "STATUS", "DISTRIBUTION", "VERSION", "PROVIDES"], rows))
+    for e in entries:
+        for err in e["errors"]:
+            click.echo(f"{e['name']}: {err}")
+
+
+# -- config -------------------------------------------------------------------------
+
+
+@cli.group(cls=_Group)
+def config() -> None:
+    """Show or check the resolved configuration."""
+
+
+@config.command("show")
+@config_options
+@json_option
+@click.pass_context
+def config_show(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str, ...], as_json: bool) -> None:
+    """Print the resolved config (defaults, then files, then --set) as YAML."""
+    from rlpipe.core.config import dump_yaml
+
+    cfg = _load_config(ctx, files, overrides)
+    if as_json:
+        _echo_json(cfg.to_dict())
+    else:
+        click.echo(dump_yaml(cfg), nl=False)
+
+
+@config.command("validate")
+@config_options
+@click.pass_context
+def config_validate(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+    """Check the config, its stage graph and its colocation references.
+
+    Device-dependent checks (mesh sizes against the devices present) are
+    ``rlpipe plan``'s.
+    """
+    from rlpipe.core.graph import build_graph
+    from rlpipe.core.placement import check_requests
+    from rlpipe.core.planning import role_requests, role_specs
+
+    reg = _registry(ctx)
+    cfg = _load_config(ctx, files, overrides)
+    graph = build_graph(role_specs(cfg, reg))
+    check_requests(role_requests(cfg))
+    click.echo(f"config is valid: roles {', '.join(graph.order)}; placement policy {cfg.placement.policy}")
+
+
+# -- plan ----------------------------------------------------------------------------
+
+
+def _ranges(ids: Sequence[int]) -> str:
+    ids = list(ids)
+    if not ids:
+        return "-"
+    if ids == list(range(ids[0], ids[0] + len(ids))) and len(ids) > 2:
+        return f"{ids[0]}-{ids[-1]}"
+    return ",".join(map(str, ids))
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@cli.command("plan")
+@config_options
+@click.option("--devices", "n_devices", type=click.IntRange(min=1), default=None,
+              help="Plan for N hypothetical devices instead of the devices JAX sees.")
+@json_option
+@click.pass_context
+def plan_cmd(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str, ...], n_devices: int | None, as_json: bool) -> None:
+    """Show where each role runs: devices, mesh, colocation groups, offload and
+    which graph edges block until the global-batch barrier."""
+    from rlpipe.core.placement import DeviceInfo
+    from rlpipe.core.planning import plan_run
+
+    reg = _registry(ctx)
+    cfg = _load_config(ctx, files, overrides)
+    devices = [DeviceInfo(id=i, platform="hypothetical") for i in range(n_devices)] if n_devices else None
+    planned = plan_run(cfg, reg, devices)
+    plan = planned.plan
+    if as_json:
+        _echo_json(plan.to_json())
+        return
+    platform = devices[0].platform if devices else _platform()
+    click.echo(f"policy: {plan.policy}    mode: {plan.mode}    devices: {len(plan.devices)} ({platform})")
+    click.echo(f"graph: {' -> '.join(planned.graph.order)}")
+    click.echo("")
+    rows = []
+    for r in plan.roles:
+        mesh = f"{list(r.mesh.shape)} ({', '.join(r.mesh.axes)})"
+        rows.append([r.name, _ranges(r.devices), mesh, ", ".join(r.colocated_with) or "-",
+                     "yes" if r.offload else "no", _bytes(r.memory_estimate_bytes)])
+    click.echo(_table(["ROLE", "DEVICES", "MESH", "COLOCATED WITH", "OFFLOAD", "MEMORY/DEVICE"], rows))
+    click.echo("")
+    click.echo("boundaries:")
+    if not plan.boundaries:
+        click.echo("  (none: a single stage)")
+    for b in plan.boundaries:
+        how = "blocks until the global-batch barrier" if b.blocking else "streams items as they arrive"
+        click.echo(f"  {b.upstream} -> {b.downstream}: {how}")
+    for note in plan.notes:
+        click.echo(f"note: {note}")
+
+
+def _platform() -> str:
+    import jax
+
+    return jax.devices()[0].platform
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point."""
+    try:
+        rv = cli.main(args=argv, prog_name="rlpipe", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    # Without standalone mode, click returns ctx.exit()'s code instead of exiting.
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,398 @@
+"""Typed configuration: YAML files and ``--set`` overrides into frozen attrs classes.
+
+Loading goes: embedded defaults, then each YAML file in order, then each
+``--set dotted.key=value`` (the value parsed as a YAML scalar or flow
+collection) are merged into one mapping (a ``null`` value removes a key, so
+``--set roles.reference=null`` drops that role); then cattrs structures it
+once, with extra keys forbidden.  The ``roles.<name>`` sections are typed by
+the plugin that provides each role, ``placement.options`` by the selected
+policy.
+
+Every problem becomes one :class:`Problem` with a dotted path and a reason,
+``roles.rollout.mesh.shape: expected a list of ints, got 'four'``, and all of
+them are raised together as a :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, get_args, get_origin
+
+import attrs
+import cattrs
+import yaml
+from cattrs.errors import BaseValidationError, ForbiddenExtraKeysError
+from cattrs.gen import make_dict_structure_fn
+
+from rlpipe.core.errors import ConfigError, Problem, suggest
+
+if TYPE_CHECKING:
+    from rlpipe.core.plugins import Registry
+
+
+class ConfigValueError(ValueError):
+    """A bad value; ``subpath`` locates it below the value being structured."""
+
+    def __init__(self, message: str, subpath: Sequence[str | int] = ()):
+        super().__init__(message)
+        self.message = message
+        self.subpath = tuple(subpath)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check(predicate, reason: str):
+    """An attrs validator raising :class:`ConfigValueError` located at the field.
+
+    ``reason`` may use ``{value}``.  (attrs' own validators do not say which
+    field failed in a form cattrs keeps, so config classes use this.)
+    """
+
+    def validator(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None and not predicate(value):
+            raise ConfigValueError(reason.format(value=_show(value)), (attribute.name,))
+
+    return validator
+
+
+# -- schema ----------------------------------------------------------------------
+
+
+def _check_mesh(instance: MeshConfig, attribute: attrs.Attribute, value: Any) -> None:
+    shape, axes = instance.shape, instance.axes
+    if len(axes) != len(shape):
+        raise ConfigValueError(f"{len(axes)} axis name(s) for a {len(shape)}-dimensional shape {list(shape)}; give one name per dimension", ("axes",))
+    dup = sorted({a for a in axes if axes.count(a) > 1})
+    if dup:
+        raise ConfigValueError(f"duplicate axis name(s) {', '.join(map(repr, dup))}", ("axes",))
+
+
+@attrs.frozen(kw_only=True)
+class MeshConfig:
+    """``roles.<name>.mesh``: a mesh shape and one axis name per dimension."""
+
+    shape: tuple[int, ...] = attrs.field(validator=[
+        check(lambda s: len(s) > 0, "must have at least one dimension"),
+        check(lambda s: all(d >= 1 for d in s), "every dimension must be at least 1, got {value}"),
+    ])
+    axes: tuple[str, ...] = attrs.field(validator=[
+        check(lambda a: all(a_ for a_ in a), "axis names must be non-empty"),
+        _check_mesh,
+    ])
+
+
+@attrs.frozen(kw_only=True)
+class RoleConfig:
+    """Base of every ``roles.<name>`` section; role plugins derive their own.
+
+    Attributes:
+        mesh: the role's own mesh; without ``colocate_with`` it owns a disjoint
+            device slice (disaggregated).
+        colocate_with: a role whose device *set* this role shares, under its own
+            mesh shape; ``actor`` means ``trainer``.
+        offload: whether this role's state goes to host memory between uses;
+            ``null`` follows ``placement.offload``.
+    """
+
+    mesh: MeshConfig | None = None
+    colocate_with: str | None = attrs.field(default=None, validator=check(bool, "must be a role name"))
+    offload: bool | None = None
+
+
+@attrs.frozen(kw_only=True)
+class PlacementConfig:
+    """``placement``: the colocation policy and the offload switch.
+
+    ``options`` is typed by the selected policy (see ``rlpipe placements list``).
+    """
+
+    policy: str = "default"
+    offload: bool = False
+    options: Any = None
+
+
+@attrs.frozen(kw_only=True)
+class TrainConfig:
+    """``train``: how long to run and how far rollout may run ahead."""
+
+    steps: int = attrs.field(default=20, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
+    seed: int = 0
+    max_staleness: int = attrs.field(default=0, validator=check(lambda v: v >= 0, "must be at least 0, got {value}"))
+
+
+@attrs.frozen(kw_only=True)
+class RunConfig:
+    """The whole resolved configuration of a run.
+
+    ``roles`` maps each role in the graph to its section, in config order.
+    """
+
+    roles: dict[str, RoleConfig] = attrs.field(factory=dict)
+    placement: PlacementConfig = attrs.field(factory=PlacementConfig)
+    train: TrainConfig = attrs.field(factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (lists, dicts, scalars) that :func:`load_config` reads back."""
+        return _plain(self)
+
+
+def _plain(value: Any) -> Any:
+    if attrs.has(type(value)):
+        return {f.name: _plain(getattr(value, f.name)) for f in attrs.fields(type(value))}
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# -- the converter -------------------------------------------------------------------
+
+
+_SCALARS = {bool: "a boolean", int: "an int", float: "a number", str: "a string"}
+
+
+def _scalar_hook(t: type):
+    def hook(value: Any, _: Any) -> Any:
+        ok = isinstance(value, t) and (t is bool or not isinstance(value, bool))
+        if t is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if not ok:
+            raise ConfigValueError(f"expected {_SCALARS[t]}, got {_show(value)}")
+        return value
+
+    return hook
+
+
+def _is_homogeneous_tuple(t: Any) -> bool:
+    args = get_args(t)
+    return get_origin(t) is tuple and len(args) == 2 and args[1] is Ellipsis
+
+
+def make_converter() -> cattrs.Converter:
+    """A converter that is strict about types (no ``"4"`` -> ``4``, no string as a
+    list of characters) and forbids unknown keys."""
+    conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+    for t in _SCALARS:
+        conv.register_structure_hook(t, _scalar_hook(t))
+
+    def tuple_factory(t: Any):
+        item = get_args(t)[0]
+        word = {int: "ints", str: "strings", float: "numbers"}.get(item, getattr(item, "__name__", str(item)) + "s")
+
+        def hook(value: Any, _: Any) -> tuple:
+            if not isinstance(value, (list, tuple)):
+                raise ConfigValueError(f"expected a list of {word}, got {_show(value)}")
+            out, problems = [], []
+            for i, v in enumerate(value):
+                try:
+                    out.append(conv.structure(v, item))
+                except ConfigValueError as exc:
+                    problems.append(ConfigValueError(exc.message, (i, *exc.subpath)))
+            if problems:
+                raise problems[0]
+            return tuple(out)
+
+        return hook
+
+    conv.register_structure_hook_factory(_is_homogeneous_tuple, tuple_factory)
+
+    def attrs_factory(cl: type):
+        base = make_dict_structure_fn(cl, conv, _cattrs_forbid_extra_keys=True, _cattrs_detailed_validation=True)
+
+        def hook(value: Any, _: Any) -> Any:
+            if not isinstance(value, Mapping):
+                raise ConfigValueError(f"expected a mapping of {', '.join(f.name for f in attrs.fields(cl))}, got {_show(value)}")
+            bad = [k for k in value if not isinstance(k, str)]
+            if bad:
+                raise ConfigValueError(f"keys must be strings, got {_show(bad[0])}")
+            return base(value, cl)
+
+        return hook
+
+    conv.register_structure_hook_factory(attrs.has, attrs_factory)
+    return conv
+
+
+_CONVERTER = make_converter()
+
+
+def _join(path: Sequence[str | int]) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _problems(exc: BaseException, path: tuple[str | int, ...]) -> list[Problem]:
+    """Flattens a cattrs error tree into problems whose path ends at the field."""
+    if isinstance(exc, ForbiddenExtraKeysError):
+        known = [f.name for f in attrs.fields(exc.cl)] if exc.cl is not None and attrs.has(exc.cl) else []
+        return [Problem(_join((*path, k)), f"unknown key{suggest(k, known)} (valid keys: {', '.join(known)})") for k in sorted(map(str, exc.extra_fields))]
+    if isinstance(exc, BaseValidationError):
+        with_notes, without = exc.group_exceptions()
+        out = []
+        for sub, note in with_notes:
+            step = getattr(note, "name", None)
+            if step is None:
+                step = getattr(note, "index", None)
+            out += _problems(sub, path if step is None else (*path, step))
+        for sub in without:
+            out += _problems(sub, path)
+        return out
+    if isinstance(exc, ConfigValueError):
+        return [Problem(_join((*path, *exc.subpath)), exc.message)]
+    if isinstance(exc, KeyError):
+        return [Problem(_join(path), "required key missing")]
+    return [Problem(_join(path), str(exc) or type(exc).__name__)]
+
+
+def structure(value: Any, cl: type, path: Sequence[str | int] = ()) -> Any:
+    """Structures ``value`` as ``cl``; raises :class:`ConfigError` with every problem."""
+    try:
+        return _CONVERTER.structure(value, cl)
+    except (BaseValidationError, ConfigValueError, ForbiddenExtraKeysError) as exc:
+        raise ConfigError(_problems(exc, tuple(path))) from None
+
+
+# -- sources: defaults, files, --set --------------------------------------------------
+
+
+def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merges ``override`` into a copy of ``base``: mappings merge, anything
+    else replaces, and ``None`` removes the key."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(dict(out[key]), value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(Problem(str(p), f"cannot read config file: {exc.strerror or exc}")) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(Problem(where, f"invalid YAML: {reason}")) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(Problem(str(p), f"expected a mapping at the top level, got {type(data).__name__}"))
+    return data
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``'a.b.c=value'`` -> ``{'a': {'b': {'c': value}}}``, value parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(Problem("--set", f"{text!r}: expected KEY=VALUE, e.g. train.steps=10"))
+    parts = key.split(".")
+    if any(not p for p in parts):
+        raise ConfigError(Problem("--set", f"{text!r}: {key!r} is not a dotted key"))
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(Problem(key, f"--set value {raw!r} is not valid YAML: {getattr(exc, 'problem', exc)}")) from None
+    out: Any = value
+    for p in reversed(parts):
+        out = {p: out}
+    return out
+
+
+def resolve_sources(defaults: Mapping[str, Any], files: Iterable[str | Path] = (), overrides: Iterable[str] = ()) -> dict[str, Any]:
+    data = copy.deepcopy(dict(defaults))
+    for f in files:
+        data = merge(data, read_yaml_file(f))
+    for o in overrides:
+        data = merge(data, parse_override(o))
+    return data
+
+
+# -- structuring the whole config -------------------------------------------------------
+
+
+def _top_level_keys() -> list[str]:
+    return [f.name for f in attrs.fields(RunConfig)]
+
+
+def build_config(data: Mapping[str, Any], registry: Registry) -> RunConfig:
+    """Structures merged config data into a :class:`RunConfig`, typing role and
+    policy sections by their plugins.  Collects every problem before raising."""
+    problems: list[Problem] = []
+
+    def attempt(fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            return None
+
+    known = _top_level_keys()
+    for key in data:
+        if key not in known:
+            problems.append(Problem(str(key), f"unknown section{suggest(str(key), known)} (valid sections: {', '.join(known)})"))
+
+    train = attempt(structure, data.get("train", {}), TrainConfig, ("train",))
+
+    placement_raw = data.get("placement", {})
+    placement = None
+    if not isinstance(placement_raw, Mapping):
+        problems.append(Problem("placement", f"expected a mapping, got {_show(placement_raw)}"))
+    else:
+        shell = attempt(structure, {k: v for k, v in placement_raw.items() if k != "options"}, PlacementConfig, ("placement",))
+        if shell is not None:
+            spec = attempt(registry.get, "rlpipe_placement_policies", shell.policy, path="placement.policy")
+            if spec is not None:
+                raw_opts = placement_raw.get("options")
+                if spec.config_type is None:
+                    if raw_opts:
+                        problems.append(Problem("placement.options", f"policy {shell.policy!r} takes no options"))
+                    placement = shell
+                else:
+                    opts = attempt(structure, raw_opts or {}, spec.config_type, ("placement", "options"))
+                    if opts is not None:
+                        placement = attrs.evolve(shell, options=opts)
+
+    roles_raw = data.get("roles", {})
+    roles: dict[str, RoleConfig] = {}
+    if not isinstance(roles_raw, Mapping):
+        problems.append(Problem("roles", f"expected a mapping of role name to section, got {_show(roles_raw)}"))
+    else:
+        for name, section in roles_raw.items():
+            path = f"roles.{name}"
+            spec = attempt(registry.get, "rlpipe_roles", str(name), path=path)
+            if spec is None:
+                continue
+            cfg = attempt(structure, section if section is not None else {}, spec.config_type, ("roles", str(name)))
+            if cfg is not None:
+                roles[str(name)] = cfg
+
+    if problems:
+        raise ConfigError(problems)
+    return RunConfig(roles=roles, placement=placement, train=train)
+
+
+def load_config(registry: Registry, *, defaults: Mapping[str, Any], files: Iterable[str | Path] = (), overrides: Iterable[str] = ()) -> RunConfig:
+    """Defaults, then files in order, then ``--set`` overrides, structured and checked."""
+    return build_config(resolve_sources(defaults, files, overrides), registry)
+
+
+def dump_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

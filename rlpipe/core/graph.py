@@ -1,0 +1,519 @@
+"""The stage graph: derived from what roles consume and produce, then executed.
+
+:func:`build_graph` turns role specs into a DAG (an edge ``u -> v`` when ``v``
+consumes a field ``u`` produces), checks it (every consumed field has exactly
+one producer, no cycles), and reduces it transitively: items carry every field
+produced upstream, so ``rollout -> trainer`` is implied by
+``rollout -> reference -> trainer``.
+
+:class:`Executor` runs one thread per stage, connected by bounded queues.  The
+data source feeds the head stages one item (micro-batch) at a time and closes
+each global batch with a barrier.  A stage processes item ``k`` of step ``n``
+once every upstream has delivered it and, on a *blocking* edge (the plan's
+choice), once that upstream has passed the barrier of step ``n``; then, after
+the last item, it runs its barrier work and passes the barrier on.  The source
+starts step ``n`` only when the policy version is at least ``n - lag``, which
+bounds staleness: ``lag`` is 0 when the head stage (rollout) time-shares
+devices with the sink (trainer), ``train.max_staleness`` otherwise.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from rlpipe.core.errors import GraphError, Problem, StageError, suggest
+from rlpipe.core.placement import PlacementPlan, time_shared
+from rlpipe.core.specs import RoleSpec
+from rlpipe.core.stage import Batch, BarrierStage, OffloadableStage, Stage, StageContext
+from rlpipe.core.telemetry import Trace
+
+#: The pseudo-role that feeds prompts into the graph.
+SOURCE = "source"
+
+#: Fields the data source provides to every item.
+SOURCE_FIELDS: frozenset[str] = frozenset({"prompt_tokens", "prompt_mask", "group_id", "example_id"})
+
+
+@attrs.frozen
+class Edge:
+    """``upstream -> downstream``, carrying ``fields``; ``implicit`` for the edge
+    that brings a role nobody consumes into the sink."""
+
+    upstream: str
+    downstream: str
+    fields: frozenset[str] = frozenset()
+    implicit: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class StageGraph:
+    """A checked, transitively reduced DAG of roles.
+
+    Attributes:
+        order: roles in a topological order (ties broken by config order).
+        edges: role-to-role edges.
+        sink: the role at the end (the trainer), or ``None``.
+        produces: each role's declared output fields.
+    """
+
+    order: tuple[str, ...]
+    edges: tuple[Edge, ...]
+    sink: str | None
+    produces: Mapping[str, frozenset[str]]
+    source_fields: frozenset[str] = SOURCE_FIELDS
+
+    def upstream(self, role: str) -> list[str]:
+        return [e.upstream for e in self.edges if e.downstream == role]
+
+    def downstream(self, role: str) -> list[str]:
+        return [e.downstream for e in self.edges if e.upstream == role]
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        return tuple(r for r in self.order if not self.upstream(r))
+
+    @property
+    def terminals(self) -> tuple[str, ...]:
+        return (self.sink,) if self.sink else tuple(r for r in self.order if not self.downstream(r))
+
+    def edge_pairs(self) -> tuple[tuple[str, str], ...]:
+        return tuple((e.upstream, e.downstream) for e in self.edges)
+
+
+def _find_cycle(nodes: Sequence[str], succ: Mapping[str, set[str]]) -> list[str]:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(succ[n]):
+            if m not in nodes:
+                continue
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state:
+                found = visit(m)
+                if found:
+                    return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in nodes:
+        if n not in state:
+            found = visit(n)
+            if found:
+                return found
+    return list(nodes)
+
+
+def build_graph(roles: Mapping[str, RoleSpec], *, source_fields: Iterable[str] = SOURCE_FIELDS) -> StageGraph:
+    """Derives the stage graph from role specs (in config order).
+
+    Raises:
+        GraphError: a field produced twice, a consumed field nobody produces,
+            several sink roles, or a cycle; each problem names the role.
+    """
+    source_fields = frozenset(source_fields)
+    names = list(roles)
+    rank = {n: i for i, n in enumerate(names)}
+    problems: list[Problem] = []
+
+    producer: dict[str, str] = {f: SOURCE for f in source_fields}
+    for name, spec in roles.items():
+        for f in sorted(spec.produces):
+            if f in producer:
+                other = "the data source" if producer[f] == SOURCE else f"role {producer[f]!r}"
+                problems.append(Problem(f"roles.{name}", f"produces field {f!r}, which {other} already produces; a field has one producer"))
+            else:
+                producer[f] = name
+
+    fields: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for name, spec in roles.items():
+        for f in sorted(spec.consumes | spec.optional_consumes):
+            p = producer.get(f)
+            if p is None:
+                if f in spec.consumes:
+                    problems.append(Problem(f"roles.{name}", f"consumes field {f!r}, which no role in the graph produces{suggest(f, producer)}"))
+                continue
+            if p == name:
+                problems.append(Problem(f"roles.{name}", f"consumes field {f!r}, which it produces itself"))
+            elif p != SOURCE:
+                fields[(p, name)].add(f)
+
+    sinks = [n for n, s in roles.items() if s.sink]
+    if len(sinks) > 1:
+        problems.append(Problem("roles", f"several sink roles ({', '.join(sinks)}); a graph has one"))
+    if problems:
+        raise GraphError(problems)
+
+    succ: dict[str, set[str]] = {n: set() for n in names}
+    for u, v in fields:
+        succ[u].add(v)
+
+    def reachable(src: str) -> set[str]:
+        seen, todo = set(), [src]
+        while todo:
+            for m in succ[todo.pop()]:
+                if m not in seen:
+                    seen.add(m)
+                    todo.append(m)
+        return seen
+
+    sink = sinks[0] if sinks else None
+    implicit: set[tuple[str, str]] = set()
+    if sink is not None:
+        # A role nobody consumes still contributes its fields: it flows into the sink.
+        for n in names:
+            if n != sink and not succ[n] and n not in reachable(sink):
+                succ[n].add(sink)
+                implicit.add((n, sink))
+                fields[(n, sink)] = set(roles[n].produces)
+
+    # Kahn's algorithm, ties broken by config order.
+    indeg = {n: 0 for n in names}
+    for u in names:
+        for v in succ[u]:
+            indeg[v] += 1
+    ready = sorted((n for n in names if indeg[n] == 0), key=rank.__getitem__)
+    order: list[str] = []
+    while ready:
+        n = ready.pop(0)
+        order.append(n)
+        for m in succ[n]:
+            indeg[m] -= 1
+            if indeg[m] == 0:
+                ready.append(m)
+                ready.sort(key=rank.__getitem__)
+    if len(order) != len(names):
+        left = [n for n in names if n not in order]
+        cycle = _find_cycle(left, succ)
+        raise GraphError(Problem("roles", f"the roles form a cycle: {' -> '.join(cycle)}"))
+
+    # Transitive reduction: drop u -> v when v is reachable from u another way.
+    edges = []
+    for u in order:
+        for v in sorted(succ[u], key=rank.__getitem__):
+            if any(v in reachable(w) for w in succ[u] if w != v):
+                continue
+            edges.append(Edge(u, v, frozenset(fields[(u, v)]), (u, v) in implicit))
+    return StageGraph(order=tuple(order), edges=tuple(edges), sink=sink,
+                      produces={n: roles[n].produces for n in names}, source_fields=source_fields)
+
+
+# -- execution ------------------------------------------------------------------------
+
+
+@attrs.frozen
+class _Item:
+    sender: str
+    step: int
+    index: int
+    batch: Batch
+
+
+@attrs.frozen
+class _Barrier:
+    sender: str
+    step: int
+    count: int
+
+
+@attrs.frozen
+class _End:
+    sender: str
+
+
+class _Stopped(Exception):
+    """Unwinds a stage thread when the run is stopping."""
+
+
+@attrs.frozen(kw_only=True)
+class RunSummary:
+    steps: int
+    policy_version: int
+    items: Mapping[str, int]
+
+
+class Executor:
+    """Runs a :class:`StageGraph` of stages under a :class:`PlacementPlan`.
+
+    Args:
+        graph: the checked stage graph.
+        stages: one :class:`Stage` per role in the graph.
+        plan: the placement plan; its boundaries say which edges block, its
+            offload flags which stages are offloaded between uses.  ``None``
+            runs everything streaming, nothing offloaded.
+        max_staleness: how many policy versions rollout may run ahead when it
+            does not time-share devices with the trainer.
+        hooks: a pluggy hook relay for lifecycle hooks, or ``None``.
+        trace: where spans go; a new :class:`Trace` by default.
+        queue_size: bound of each stage's inbox.
+    """
+
+    def __init__(self, graph: StageGraph, stages: Mapping[str, Stage], plan: PlacementPlan | None = None, *,
+                 max_staleness: int = 0, seed: int = 0, hooks: Any = None, trace: Trace | None = None,
+                 queue_size: int = 8, poll_s: float = 0.05):
+        missing = [r for r in graph.order if r not in stages]
+        if missing:
+            raise ValueError(f"no stage for role(s) {', '.join(missing)}")
+        self.graph, self.stages, self.plan = graph, dict(stages), plan
+        self.seed, self.hooks = seed, hooks
+        self.trace = trace or Trace()
+        self.lag = self._lag(max_staleness)
+        self._poll = poll_s
+        self._inbox = {r: queue.Queue(maxsize=queue_size) for r in graph.order}
+        self._stop = threading.Event()
+        self._error: StageError | None = None
+        self._error_lock = threading.Lock()
+        self._version = 0
+        self._version_cond = threading.Condition()
+        self._done: dict[str, int] = defaultdict(int)
+        self._items: dict[str, int] = defaultdict(int)
+
+    def _lag(self, max_staleness: int) -> int:
+        if self.plan is None or self.graph.sink is None:
+            return max_staleness
+        sink = self.plan.role(self.graph.sink)
+        if any(time_shared(self.plan.role(h), sink) for h in self.graph.heads if h != self.graph.sink):
+            return 0
+        return max_staleness
+
+    def _offloads(self, role: str) -> bool:
+        return self.plan is not None and self.plan.role(role).offload
+
+    def _blocking(self, upstream: str, role: str) -> bool:
+        return self.plan is not None and upstream != SOURCE and self.plan.is_blocking(upstream, role)
+
+    @property
+    def policy_version(self) -> int:
+        with self._version_cond:
+            return self._version
+
+    # -- queue helpers that notice a stopping run ----------------------------------
+
+    def _put(self, role: str, msg: Any) -> None:
+        q = self._inbox[role]
+        while True:
+            if self._stop.is_set():
+                raise _Stopped
+            try:
+                q.put(msg, timeout=self._poll)
+                return
+            except queue.Full:
+                continue
+
+    def _get(self, role: str) -> Any:
+        q = self._inbox[role]
+        while True:
+            if self._stop.is_set():
+                raise _Stopped
+            try:
+                return q.get(timeout=self._poll)
+            except queue.Empty:
+                continue
+
+    def _fail(self, role: str, step: int, index: int | None, exc: BaseException) -> None:
+        with self._error_lock:
+            if self._error is None:
+                self._error = StageError(role, step, index, exc)
+                self._error.__cause__ = exc
+                if self.hooks is not None and role != SOURCE:
+                    try:
+                        self.hooks.rlpipe_on_stage_error(role=role, error=exc, context=self._context(role, step, index))
+                    except Exception:  # noqa: BLE001 - an observer must not mask the real error
+                        pass
+        self._stop.set()
+        with self._version_cond:
+            self._version_cond.notify_all()
+
+    def _context(self, role: str, step: int, index: int | None) -> StageContext:
+        return StageContext(role=role, step=step, index=index, policy_version=self.policy_version, seed=self.seed, trace=self.trace)
+
+    # -- threads ----------------------------------------------------------------------
+
+    def _run_source(self, source: Iterator[Sequence[Batch]], steps: int) -> None:
+        step = 0
+        try:
+            for step in range(steps):
+                with self._version_cond:
+                    while self._version < step - self.lag and not self._stop.is_set():
+                        self._version_cond.wait(timeout=self._poll)
+                if self._stop.is_set():
+                    return
+                try:
+                    items = list(next(source))
+                except StopIteration:
+                    break
+                for index, batch in enumerate(items):
+                    if not isinstance(batch, Batch):
+                        batch = Batch(batch)
+                    for head in self.graph.heads:
+                        self._put(head, _Item(SOURCE, step, index, batch))
+                self.trace.instant(SOURCE, "global_batch", step=step, items=len(items), policy_version=self.policy_version)
+                for head in self.graph.heads:
+                    self._put(head, _Barrier(SOURCE, step, len(items)))
+            for head in self.graph.heads:
+                self._put(head, _End(SOURCE))
+        except _Stopped:
+            return
+        except Exception as exc:  # noqa: BLE001 - reported as the source's failure
+            self._fail(SOURCE, step, None, exc)
+
+    def _run_stage(self, role: str) -> None:
+        stage = self.stages[role]
+        ups = self.graph.upstream(role) or [SOURCE]
+        downs = self.graph.downstream(role)
+        blocking = [u for u in ups if self._blocking(u, role)]
+        offloads = self._offloads(role) and isinstance(stage, OffloadableStage)
+        items: dict[int, dict[int, dict[str, Batch]]] = defaultdict(lambda: defaultdict(dict))
+        barriers: dict[int, dict[str, int]] = defaultdict(dict)
+        ended: set[str] = set()
+        step, index = 0, 0
+        on_device = True
+        wait_start: float | None = None
+
+        def onload() -> None:
+            nonlocal on_device
+            if offloads and not on_device:
+                with self.trace.span(role, "onload", step=step):
+                    stage.onload()
+                on_device = True
+
+        try:
+            while True:
+                have = items[step].get(index, {})
+                ready = len(have) == len(ups)
+                released = all(u in barriers[step] for u in blocking)
+                if ready and not released and wait_start is None:
+                    wait_start = self.trace.now_us()
+                if ready and released:
+                    if wait_start is not None:
+                        self.trace.complete(role, "barrier_wait", wait_start, self.trace.now_us(), step=step)
+                        wait_start = None
+                    onload()
+                    batch = have[ups[0]]
+                    for u in ups[1:]:
+                        batch = batch.merge(have[u])
+                    del items[step][index]
+                    out = self._process(role, stage, batch, step, index)
+                    for d in downs:
+                        self._put(d, _Item(role, step, index, out))
+                    index += 1
+                    continue
+                if len(barriers[step]) == len(ups):
+                    counts = set(barriers[step].values())
+                    if len(counts) != 1:
+                        raise RuntimeError(f"upstream stages disagree on the size of global batch {step}: {dict(barriers[step])}")
+                    if index == counts.pop():
+                        onload()
+                        self._barrier(role, stage, step, index)
+                        for d in downs:
+                            self._put(d, _Barrier(role, step, index))
+                        if offloads:
+                            with self.trace.span(role, "offload", step=step):
+                                stage.offload()
+                            on_device = False
+                        del items[step], barriers[step]
+                        step, index = step + 1, 0
+                        continue
+                if len(ended) == len(ups) and not items[step] and not barriers[step]:
+                    for d in downs:
+                        self._put(d, _End(role))
+                    return
+                msg = self._get(role)
+                if isinstance(msg, _Item):
+                    items[msg.step][msg.index][msg.sender] = msg.batch
+                elif isinstance(msg, _Barrier):
+                    barriers[msg.step][msg.sender] = msg.count
+                else:
+                    ended.add(msg.sender)
+        except _Stopped:
+            return
+        except StageError as exc:
+            self._fail(role, exc.step, exc.index, exc.cause)
+        except Exception as exc:  # noqa: BLE001 - any failure stops the run, named
+            self._fail(role, step, index, exc)
+
+    def _process(self, role: str, stage: Stage, batch: Batch, step: int, index: int) -> Batch:
+        ctx = self._context(role, step, index)
+        try:
+            if self.hooks is not None:
+                self.hooks.rlpipe_before_stage(role=role, batch=batch, context=ctx)
+            with self.trace.span(role, "process", step=step, index=index, policy_version=ctx.policy_version):
+                out = stage.process(batch, context=ctx)
+            self._check_output(role, batch, out)
+            if self.hooks is not None:
+                self.hooks.rlpipe_after_stage(role=role, batch=out, context=ctx)
+        except Exception as exc:
+            raise StageError(role, step, index, exc) from exc
+        self._items[role] += 1
+        return out
+
+    def _check_output(self, role: str, batch: Batch, out: Any) -> None:
+        if not isinstance(out, Batch):
+            raise TypeError(f"process() returned {type(out).__name__}, expected a Batch (return batch.add(...))")
+        changed = [f for f in batch if f not in out or out[f] is not batch[f]]
+        if changed:
+            raise ValueError(f"process() dropped or replaced field(s) {', '.join(changed)}; stages only add fields")
+        added = set(out) - set(batch)
+        declared = self.graph.produces.get(role, frozenset())
+        if added != declared:
+            parts = []
+            if declared - added:
+                parts.append(f"did not produce declared field(s) {', '.join(sorted(declared - added))}")
+            if added - declared:
+                parts.append(f"produced undeclared field(s) {', '.join(sorted(added - declared))}")
+            raise ValueError("process() " + " and ".join(parts))
+
+    def _barrier(self, role: str, stage: Stage, step: int, count: int) -> None:
+        ctx = self._context(role, step, None)
+        try:
+            if self.hooks is not None:
+                self.hooks.rlpipe_before_stage(role=role, batch=None, context=ctx)
+            if isinstance(stage, BarrierStage):
+                with self.trace.span(role, "barrier", step=step, items=count, policy_version=ctx.policy_version):
+                    stage.on_barrier(context=ctx)
+            if self.hooks is not None:
+                self.hooks.rlpipe_after_stage(role=role, batch=None, context=ctx)
+        except Exception as exc:
+            raise StageError(role, step, None, exc) from exc
+        with self._version_cond:
+            self._done[role] += 1
+            self._version = min(self._done[t] for t in self.graph.terminals)
+            self._version_cond.notify_all()
+
+    # -- driver ----------------------------------------------------------------------
+
+    def run(self, source: Iterable[Sequence[Batch]], *, steps: int) -> RunSummary:
+        """Runs up to ``steps`` global batches from ``source`` (each a sequence of
+        items); returns when every stage has passed the last barrier.
+
+        Raises:
+            StageError: the first stage failure, naming the role, step and item;
+                every thread has stopped when it is raised.
+        """
+        threads = [threading.Thread(target=self._run_source, args=(iter(source), steps), name="rlpipe-source", daemon=True)]
+        threads += [threading.Thread(target=self._run_stage, args=(r,), name=f"rlpipe-stage-{r}", daemon=True) for r in self.graph.order]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(timeout=0.1)
+        except BaseException:
+            self._stop.set()
+            for t in threads:
+                t.join()
+            raise
+        if self._error is not None:
+            raise self._error
+        return RunSummary(steps=min(self._done[t] for t in self.graph.terminals) if self.graph.terminals else 0,
+                          policy_version=self.policy_version, items=dict(self._items))

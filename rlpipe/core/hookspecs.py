@@ -1,0 +1,221 @@
+"""The hooks a plugin can implement.
+
+A plugin is a module (or object) named by an entry point in the ``rlpipe``
+group.  Its functions named ``rlpipe_<hook>`` (optionally decorated with
+:data:`hookimpl`) implement the hooks below.  *Registration* hooks return an
+iterable of typed records from :mod:`rlpipe.core.specs`; *lifecycle* hooks
+observe a run.
+
+Every hook here is documented, with its signature, in ``docs/plugins.md``;
+a meta-test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from rlpipe.core.specs import (
+        AdvantageEstimatorSpec,
+        AlgorithmSpec,
+        PolicyLossSpec,
+        PolicySpec,
+        RewardFunctionSpec,
+        RoleSpec,
+        RolloutEngineSpec,
+        TaskSpec,
+    )
+    from rlpipe.core.stage import Batch, StageContext
+
+PROJECT = "rlpipe"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# -- registration hooks --------------------------------------------------------
+
+
+@hookspec
+def rlpipe_roles() -> Iterable[RoleSpec]:
+    """Roles this plugin provides.
+
+    Example::
+
+        import attrs
+        from rlpipe import RoleConfig, RoleSpec, hookimpl
+
+        @attrs.frozen(kw_only=True)
+        class EchoConfig(RoleConfig):
+            pass
+
+        class EchoStage:
+            def process(self, batch, *, context):
+                return batch.add(echo=batch["completion_tokens"])
+
+        @hookimpl
+        def rlpipe_roles():
+            yield RoleSpec(name="echo", description="copies completions",
+                           config_type=EchoConfig,
+                           consumes={"completion_tokens"}, produces={"echo"},
+                           factory=lambda config, placement, *, context: EchoStage())
+    """
+
+
+@hookspec
+def rlpipe_placement_policies() -> Iterable[PolicySpec]:
+    """Colocation policies this plugin provides, selected by ``placement.policy``.
+
+    Example::
+
+        from rlpipe import MeshSpec, PolicySpec, RolePlacement, finish_plan, hookimpl
+
+        class Everywhere:
+            def plan(self, requests, devices, *, context):
+                ids = [d.id for d in devices]
+                roles = [RolePlacement(name=r.name, devices=ids, mesh=MeshSpec.default(len(ids)))
+                         for r in requests]
+                return finish_plan("everywhere", roles, devices, context)
+
+        @hookimpl
+        def rlpipe_placement_policies():
+            yield PolicySpec(name="everywhere", description="all roles on all devices",
+                             factory=lambda options: Everywhere())
+    """
+
+
+@hookspec
+def rlpipe_algorithms() -> Iterable[AlgorithmSpec]:
+    """RL algorithms, selected by ``algorithm.name``.
+
+    Example::
+
+        @hookimpl
+        def rlpipe_algorithms():
+            yield AlgorithmSpec(name="my-grpo", description="GRPO without a reference",
+                                roles=("rollout", "trainer"), factory=MyGRPO)
+    """
+
+
+@hookspec
+def rlpipe_advantage_estimators() -> Iterable[AdvantageEstimatorSpec]:
+    """Advantage estimators.
+
+    Example::
+
+        @hookimpl
+        def rlpipe_advantage_estimators():
+            yield AdvantageEstimatorSpec(name="mean-baseline", description="reward minus batch mean",
+                                         fn=lambda rewards, **_: rewards - rewards.mean())
+    """
+
+
+@hookspec
+def rlpipe_policy_losses() -> Iterable[PolicyLossSpec]:
+    """Policy losses.
+
+    Example::
+
+        @hookimpl
+        def rlpipe_policy_losses():
+            yield PolicyLossSpec(name="pg", description="vanilla policy gradient",
+                                 fn=lambda logp, adv, mask, **_: -(logp * adv * mask).sum())
+    """
+
+
+@hookspec
+def rlpipe_reward_functions() -> Iterable[RewardFunctionSpec]:
+    """Reward functions, computed on the host.
+
+    Example::
+
+        @hookimpl
+        def rlpipe_reward_functions():
+            yield RewardFunctionSpec(name="short", description="prefers short answers",
+                                     fn=lambda prompt, completion, example: 1.0 / (1 + len(completion)))
+    """
+
+
+@hookspec
+def rlpipe_tasks() -> Iterable[TaskSpec]:
+    """Tasks: sources of prompts and answers, selected by ``task.name``.
+
+    Example::
+
+        @hookimpl
+        def rlpipe_tasks():
+            yield TaskSpec(name="my-jsonl", description="my data", factory=MyJsonlTask)
+    """
+
+
+@hookspec
+def rlpipe_rollout_engines() -> Iterable[RolloutEngineSpec]:
+    """Generation backends for the rollout role.
+
+    Example::
+
+        @hookimpl
+        def rlpipe_rollout_engines():
+            yield RolloutEngineSpec(name="my-server", description="remote server",
+                                    factory=MyServerEngine)
+    """
+
+
+# -- lifecycle hooks -----------------------------------------------------------
+# Called from the stage's own thread; several stages run at once, so an
+# implementation that keeps state must lock it.
+
+
+@hookspec
+def rlpipe_before_stage(role: str, batch: Batch | None, context: StageContext) -> None:
+    """Before a stage processes an item (``batch``) or its barrier (``batch`` is None).
+
+    Example::
+
+        @hookimpl
+        def rlpipe_before_stage(role, batch, context):
+            print(f"{role} step {context.step} item {context.index}")
+    """
+
+
+@hookspec
+def rlpipe_after_stage(role: str, batch: Batch | None, context: StageContext) -> None:
+    """After a stage processed an item (``batch`` is its output) or its barrier (None).
+
+    Example::
+
+        @hookimpl
+        def rlpipe_after_stage(role, batch, context):
+            if batch is not None and "rewards" in batch:
+                print(float(batch["rewards"].mean()))
+    """
+
+
+@hookspec
+def rlpipe_on_stage_error(role: str, error: BaseException, context: StageContext) -> None:
+    """A stage raised; the run is stopping.  ``error`` is the stage's exception.
+
+    Example::
+
+        @hookimpl
+        def rlpipe_on_stage_error(role, error, context):
+            alert(f"{role} failed at step {context.step}: {error}")
+    """
+
+
+#: Registration hooks, mapped to the record type each must yield and the
+#: word used for that kind in listings and errors.
+REGISTRATION_HOOKS: dict[str, tuple[str, str]] = {
+    "rlpipe_roles": ("role", "RoleSpec"),
+    "rlpipe_placement_policies": ("placement policy", "PolicySpec"),
+    "rlpipe_algorithms": ("algorithm", "AlgorithmSpec"),
+    "rlpipe_advantage_estimators": ("advantage estimator", "AdvantageEstimatorSpec"),
+    "rlpipe_policy_losses": ("policy loss", "PolicyLossSpec"),
+    "rlpipe_reward_functions": ("reward function", "RewardFunctionSpec"),
+    "rlpipe_tasks": ("task", "TaskSpec"),
+    "rlpipe_rollout_engines": ("rollout engine", "RolloutEngineSpec"),
+}
+
+LIFECYCLE_HOOKS: tuple[str, ...] = ("rlpipe_before_stage", "rlpipe_after_stage", "rlpipe_on_stage_error")

@@ -1,0 +1,170 @@
+"""The typed records that plugins return from their hooks.
+
+Each record names one thing a plugin provides (a role, a colocation policy, an
+algorithm part, a task, ...).  Records are frozen attrs classes: the registry
+keys them by ``name`` and reports two plugins claiming one name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+if TYPE_CHECKING:
+    from rlpipe.core.config import RoleConfig
+    from rlpipe.core.placement import Placement, RolePlacement
+    from rlpipe.core.stage import Stage
+
+
+def _fields(value: Any) -> frozenset[str]:
+    if isinstance(value, str):
+        raise TypeError("expected a collection of field names, got a single string")
+    return frozenset(value)
+
+
+def _check_name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if not isinstance(value, str) or not value or not all(c.isalnum() or c in "-_" for c in value):
+        raise ValueError(f"{type(instance).__name__}.name must be a non-empty string of letters, digits, '-' and '_', got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class BuildContext:
+    """What a role factory may use besides its config and placement; keyword-only.
+
+    Attributes:
+        run_config: the whole resolved :class:`rlpipe.core.config.RunConfig`.
+        registry: the plugin registry (to look up tasks, engines, ...).
+        seed: the run's seed.
+    """
+
+    run_config: Any
+    registry: Any
+    seed: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class RoleSpec:
+    """A role: one kind of stage in the execution graph.
+
+    The graph is derived from ``consumes`` and ``produces``: a role runs after
+    the roles producing the fields it consumes.  Exactly one role (or the data
+    source) may produce a given field.
+
+    Attributes:
+        name: the role's name, also its section under ``roles:`` in config.
+        description: one line for ``rlpipe roles list``.
+        config_type: an attrs class deriving from
+            :class:`rlpipe.core.config.RoleConfig` that types ``roles.<name>``.
+        consumes: fields the role needs; a missing producer is a graph error.
+        optional_consumes: fields the role uses when some role produces them
+            (the trainer uses ``ref_logprobs`` only when a reference runs).
+        produces: fields the role adds to every item.
+        factory: ``factory(config, placement, *, context) -> Stage``; ``None``
+            for a role that can be planned but not run yet (``unavailable``
+            says why).
+        sink: the role at the end of the graph (the trainer).  Fields of
+            roles nobody consumes flow into it.
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    description: str
+    config_type: type[RoleConfig]
+    consumes: frozenset[str] = attrs.field(converter=_fields, factory=frozenset)
+    optional_consumes: frozenset[str] = attrs.field(converter=_fields, factory=frozenset)
+    produces: frozenset[str] = attrs.field(converter=_fields, factory=frozenset)
+    factory: Callable[..., Stage] | None = None
+    sink: bool = False
+    unavailable: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class PolicySpec:
+    """A colocation policy, selected by ``placement.policy``.
+
+    Attributes:
+        name: the value of ``placement.policy`` that selects it.
+        description: one line for ``rlpipe placements list``.
+        factory: ``factory(options) -> Placement``.
+        config_type: an attrs class typing ``placement.options``, or ``None``
+            for a policy without options.
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    description: str
+    factory: Callable[[Any], Placement]
+    config_type: type | None = None
+
+
+@attrs.frozen(kw_only=True)
+class AlgorithmSpec:
+    """An RL algorithm, selected by ``algorithm.name``: the roles it needs and how
+    its parts (advantage estimator, policy loss) are put together.
+
+    Attributes:
+        roles: roles the algorithm needs in the graph (PPO adds ``critic``).
+        factory: ``factory(config) -> algorithm object`` (the Training issue
+            defines that object's protocol).
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    description: str
+    factory: Callable[..., Any]
+    roles: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    config_type: type | None = None
+
+
+@attrs.frozen(kw_only=True)
+class AdvantageEstimatorSpec:
+    """An advantage estimator (``grpo``, ``rloo``, ``gae``, ...): ``fn`` is a pure
+    JAX function of the batch's rewards (and values) and masks."""
+
+    name: str = attrs.field(validator=_check_name)
+    description: str
+    fn: Callable[..., Any]
+
+
+@attrs.frozen(kw_only=True)
+class PolicyLossSpec:
+    """A policy loss (PPO clip, dual clip, GSPO, ...): ``fn`` is a pure JAX function."""
+
+    name: str = attrs.field(validator=_check_name)
+    description: str
+    fn: Callable[..., Any]
+
+
+@attrs.frozen(kw_only=True)
+class RewardFunctionSpec:
+    """A reward function, computed on the host: ``fn(prompt, completion, example) -> float``."""
+
+    name: str = attrs.field(validator=_check_name)
+    description: str
+    fn: Callable[..., float]
+
+
+@attrs.frozen(kw_only=True)
+class TaskSpec:
+    """A task: where prompts (and answers) come from, selected by ``task.name``.
+
+    Attributes:
+        factory: ``factory(config) -> task object`` yielding examples.
+        rewards: names of the reward functions the task scores with by default.
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    description: str
+    factory: Callable[..., Any]
+    config_type: type | None = None
+    rewards: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+
+
+@attrs.frozen(kw_only=True)
+class RolloutEngineSpec:
+    """A generation backend used by the rollout role (the built-in pure-JAX engine,
+    an external inference server, ...)."""
+
+    name: str = attrs.field(validator=_check_name)
+    description: str
+    factory: Callable[..., Any]
+    config_type: type | None = None

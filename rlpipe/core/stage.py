@@ -1,0 +1,192 @@
+"""Stages and the data that flows between them.
+
+A *stage* is one role's work in the execution graph (rollout, reference,
+trainer, critic, or anything a plugin adds).  Stages exchange :class:`Batch`
+items: one micro-batch (or one prompt group) at a time, followed, once per
+global batch, by a barrier.  The executor in :mod:`rlpipe.core.graph` owns the
+threads, the queues and the barriers; a stage only transforms batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import attrs
+import jax
+
+if TYPE_CHECKING:
+    from rlpipe.core.telemetry import Trace
+
+
+class FieldConflictError(ValueError):
+    """A stage tried to replace a field that already exists in a batch."""
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Batch(Mapping[str, Any]):
+    """An immutable, field-addressed pytree: the unit that flows between stages.
+
+    Fields are named arrays (``prompt_tokens``, ``completion_tokens``,
+    ``completion_mask``, ``rollout_logprobs``, ``ref_logprobs``, ``values``,
+    ``rewards``, ``policy_version``, ...).  Stages *add* fields; a field, once
+    produced, is never replaced, so every consumer sees exactly what its
+    producer wrote.  ``Batch`` is a JAX pytree (keys are field names), so it can
+    be passed straight into ``jax.jit``-ed functions or ``jax.device_put``.
+
+    Example:
+        >>> b = Batch(prompt_tokens=[[1, 2]])
+        >>> b2 = b.add(completion_tokens=[[3]])
+        >>> sorted(b2)
+        ['completion_tokens', 'prompt_tokens']
+    """
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, fields: Mapping[str, Any] | None = None, /, **kwargs: Any):
+        merged = dict(fields or {})
+        for name in kwargs:
+            if name in merged:
+                raise FieldConflictError(f"field {name!r} given twice")
+        merged.update(kwargs)
+        object.__setattr__(self, "_fields", merged)
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self._fields[name]
+        except KeyError:
+            raise KeyError(f"batch has no field {name!r} (fields: {', '.join(sorted(self._fields)) or 'none'})") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Batch is immutable; use Batch.add(...) to add fields")
+
+    def __repr__(self) -> str:
+        return f"Batch({', '.join(sorted(self._fields))})"
+
+    def add(self, **fields: Any) -> Batch:
+        """Returns a new batch with ``fields`` added.
+
+        Raises:
+            FieldConflictError: if a field already exists; fields are never
+                replaced, only added.
+        """
+        clash = sorted(set(fields) & set(self._fields))
+        if clash:
+            raise FieldConflictError(f"field(s) {', '.join(map(repr, clash))} already present; stages add fields, never replace them")
+        return Batch({**self._fields, **fields})
+
+    def merge(self, other: Batch) -> Batch:
+        """Union of two batches that descend from the same item.
+
+        Fields present in both must be the very same object (they were produced
+        once, upstream of both branches); anything else is a conflict.
+        """
+        out = dict(self._fields)
+        for name, value in other._fields.items():
+            if name in out and out[name] is not value:
+                raise FieldConflictError(f"field {name!r} differs between two branches of the graph")
+            out[name] = value
+        return Batch(out)
+
+    # -- pytree protocol -------------------------------------------------
+    def tree_flatten_with_keys(self):
+        names = sorted(self._fields)
+        return [(jax.tree_util.DictKey(n), self._fields[n]) for n in names], tuple(names)
+
+    @classmethod
+    def tree_unflatten(cls, names, children):
+        return cls(dict(zip(names, children)))
+
+
+@attrs.frozen(kw_only=True)
+class StageContext:
+    """What a stage may know about *when* it runs; passed keyword-only.
+
+    It is one object so that it can grow new attributes without breaking
+    plugins that do not use them.
+
+    Attributes:
+        role: the role this stage plays.
+        step: the global step (global-batch index) being processed.
+        index: micro-batch index within the global batch; ``None`` at the barrier.
+        policy_version: number of policy updates published so far when the
+            stage was invoked.
+        seed: the run's seed; use :meth:`key` for randomness.
+        trace: the run's timeline, for stages that want finer spans.
+    """
+
+    role: str
+    step: int
+    index: int | None = None
+    policy_version: int = 0
+    seed: int = 0
+    trace: Trace | None = attrs.field(default=None, repr=False, eq=False)
+
+    def key(self) -> jax.Array:
+        """A PRNG key that depends only on (seed, role, step, index): runs are reproducible
+        whatever the thread interleaving."""
+        role_id = int.from_bytes(self.role.encode()[:4].ljust(4, b"\0"), "little") & 0x7FFFFFFF
+        k = jax.random.fold_in(jax.random.key(self.seed), role_id)
+        k = jax.random.fold_in(k, self.step)
+        return jax.random.fold_in(k, -1 if self.index is None else self.index)
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """One role's computation, set up on its placement by the role's factory.
+
+    An implementation must guarantee:
+
+    * ``process`` returns ``batch.add(...)`` of exactly the fields its role
+      declares in ``produces``: every input field is passed on unchanged (the
+      executor checks this and stops the run otherwise);
+    * one output item per input item, in the order received;
+    * it is called from one thread at a time (the stage's own), so a stage
+      needs no locking for its own state.
+
+    Example:
+        >>> class Doubler:
+        ...     def process(self, batch, *, context):
+        ...         return batch.add(doubled=batch["x"] * 2)
+    """
+
+    def process(self, batch: Batch, *, context: StageContext) -> Batch: ...
+
+
+@runtime_checkable
+class BarrierStage(Protocol):
+    """A stage with work at the global-batch barrier (e.g. the trainer's optimizer
+    step and weight publish).  Called once per global batch, after the last item."""
+
+    def on_barrier(self, *, context: StageContext) -> None: ...
+
+
+@runtime_checkable
+class OffloadableStage(Protocol):
+    """A stage whose device state can move to host memory between uses.
+
+    When its placement says ``offload``, the executor calls ``onload()`` before
+    the stage's first item of a global batch and ``offload()`` after its
+    barrier.  Implementations must leave no device buffer of their state alive
+    after ``offload()`` returns.
+    """
+
+    def offload(self) -> None: ...
+
+    def onload(self) -> None: ...
+
+
+@runtime_checkable
+class StatefulStage(Protocol):
+    """A stage with state to checkpoint: ``state()`` returns a pytree that
+    ``restore(state)`` accepts and that reproduces the stage exactly."""
+
+    def state(self) -> Any: ...
+
+    def restore(self, state: Any) -> None: ...

@@ -1,0 +1,81 @@
+"""The run timeline: spans per role, written in Chrome trace-event format.
+
+``trace.json`` opens in Perfetto (ui.perfetto.dev) or chrome://tracing: one
+track per role, one span per unit of work (process, barrier, barrier_wait,
+offload, onload, and whatever finer spans a stage adds), each carrying its
+step and policy version in ``args``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+class Trace:
+    """Thread-safe collector of timeline spans."""
+
+    def __init__(self, *, process_index: int = 0):
+        self._lock = threading.Lock()
+        self._events: list[dict[str, Any]] = []
+        self._tracks: dict[str, int] = {}
+        self._t0 = time.perf_counter()
+        self.pid = process_index
+
+    def now_us(self) -> float:
+        return (time.perf_counter() - self._t0) * 1e6
+
+    def _tid(self, track: str) -> int:
+        if track not in self._tracks:
+            self._tracks[track] = len(self._tracks) + 1
+        return self._tracks[track]
+
+    def complete(self, track: str, name: str, start_us: float, end_us: float, **args: Any) -> None:
+        """Records a finished span on ``track``."""
+        with self._lock:
+            self._events.append({"name": name, "ph": "X", "ts": start_us, "dur": max(end_us - start_us, 0.0),
+                                 "pid": self.pid, "tid": self._tid(track), "args": args})
+
+    def instant(self, track: str, name: str, **args: Any) -> None:
+        with self._lock:
+            self._events.append({"name": name, "ph": "i", "s": "t", "ts": self.now_us(),
+                                 "pid": self.pid, "tid": self._tid(track), "args": args})
+
+    @contextmanager
+    def span(self, track: str, name: str, **args: Any) -> Iterator[None]:
+        start = self.now_us()
+        try:
+            yield
+        finally:
+            self.complete(track, name, start, self.now_us(), **args)
+
+    def events(self, track: str | None = None) -> list[dict[str, Any]]:
+        """Recorded events (optionally of one track), in the order they ended."""
+        with self._lock:
+            if track is None:
+                return list(self._events)
+            tid = self._tracks.get(track)
+            return [e for e in self._events if e["tid"] == tid]
+
+    def track_of(self, event: dict[str, Any]) -> str:
+        with self._lock:
+            return next(name for name, tid in self._tracks.items() if tid == event["tid"])
+
+    def to_chrome(self) -> dict[str, Any]:
+        with self._lock:
+            meta = [{"name": "thread_name", "ph": "M", "pid": self.pid, "tid": tid, "args": {"name": track}}
+                    for track, tid in self._tracks.items()]
+            return {"traceEvents": meta + sorted(self._events, key=lambda e: e["ts"]), "displayTimeUnit": "ms"}
+
+    def write(self, path: str | Path) -> None:
+        """Writes ``trace.json`` atomically (a crash never leaves half a file)."""
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_chrome()))
+        os.replace(tmp, path)

@@ -1,0 +1,12 @@
+"""rlpipe's built-in roles, registered through the ``rlpipe`` entry point ``roles``
+exactly as a third-party package registers its own."""
+
+from __future__ import annotations
+
+from rlpipe.core.hookspecs import hookimpl
+from rlpipe.roles import critic, reference, rollout, trainer
+
+
+@hookimpl
+def rlpipe_roles():
+    return [rollout.SPEC, reference.SPEC, trainer.SPEC, critic.SPEC]
