@@ -296,7 +296,7 @@ def plan_cmd(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str, .
         return
     platform = devices[0].platform if devices else _platform()
     click.echo(f"policy: {plan.policy}    mode: {plan.mode}    devices: {len(plan.devices)} ({platform})")
-    click.echo(f"graph: {' -> '.join(planned.graph.order)}")
+    click.echo(f"stages: {', '.join(planned.graph.order)} (in topological order)")
     click.echo("")
     rows = []
     for r in plan.roles:

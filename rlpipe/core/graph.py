@@ -377,7 +377,9 @@ class Executor:
         barriers: dict[int, dict[str, int]] = defaultdict(dict)
         ended: set[str] = set()
         step, index = 0, 0
-        on_device = True
+        # A stage placed with offload starts in host memory (its factory builds
+        # it there), so time-sharing roles never hold the devices together.
+        on_device = not offloads
         wait_start: float | None = None
 
         def onload() -> None:

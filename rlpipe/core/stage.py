@@ -171,10 +171,11 @@ class BarrierStage(Protocol):
 class OffloadableStage(Protocol):
     """A stage whose device state can move to host memory between uses.
 
-    When its placement says ``offload``, the executor calls ``onload()`` before
-    the stage's first item of a global batch and ``offload()`` after its
-    barrier.  Implementations must leave no device buffer of their state alive
-    after ``offload()`` returns.
+    When its placement says ``offload``, the stage must start in host memory
+    (its factory builds it there); the executor calls ``onload()`` before the
+    stage's first item of a global batch and ``offload()`` after its barrier.
+    Implementations must leave no device buffer of their state alive after
+    ``offload()`` returns.
     """
 
     def offload(self) -> None: ...

@@ -1,0 +1,88 @@
+"""The third-party example package examples/rlpipe-judge, found through a real
+entry point (a fake installed distribution): listed, selectable, placed, run."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from rlpipe import Batch, Executor
+from rlpipe.cli.main import cli
+from rlpipe.core.plugins import load_registry
+from rlpipe.core.planning import build_stages, plan_run
+from rlpipe.testing import RecordingStage, fake_devices, fake_distribution
+
+from helpers import ROOT, config
+
+
+@pytest.fixture
+def judge_installed(tmp_path, monkeypatch):
+    fake_distribution(tmp_path, name="rlpipe-judge", version="0.1.0", entry_points={"judge": "rlpipe_judge"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(ROOT / "examples" / "rlpipe-judge" / "src"))
+
+
+def test_role_and_policy_are_listed_with_their_distribution(judge_installed):
+    roles = {e["name"]: e for e in json.loads(CliRunner().invoke(cli, ["roles", "list", "--json"]).stdout)}
+    assert roles["judge"]["distribution"] == "rlpipe-judge" and roles["judge"]["version"] == "0.1.0"
+    assert roles["judge"]["status"] == "active" and roles["judge"]["produces"] == ["judge_scores"]
+    policies = {e["name"]: e for e in json.loads(CliRunner().invoke(cli, ["placements", "list", "--json"]).stdout)}
+    assert policies["spread"]["distribution"] == "rlpipe-judge"
+
+
+def test_the_judge_joins_the_graph_and_is_placed(judge_installed):
+    r = CliRunner().invoke(cli, ["plan", "--json", "--set", "roles.judge={colocate_with: rollout}", "--set", "roles.judge.weight=2"])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    judge = next(x for x in doc["roles"] if x["name"] == "judge")
+    assert judge["devices"] == list(range(8))
+    assert {"from": "rollout", "to": "judge", "blocking": False} in doc["boundaries"]
+    assert {"from": "judge", "to": "trainer", "blocking": False} in doc["boundaries"]
+
+
+def test_the_policy_is_selectable_by_config(judge_installed):
+    r = CliRunner().invoke(cli, ["plan", "--json", "--set", "roles.judge={}", "--set", "placement.policy=spread"])
+    doc = json.loads(r.stdout)
+    assert doc["policy"] == "spread" and doc["mode"] == "disaggregated"
+    assert [x["devices"] for x in doc["roles"]] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+def test_the_judges_config_section_is_typed_by_the_plugin(judge_installed):
+    r = CliRunner().invoke(cli, ["config", "validate", "--set", "roles.judge={weight: 1, wieght: 2}"])
+    assert r.exit_code == 2
+    assert r.stderr == "error: roles.judge.wieght: unknown key (did you mean 'weight'?) (valid keys: mesh, colocate_with, offload, weight, min_tokens)\n"
+    r = CliRunner().invoke(cli, ["config", "validate", "--set", "roles.judge.weight=-1"])
+    assert r.exit_code == 2 and r.stderr == "error: roles.judge.weight: must be at least 0, got -1.0\n"
+
+
+def test_the_judge_stage_runs_in_the_pipeline_and_its_scores_reach_the_trainer(judge_installed):
+    reg = load_registry(warn=lambda m: None)
+    planned = plan_run(config(reg, {"roles": {"judge": {"weight": 2.0}}}), reg, fake_devices(8))
+    judge = planned.roles["judge"].factory(planned.config.roles["judge"], planned.plan.role("judge"), context=None)
+    seen = []
+
+    class Trainer(RecordingStage):
+        def process(self, batch, *, context):
+            seen.append(np.asarray(batch["judge_scores"]))
+            return super().process(batch, context=context)
+
+    tokens = np.array([[5, 5, 5, 5], [1, 2, 3, 4]])
+    rollout = RecordingStage("rollout", {
+        "completion_tokens": lambda b, c: tokens, "completion_mask": lambda b, c: np.array([[1, 1, 1, 1], [1, 1, 1, 0]]),
+        "rollout_logprobs": lambda b, c: np.zeros((2, 4)), "rewards": lambda b, c: np.zeros(2),
+        "policy_version": lambda b, c: np.asarray(c.policy_version)})
+    stages = {"rollout": rollout, "reference": RecordingStage("reference", {"ref_logprobs": lambda b, c: np.zeros((2, 4))}),
+              "judge": judge, "trainer": Trainer("trainer")}
+    Executor(planned.graph, stages, planned.plan).run([[Batch(prompt_tokens=np.zeros((2, 2)), prompt_mask=np.ones((2, 2)))]], steps=1)
+    np.testing.assert_allclose(seen[0], [2.0 * 1 / 4, 2.0 * 3 / 3])
+
+
+def test_build_stages_still_refuses_the_plan_only_builtins(judge_installed):
+    from rlpipe import BuildContext, RoleNotRunnableError
+
+    reg = load_registry(warn=lambda m: None)
+    planned = plan_run(config(reg, {"roles": {"judge": {}}}), reg, fake_devices(8))
+    with pytest.raises(RoleNotRunnableError) as e:
+        build_stages(planned, context=BuildContext(run_config=planned.config, registry=reg))
+    assert not any(line.startswith("roles.judge") for line in e.value.lines())

@@ -1,0 +1,74 @@
+"""Deriving the stage graph from what roles consume and produce."""
+
+import pytest
+
+from rlpipe import GraphError, RoleConfig, RoleSpec, build_graph
+
+
+def role(name, consumes=(), produces=(), optional=(), sink=False):
+    return RoleSpec(name=name, description="", config_type=RoleConfig, consumes=set(consumes),
+                    produces=set(produces), optional_consumes=set(optional), sink=sink)
+
+
+def test_builtin_roles_form_rollout_reference_trainer(registry):
+    roles = {n: registry.roles[n] for n in ("rollout", "reference", "trainer")}
+    g = build_graph(roles)
+    assert g.order == ("rollout", "reference", "trainer")
+    # rollout -> trainer is implied by rollout -> reference -> trainer (transitive reduction)
+    assert g.edge_pairs() == (("rollout", "reference"), ("reference", "trainer"))
+    assert g.heads == ("rollout",) and g.sink == "trainer"
+
+
+def test_order_follows_data_not_config_order(registry):
+    roles = {n: registry.roles[n] for n in ("trainer", "critic", "reference", "rollout")}
+    g = build_graph(roles)
+    assert g.order[0] == "rollout" and g.order[-1] == "trainer"
+    assert set(g.edge_pairs()) == {("rollout", "critic"), ("rollout", "reference"), ("critic", "trainer"), ("reference", "trainer")}
+
+
+def test_without_reference_the_trainer_consumes_rollout_directly(registry):
+    g = build_graph({n: registry.roles[n] for n in ("rollout", "trainer")})
+    assert g.edge_pairs() == (("rollout", "trainer"),)
+    assert "rollout_logprobs" in g.edges[0].fields
+
+
+def test_a_role_nobody_consumes_flows_into_the_sink():
+    g = build_graph({
+        "gen": role("gen", ["prompt_tokens"], ["completion_tokens"]),
+        "judge": role("judge", ["completion_tokens"], ["judge_scores"]),
+        "train": role("train", ["completion_tokens"], sink=True),
+    })
+    assert set(g.edge_pairs()) == {("gen", "judge"), ("judge", "train")}
+    assert [e for e in g.edges if e.implicit] == [g.edges[-1]]
+
+
+def test_a_consumed_field_nobody_produces_is_an_error_naming_the_role():
+    with pytest.raises(GraphError) as e:
+        build_graph({"train": role("train", ["completion_tokenz"], sink=True),
+                     "gen": role("gen", ["prompt_tokens"], ["completion_tokens"])})
+    assert [str(p) for p in e.value.problems] == [
+        "roles.train: consumes field 'completion_tokenz', which no role in the graph produces (did you mean 'completion_tokens'?)"]
+
+
+def test_optional_fields_without_producer_are_fine(registry):
+    build_graph({n: registry.roles[n] for n in ("rollout", "trainer")})  # ref_logprobs, values optional
+
+
+def test_two_producers_of_one_field_are_an_error():
+    with pytest.raises(GraphError, match="roles.b: produces field 'x', which role 'a' already produces"):
+        build_graph({"a": role("a", [], ["x"]), "b": role("b", [], ["x"])})
+    with pytest.raises(GraphError, match="which the data source already produces"):
+        build_graph({"a": role("a", [], ["prompt_tokens"])})
+
+
+def test_cycles_are_errors_that_show_the_cycle():
+    with pytest.raises(GraphError) as e:
+        build_graph({"a": role("a", ["y"], ["x"]), "b": role("b", ["x"], ["y"]), "c": role("c", ["x"], sink=True)})
+    assert str(e.value.problems[0]) in ("roles: the roles form a cycle: a -> b -> a", "roles: the roles form a cycle: b -> a -> b")
+
+
+def test_self_consumption_and_two_sinks_are_errors():
+    with pytest.raises(GraphError, match="consumes field 'x', which it produces itself"):
+        build_graph({"a": role("a", ["x"], ["x"])})
+    with pytest.raises(GraphError, match="several sink roles"):
+        build_graph({"a": role("a", sink=True), "b": role("b", sink=True)})
