@@ -205,6 +205,17 @@ def rlpipe_on_stage_error(role: str, error: BaseException, context: StageContext
     """
 
 
+def hook_signature(name: str) -> str:
+    """``rlpipe_before_stage(role: str, batch: Batch | None, context: StageContext) -> None``:
+    the signature as written in this module, for docs and listings."""
+    import inspect
+
+    sig = inspect.signature(globals()[name])
+    params = ", ".join(f"{p.name}: {p.annotation}" if p.annotation is not p.empty else p.name for p in sig.parameters.values())
+    ret = "" if sig.return_annotation is sig.empty else f" -> {sig.return_annotation}"
+    return f"{name}({params}){ret}"
+
+
 #: Registration hooks, mapped to the record type each must yield and the
 #: word used for that kind in listings and errors.
 REGISTRATION_HOOKS: dict[str, tuple[str, str]] = {

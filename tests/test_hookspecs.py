@@ -1,0 +1,217 @@
+"""Every hookspec has a test here (test_hook_<name>) and is documented, with its
+signature, in docs/plugins.md; every config key is documented in docs/config.md."""
+
+import inspect
+import threading
+import types
+
+import attrs
+import numpy as np
+import pytest
+
+from rlpipe import (
+    AdvantageEstimatorSpec,
+    AlgorithmSpec,
+    Batch,
+    Executor,
+    PolicyLossSpec,
+    PolicySpec,
+    RewardFunctionSpec,
+    RoleConfig,
+    RoleSpec,
+    RolloutEngineSpec,
+    TaskSpec,
+    build_graph,
+    hookimpl,
+)
+from rlpipe.core import hookspecs
+from rlpipe.core.config import PlacementConfig, TrainConfig, _plain
+from rlpipe.core.plugins import load_registry
+from rlpipe.plugins.placement.colocate_all import ColocateAllPolicy
+from rlpipe.plugins.placement.disaggregated import DeviceGroup, DisaggregatedOptions
+from rlpipe.testing import RecordingStage, fake_devices, register_plugin
+
+from helpers import ROOT, config, plan
+
+ALL_HOOKS = [*hookspecs.REGISTRATION_HOOKS, *hookspecs.LIFECYCLE_HOOKS]
+
+
+def test_the_hook_lists_cover_every_hookspec():
+    declared = {name for name, fn in vars(hookspecs).items()
+                if inspect.isfunction(fn) and hasattr(fn, "rlpipe_spec")}
+    assert declared == set(ALL_HOOKS)
+
+
+def test_every_hookspec_has_a_test():
+    missing = [h for h in ALL_HOOKS if f"test_hook_{h}" not in globals()]
+    assert not missing, f"hookspecs without a test_hook_<name> in {__file__}: {missing}"
+
+
+def test_every_hookspec_is_documented_with_its_signature():
+    doc = (ROOT / "docs" / "plugins.md").read_text()
+    missing = [h for h in ALL_HOOKS if f"### `{hookspecs.hook_signature(h)}`" not in doc]
+    assert not missing, f"not documented with their current signature in docs/plugins.md: {missing}"
+
+
+def config_keys():
+    """(dotted key, default) for every config key rlpipe itself defines."""
+    from rlpipe.core.config import RoleConfig as Base
+
+    out = [(f"train.{f.name}", f.default) for f in attrs.fields(TrainConfig)]
+    out += [(f"placement.{f.name}", f.default) for f in attrs.fields(PlacementConfig)]
+    out += [(f"roles.<role>.{f.name}", f.default) for f in attrs.fields(Base)]
+    reg = load_registry(warn=lambda m: None)
+    for name, spec in reg.roles.items():
+        base = {f.name for f in attrs.fields(Base)}
+        out += [(f"roles.{name}.{f.name}", f.default) for f in attrs.fields(spec.config_type) if f.name not in base]
+    out += [(f"placement.options.{f.name}", None) for f in attrs.fields(DisaggregatedOptions)]
+    out += [(f"placement.options.groups[i].{f.name}", None) for f in attrs.fields(DeviceGroup)]
+    return out
+
+
+@pytest.mark.parametrize(("key", "default"), config_keys())
+def test_every_config_key_is_documented_with_its_default(key, default):
+    doc = (ROOT / "docs" / "config.md").read_text()
+    line = next((ln for ln in doc.splitlines() if ln.startswith(f"| `{key}` |")), None)
+    assert line is not None, f"{key} is not in docs/config.md"
+    if default is not None and not isinstance(default, attrs.Factory):
+        shown = {True: "true", False: "false"}.get(default, default) if isinstance(default, bool) else default
+        assert f"`{shown}`" in line, f"{key}: default {shown!r} not in its docs row"
+
+
+# -- registration hooks -------------------------------------------------------------------
+
+
+def registry_with(name, **hooks):
+    plugin = types.SimpleNamespace(**{h: hookimpl(fn) for h, fn in hooks.items()})
+    with register_plugin(plugin, name=name, distribution=f"{name}-dist", version="1.2.3"):
+        return load_registry(warn=lambda m: None)
+
+
+def test_hook_rlpipe_roles():
+    @attrs.frozen(kw_only=True)
+    class EchoConfig(RoleConfig):
+        pass
+
+    spec = RoleSpec(name="echo", description="copies completions", config_type=EchoConfig,
+                    consumes={"completion_tokens"}, produces={"echo"})
+    reg = registry_with("echo", rlpipe_roles=lambda: [spec])
+    assert reg.roles["echo"] is spec
+    assert reg.provided("rlpipe_roles")["echo"].plugin.source.distribution == "echo-dist"
+    p = plan(reg, {"roles": {"echo": {}}})
+    assert ("rollout", "echo") in {(b.upstream, b.downstream) for b in p.boundaries}
+
+
+def test_hook_rlpipe_placement_policies():
+    spec = PolicySpec(name="everywhere", description="all on all", factory=lambda options: ColocateAllPolicy())
+    reg = registry_with("everywhere", rlpipe_placement_policies=lambda: [spec])
+    assert reg.policies["everywhere"] is spec
+    assert plan(reg, {"placement": {"policy": "everywhere"}}).mode == "colocated"
+
+
+@pytest.mark.parametrize(("hook", "record"), [
+    ("rlpipe_algorithms", AlgorithmSpec(name="my-grpo", description="d", factory=object, roles=("rollout", "trainer"))),
+    ("rlpipe_advantage_estimators", AdvantageEstimatorSpec(name="mean-baseline", description="d", fn=lambda r, **_: r - r.mean())),
+    ("rlpipe_policy_losses", PolicyLossSpec(name="pg", description="d", fn=lambda logp, adv, mask, **_: -(logp * adv * mask).sum())),
+    ("rlpipe_reward_functions", RewardFunctionSpec(name="short", description="d", fn=lambda p, c, e: 1.0 / (1 + len(c)))),
+    ("rlpipe_tasks", TaskSpec(name="my-jsonl", description="d", factory=object)),
+    ("rlpipe_rollout_engines", RolloutEngineSpec(name="my-server", description="d", factory=object)),
+])
+def test_registration_hook_records_are_filed_by_name(hook, record):
+    reg = registry_with("kinds", **{hook: lambda: [record]})
+    assert reg.specs(hook) == {record.name: record}
+    info = next(p for p in reg.plugins if p.source.name == "kinds")
+    kind = hookspecs.REGISTRATION_HOOKS[hook][0]
+    assert info.to_json()["provides"] == [{"kind": kind, "name": record.name}]
+
+
+def test_hook_rlpipe_algorithms():
+    spec = AlgorithmSpec(name="ppo-lite", description="d", factory=object, roles=("rollout", "critic", "trainer"))
+    assert registry_with("a", rlpipe_algorithms=lambda: [spec]).specs("rlpipe_algorithms")["ppo-lite"].roles == ("rollout", "critic", "trainer")
+
+
+def test_hook_rlpipe_advantage_estimators():
+    spec = AdvantageEstimatorSpec(name="mean-baseline", description="d", fn=lambda rewards, **_: rewards - rewards.mean())
+    fn = registry_with("a", rlpipe_advantage_estimators=lambda: [spec]).specs("rlpipe_advantage_estimators")["mean-baseline"].fn
+    np.testing.assert_allclose(fn(np.array([1.0, 3.0])), [-1.0, 1.0])
+
+
+def test_hook_rlpipe_policy_losses():
+    spec = PolicyLossSpec(name="pg", description="d", fn=lambda logp, adv, mask, **_: -(logp * adv * mask).sum())
+    fn = registry_with("a", rlpipe_policy_losses=lambda: [spec]).specs("rlpipe_policy_losses")["pg"].fn
+    assert fn(np.array([1.0, 2.0]), np.array([1.0, 1.0]), np.array([1.0, 0.0])) == -1.0
+
+
+def test_hook_rlpipe_reward_functions():
+    spec = RewardFunctionSpec(name="short", description="d", fn=lambda prompt, completion, example: 1.0 / (1 + len(completion)))
+    fn = registry_with("a", rlpipe_reward_functions=lambda: [spec]).specs("rlpipe_reward_functions")["short"].fn
+    assert fn("p", "abc", {}) == 0.25
+
+
+def test_hook_rlpipe_tasks():
+    spec = TaskSpec(name="my-jsonl", description="d", factory=dict, rewards=("short",))
+    assert registry_with("a", rlpipe_tasks=lambda: [spec]).specs("rlpipe_tasks")["my-jsonl"].rewards == ("short",)
+
+
+def test_hook_rlpipe_rollout_engines():
+    spec = RolloutEngineSpec(name="my-server", description="d", factory=dict)
+    assert "my-server" in registry_with("a", rlpipe_rollout_engines=lambda: [spec]).specs("rlpipe_rollout_engines")
+
+
+# -- lifecycle hooks --------------------------------------------------------------------------
+
+
+def _run_two_stages(reg, *, fail=False):
+    specs = {"gen": RoleSpec(name="gen", description="", config_type=RoleConfig, consumes={"prompt_tokens"}, produces={"y"}),
+             "train": RoleSpec(name="train", description="", config_type=RoleConfig, consumes={"y"}, sink=True)}
+    stages = {"gen": RecordingStage("gen", {"y": lambda b, c: 1}, fail_at=(0, 1) if fail else None), "train": RecordingStage("train")}
+    src = [[Batch(prompt_tokens=np.zeros(2)) for _ in range(2)]]
+    return Executor(build_graph(specs), stages, hooks=reg.hook).run(src, steps=1)
+
+
+def _recorder():
+    calls, lock = [], threading.Lock()
+
+    def record(name):
+        def fn(role, context, batch=None, error=None):
+            with lock:
+                index = -1 if context.index is None else context.index
+                calls.append((name, role, context.step, index, batch is not None, error is not None))
+        return fn
+
+    return calls, record
+
+
+def test_hook_rlpipe_before_stage():
+    calls, record = _recorder()
+
+    def before(role, batch, context):
+        record("before")(role, context, batch)
+
+    _run_two_stages(registry_with("obs", rlpipe_before_stage=before))
+    assert sorted(c[1:4] for c in calls) == sorted([("gen", 0, 0), ("gen", 0, 1), ("gen", 0, -1),
+                                                    ("train", 0, 0), ("train", 0, 1), ("train", 0, -1)])
+
+
+def test_hook_rlpipe_after_stage():
+    calls, record = _recorder()
+
+    def after(role, batch, context):
+        record("after")(role, context, batch)
+
+    _run_two_stages(registry_with("obs", rlpipe_after_stage=after))
+    assert ("after", "gen", 0, 0, True, False) in calls and ("after", "train", 0, -1, False, False) in calls
+    assert len(calls) == 6
+
+
+def test_hook_rlpipe_on_stage_error():
+    from rlpipe import StageError
+
+    calls, record = _recorder()
+
+    def on_error(role, error, context):
+        record("error")(role, context, None, error)
+
+    with pytest.raises(StageError):
+        _run_two_stages(registry_with("obs", rlpipe_on_stage_error=on_error), fail=True)
+    assert calls == [("error", "gen", 0, 1, False, True)]
