@@ -225,11 +225,18 @@ def config_show(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str
     """Print the resolved config (defaults, then files, then --set) as YAML."""
     from rlpipe.core.config import dump_yaml
 
+    from rlpipe.defaults import DEFAULT_CONFIG
+
     cfg = _load_config(ctx, files, overrides)
+    data = cfg.to_dict()
+    # Files merge over the defaults, so a default role this config removed must
+    # be shown as removed (null) for the output to load back to the same config.
+    for name in DEFAULT_CONFIG["roles"]:
+        data["roles"].setdefault(name, None)
     if as_json:
-        _echo_json(cfg.to_dict())
+        _echo_json(data)
     else:
-        click.echo(dump_yaml(cfg), nl=False)
+        click.echo(dump_yaml(data), nl=False)
 
 
 @config.command("validate")

@@ -16,6 +16,7 @@ them are raised together as a :class:`ConfigError`.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args, get_origin
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any, get_args, get_origin
 import attrs
 import cattrs
 import yaml
-from cattrs.errors import BaseValidationError, ForbiddenExtraKeysError
+from cattrs.errors import BaseValidationError, ForbiddenExtraKeysError, IterableValidationError, IterableValidationNote
 from cattrs.gen import make_dict_structure_fn
 
 from rlpipe.core.errors import ConfigError, Problem, suggest
@@ -194,8 +195,11 @@ def make_converter() -> cattrs.Converter:
                     out.append(conv.structure(v, item))
                 except ConfigValueError as exc:
                     problems.append(ConfigValueError(exc.message, (i, *exc.subpath)))
+                except BaseValidationError as exc:  # an attrs item: keep its index in the path
+                    exc.add_note(IterableValidationNote(f"Structuring item @ index {i}", i, item))
+                    problems.append(exc)
             if problems:
-                raise problems[0]
+                raise IterableValidationError(f"While structuring a list of {word}", problems, tuple)
             return tuple(out)
 
         return hook
@@ -222,10 +226,17 @@ def make_converter() -> cattrs.Converter:
 _CONVERTER = make_converter()
 
 
+def _key(key: Any) -> str:
+    """A mapping key as it appears in a path: the key itself, or its repr when it
+    is empty or would not print on one line (every problem is one line)."""
+    text = str(key)
+    return text if text and text.isprintable() else repr(text)
+
+
 def _join(path: Sequence[str | int]) -> str:
     out = ""
     for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+        out += f"[{p}]" if isinstance(p, int) else (f".{_key(p)}" if out else _key(p))
     return out
 
 
@@ -263,6 +274,23 @@ def structure(value: Any, cl: type, path: Sequence[str | int] = ()) -> Any:
 # -- sources: defaults, files, --set --------------------------------------------------
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that ``3e-4`` is a number (as in YAML 1.2 and
+    JSON), not a string: learning rates are written that way."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes strings that :class:`_Loader` would read as numbers."""
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)[eE][-+]?[0-9]+$"), list("-+.0123456789"))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
+
+
 def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     """Deep-merges ``override`` into a copy of ``base``: mappings merge, anything
     else replaces, and ``None`` removes the key."""
@@ -280,11 +308,13 @@ def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
 def read_yaml_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(Problem(str(p), f"cannot read config file: {exc.strerror or exc}")) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(Problem(str(p), f"cannot read config file: not UTF-8 text (byte {exc.start})")) from None
     try:
-        data = yaml.safe_load(text)
+        data = _load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
@@ -307,9 +337,10 @@ def parse_override(text: str) -> dict[str, Any]:
     if any(not p for p in parts):
         raise ConfigError(Problem("--set", f"{text!r}: {key!r} is not a dotted key"))
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(Problem(key, f"--set value {raw!r} is not valid YAML: {getattr(exc, 'problem', exc)}")) from None
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(Problem(_key(key), f"--set value {raw!r} is not valid YAML: {reason}")) from None
     out: Any = value
     for p in reversed(parts):
         out = {p: out}
@@ -347,7 +378,7 @@ def build_config(data: Mapping[str, Any], registry: Registry) -> RunConfig:
     known = _top_level_keys()
     for key in data:
         if key not in known:
-            problems.append(Problem(str(key), f"unknown section{suggest(str(key), known)} (valid sections: {', '.join(known)})"))
+            problems.append(Problem(_key(key), f"unknown section{suggest(str(key), known)} (valid sections: {', '.join(known)})"))
 
     train = attempt(structure, data.get("train", {}), TrainConfig, ("train",))
 
@@ -362,11 +393,11 @@ def build_config(data: Mapping[str, Any], registry: Registry) -> RunConfig:
             if spec is not None:
                 raw_opts = placement_raw.get("options")
                 if spec.config_type is None:
-                    if raw_opts:
+                    if raw_opts is not None and raw_opts != {}:
                         problems.append(Problem("placement.options", f"policy {shell.policy!r} takes no options"))
                     placement = shell
                 else:
-                    opts = attempt(structure, raw_opts or {}, spec.config_type, ("placement", "options"))
+                    opts = attempt(structure, {} if raw_opts is None else raw_opts, spec.config_type, ("placement", "options"))
                     if opts is not None:
                         placement = attrs.evolve(shell, options=opts)
 
@@ -376,7 +407,7 @@ def build_config(data: Mapping[str, Any], registry: Registry) -> RunConfig:
         problems.append(Problem("roles", f"expected a mapping of role name to section, got {_show(roles_raw)}"))
     else:
         for name, section in roles_raw.items():
-            path = f"roles.{name}"
+            path = f"roles.{_key(name)}"
             spec = attempt(registry.get, "rlpipe_roles", str(name), path=path)
             if spec is None:
                 continue
@@ -394,5 +425,7 @@ def load_config(registry: Registry, *, defaults: Mapping[str, Any], files: Itera
     return build_config(resolve_sources(defaults, files, overrides), registry)
 
 
-def dump_yaml(config: RunConfig) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+def dump_yaml(config: RunConfig | Mapping[str, Any]) -> str:
+    """YAML that :func:`read_yaml_file` reads back to the same values."""
+    data = config.to_dict() if isinstance(config, RunConfig) else config
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)

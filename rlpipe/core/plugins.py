@@ -227,7 +227,9 @@ class Registry:
                 problems.append(f"implements unknown hook {hook!r}{suggest(hook, known)}")
                 continue
             try:
-                params = [p for p in inspect.signature(getattr(obj, attr)).parameters]
+                # pluggy passes only arguments without defaults, by name.
+                params = [name for name, p in inspect.signature(getattr(obj, attr)).parameters.items()
+                          if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
             except (TypeError, ValueError):
                 continue
             extra = [p for p in params if p not in known[hook]]
@@ -248,17 +250,17 @@ class Registry:
                 result = impl.function()
                 items = list(result) if result is not None else []
             except Exception as exc:  # noqa: BLE001
-                self._fail(info, f"hook {hook!r} raised {type(exc).__name__}: {exc}")
+                self._fail(info, f"hook {hook!r} raised {type(exc).__name__}: {exc}", obj)
                 return
             for rec in items:
                 if not isinstance(rec, spec_type):
-                    self._fail(info, f"hook {hook!r} yielded {type(rec).__name__}, expected {spec_type.__name__}")
+                    self._fail(info, f"hook {hook!r} yielded {type(rec).__name__}, expected {spec_type.__name__}", obj)
                     return
                 if hook == "rlpipe_roles":
                     from rlpipe.core.config import RoleConfig
 
                     if not (isinstance(rec.config_type, type) and issubclass(rec.config_type, RoleConfig) and attrs.has(rec.config_type)):
-                        self._fail(info, f"role {rec.name!r}: config_type must be an attrs class deriving from rlpipe.RoleConfig")
+                        self._fail(info, f"role {rec.name!r}: config_type must be an attrs class deriving from rlpipe.RoleConfig", obj)
                         return
                 records.append((hook, rec))
         for hook, rec in records:
@@ -289,13 +291,14 @@ class Registry:
         self._conflict(owner.plugin, f"claims {kind} {name!r}, also claimed by {info.source.describe()}; not used")
         self._conflict(info, f"claims {kind} {name!r}, also claimed by {owner.plugin.source.describe()}; not used")
 
-    def _fail(self, info: PluginInfo, message: str) -> None:
+    def _fail(self, info: PluginInfo, message: str, obj: Any = None) -> None:
         info.status = "failed"
         info.errors.append(message)
-        # Nothing of a failed plugin is used, lifecycle hooks included.
-        for p in list(self.pm.get_plugins()):
-            if self.pm.get_name(p) == f"{info.source.distribution or '-'}:{info.source.name}":
-                self.pm.unregister(p)
+        # Nothing of a failed plugin is used, lifecycle hooks included.  (By
+        # object, not name: a plugin refused for a name already taken must not
+        # unregister the plugin that has it.)
+        if obj is not None and self.pm.is_registered(obj):
+            self.pm.unregister(obj)
         for hook, names in self._items.items():
             for n in [n for n, p in names.items() if p.plugin is info]:
                 del names[n]
@@ -365,7 +368,7 @@ def load_registry(*, no_plugins: bool = False, disable: set[str] | None = None, 
         raise PluginError("plugin problems (RLPIPE_STRICT_PLUGINS is set):\n" + "\n".join(registry.warnings))
     emit = warn or (lambda m: print(f"rlpipe: warning: {m}", file=sys.stderr))
     for w in registry.warnings:
-        emit(w)
+        emit(" ".join(w.split()))  # one line per warning, whatever the plugin's error text holds
     return registry
 
 
