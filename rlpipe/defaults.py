@@ -7,10 +7,15 @@ states what it changes.  ``rlpipe config show`` prints the result.
 from __future__ import annotations
 
 DEFAULT_CONFIG: dict = {
+    "model": {
+        "preset": "tiny",
+        "dtype": "float32",
+    },
     # A role is in the graph when it has a section here; ``roles.<name>: null``
     # (or ``--set roles.<name>=null``) removes it.
     "roles": {
         "rollout": {},
+        "reward": {},
         "reference": {},
         "trainer": {},
     },

@@ -53,9 +53,15 @@ def test_plan_json_for_the_three_seed_configurations():
     assert r["trainer"]["devices"] == r["rollout"]["devices"] == [0, 1, 2, 3]
     assert r["trainer"]["mesh"] == {"shape": [4, 1], "axes": ["fsdp", "tp"]}
     assert r["rollout"]["mesh"] == {"shape": [1, 4], "axes": ["fsdp", "tp"]}
-    assert sorted(r["rollout"]["colocated_with"]) == ["reference", "trainer"]
-    assert all(x["offload"] for x in off["roles"])
-    assert {"from": "rollout", "to": "reference", "blocking": True} in off["boundaries"]
+    assert sorted(r["rollout"]["colocated_with"]) == ["reference", "reward", "trainer"]
+    # every device role is offloaded; the reward role runs on the host and never is
+    assert {x["name"]: x["offload"] for x in off["roles"]} == {"rollout": True, "reward": False, "reference": True, "trainer": True}
+    assert off["boundaries"] == [
+        {"from": "rollout", "to": "reward", "blocking": False},
+        {"from": "rollout", "to": "reference", "blocking": True},
+        {"from": "reward", "to": "trainer", "blocking": False},
+        {"from": "reference", "to": "trainer", "blocking": True},
+    ]
 
     on = plan_json("-c", str(EXAMPLES / "colocated.yaml"))
     r = roles_by_name(on)
@@ -76,9 +82,14 @@ def test_plan_table_shows_devices_meshes_groups_and_blocking_edges():
     assert r.exit_code == 0
     out = r.stdout
     assert "mode: colocated+offload" in out and "devices: 8 (cpu)" in out
-    assert "rollout    0-3      [1, 4] (fsdp, tp)  reference, trainer  yes" in out
-    assert "trainer    0-3      [4, 1] (fsdp, tp)  reference, rollout  yes" in out
+    assert "stages: rollout, reward, reference, trainer (in topological order)" in out
+    assert "rollout    0-3      [1, 4] (fsdp, tp)  reference, reward, trainer   yes        -" in out
+    assert "reward     0-3      [4, 1] (fsdp, tp)  reference, rollout, trainer  host role  -" in out
+    assert "trainer    0-3      [4, 1] (fsdp, tp)  reference, reward, rollout   yes        -" in out
+    assert "rollout -> reward: streams items as they arrive" in out
     assert "rollout -> reference: blocks until the global-batch barrier" in out
+    assert "reward -> trainer: streams items as they arrive" in out
+    assert "reference -> trainer: blocks until the global-batch barrier" in out
     assert "devices [4, 5, 6, 7] are not used" in out
 
 
@@ -97,7 +108,7 @@ def test_plan_errors_exit_2_with_one_line_per_problem_and_no_traceback():
     r = run("plan", "--set", "roles.reference.colocate_with=rolout", "--set", "roles.critic.colocate_with=critic")
     assert r.exit_code == 2
     assert r.stderr.splitlines() == [
-        "error: roles.reference.colocate_with: unknown role 'rolout' (did you mean 'rollout'?) (roles in this run: rollout, reference, trainer, critic)",
+        "error: roles.reference.colocate_with: unknown role 'rolout' (did you mean 'rollout'?) (roles in this run: rollout, reward, reference, trainer, critic)",
         "error: roles.critic.colocate_with: a role cannot colocate with itself",
     ]
 
@@ -111,20 +122,24 @@ def test_selecting_a_plan_only_role_for_a_run_says_so(registry):
     planned = plan_run(config(registry), registry)
     with pytest.raises(RoleNotRunnableError) as e:
         build_stages(planned, context=BuildContext(run_config=planned.config, registry=registry))
-    assert e.value.lines()[0] == "roles.rollout: rlpipe 0.1 can plan the rollout role but cannot run it: its KV-cache generation stage is not implemented yet"
-    assert len(e.value.lines()) == 3
+    lines = e.value.lines()
+    # one line per plan-only role of the default graph, in config order, each with its reason
+    assert lines == [f"roles.{n}: {s.unavailable}" for n, s in planned.roles.items() if s.factory is None]
+    assert "roles.reward: rlpipe can plan the reward role but cannot run it yet: reward-function plugins are not implemented" in lines
 
 
 def test_roles_list_table_and_json():
     r = run("roles", "list")
     assert r.exit_code == 0
-    for name in ("rollout", "reference", "trainer", "critic"):
+    for name in ("rollout", "reward", "reference", "trainer", "critic"):
         assert name in r.stdout
     assert "plan-only" in r.stdout and "[ref_logprobs]" in r.stdout
     entries = {e["name"]: e for e in json.loads(run("roles", "list", "--json").stdout)}
     assert entries["reference"]["produces"] == ["ref_logprobs"]
     assert entries["trainer"]["sink"] is True and "ref_logprobs" in entries["trainer"]["optional_consumes"]
-    assert entries["rollout"]["distribution"] == "rlpipe" and entries["rollout"]["status"] == "plan-only"
+    assert entries["rollout"]["distribution"] == "rlpipe"
+    assert {n: e["status"] for n, e in entries.items()} == {
+        "rollout": "active", "reference": "active", "reward": "plan-only", "trainer": "plan-only", "critic": "plan-only"}
 
 
 def test_placements_list_table_and_json():
@@ -139,7 +154,7 @@ def test_placements_list_table_and_json():
 def test_plugins_list_json_shows_builtins_from_entry_points():
     entries = json.loads(run("plugins", "list", "--json").stdout)
     builtin = {e["name"]: e for e in entries if e["builtin"]}
-    assert set(builtin) == {"roles", "placement"}
+    assert set(builtin) == {"roles", "placement", "engines"}
     assert all(e["status"] == "active" and e["distribution"] == "rlpipe" for e in builtin.values())
 
 

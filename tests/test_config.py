@@ -81,7 +81,8 @@ def example(name: str) -> dict:
 
 def test_embedded_defaults_are_used_without_files_or_overrides(registry):
     cfg = load_config(registry, defaults=DEFAULT_CONFIG)
-    assert list(cfg.roles) == ["rollout", "reference", "trainer"]
+    assert list(cfg.roles) == ["rollout", "reward", "reference", "trainer"]
+    assert cfg.roles["reward"].on_error == "fail"
     assert cfg.placement.policy == "default" and cfg.placement.offload is False
     assert (cfg.train.steps, cfg.train.seed, cfg.train.max_staleness) == (20, 0, 0)
     assert cfg.roles["rollout"].mesh is None and cfg.roles["rollout"].temperature == 1.0
@@ -166,10 +167,10 @@ def test_set_mesh_shape_flow_list_reaches_the_role(registry):
 def test_set_null_removes_a_role():
     data = show_json("--set", "roles.reference=null")
     assert data["roles"]["reference"] is None  # shown as removed, so the output loads back the same
-    assert [n for n, v in data["roles"].items() if v is not None] == ["rollout", "trainer"]
+    assert [n for n, v in data["roles"].items() if v is not None] == ["rollout", "reward", "trainer"]
     result = invoke("config", "validate", "--set", "roles.reference=null")
     assert result.exit_code == 0, result.output
-    assert result.stdout == "config is valid: roles rollout, trainer; placement policy default\n"
+    assert result.stdout == "config is valid: roles rollout, reward, trainer; placement policy default\n"
     assert result.stderr == ""
 
 
@@ -182,7 +183,7 @@ def test_null_in_a_later_file_restores_the_default(tmp_path):
 
 def test_a_role_can_be_added_with_an_empty_section():
     data = show_json("--set", "roles.critic={}")
-    assert list(data["roles"]) == ["rollout", "reference", "trainer", "critic"]
+    assert list(data["roles"]) == ["rollout", "reward", "reference", "trainer", "critic"]
     assert data["roles"]["critic"]["learning_rate"] == pytest.approx(1e-5)
 
 
@@ -234,7 +235,7 @@ def test_misspelt_key_in_a_section_suggests_the_valid_key(override, path, hint):
 
 def test_unknown_top_level_section_suggests_a_close_match():
     [line] = error_lines(invoke("config", "validate", "--set", "trian.steps=3"))
-    assert line == "error: trian: unknown section (did you mean 'train'?) (valid sections: roles, placement, train)"
+    assert line == "error: trian: unknown section (did you mean 'train'?) (valid sections: model, roles, placement, train)"
 
 
 def test_unknown_section_without_a_close_match_has_no_suggestion():
@@ -675,4 +676,4 @@ def test_config_show_of_a_config_without_a_default_role_loads_back_without_it(tm
         path.write_text(shown.stdout)
         again = CliRunner().invoke(cli, ["config", "validate", "-c", str(path)])
         assert again.exit_code == 0, again.stderr
-        assert again.stdout == "config is valid: roles rollout, trainer; placement policy default\n"
+        assert again.stdout == "config is valid: roles rollout, reward, trainer; placement policy default\n"

@@ -45,7 +45,9 @@ def test_the_policy_is_selectable_by_config(judge_installed):
     r = CliRunner().invoke(cli, ["plan", "--json", "--set", "roles.judge={}", "--set", "placement.policy=spread"])
     doc = json.loads(r.stdout)
     assert doc["policy"] == "spread" and doc["mode"] == "disaggregated"
-    assert [x["devices"] for x in doc["roles"]] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    # five roles on eight devices: one each, the trainer (the sink) takes the remainder
+    assert [(x["name"], x["devices"]) for x in doc["roles"]] == [
+        ("rollout", [0]), ("reward", [1]), ("reference", [2]), ("trainer", [3, 4, 5, 6]), ("judge", [7])]
 
 
 def test_the_judges_config_section_is_typed_by_the_plugin(judge_installed):
@@ -70,9 +72,9 @@ def test_the_judge_stage_runs_in_the_pipeline_and_its_scores_reach_the_trainer(j
     tokens = np.array([[5, 5, 5, 5], [1, 2, 3, 4]])
     rollout = RecordingStage("rollout", {
         "completion_tokens": lambda b, c: tokens, "completion_mask": lambda b, c: np.array([[1, 1, 1, 1], [1, 1, 1, 0]]),
-        "rollout_logprobs": lambda b, c: np.zeros((2, 4)), "rewards": lambda b, c: np.zeros(2),
-        "policy_version": lambda b, c: np.asarray(c.policy_version)})
-    stages = {"rollout": rollout, "reference": RecordingStage("reference", {"ref_logprobs": lambda b, c: np.zeros((2, 4))}),
+        "rollout_logprobs": lambda b, c: np.zeros((2, 4)), "policy_version": lambda b, c: np.asarray(c.policy_version)})
+    stages = {"rollout": rollout, "reward": RecordingStage("reward", {"rewards": lambda b, c: np.zeros(2)}),
+              "reference": RecordingStage("reference", {"ref_logprobs": lambda b, c: np.zeros((2, 4))}),
               "judge": judge, "trainer": Trainer("trainer")}
     Executor(planned.graph, stages, planned.plan).run([[Batch(prompt_tokens=np.zeros((2, 2)), prompt_mask=np.ones((2, 2)))]], steps=1)
     np.testing.assert_allclose(seen[0], [2.0 * 1 / 4, 2.0 * 3 / 3])

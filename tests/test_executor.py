@@ -40,10 +40,11 @@ def seed(name, **train):
 
 
 def builtin_pipeline(registry, data, log, overrides=None):
-    """Plans the built-in rollout/reference/trainer roles and gives each a recording stage."""
+    """Plans the built-in rollout/reward/reference/trainer roles and gives each a recording stage."""
     planned = plan_run(config(registry, data), registry, fake_devices(8))
     stages = {
         "rollout": RecordingStage("rollout", {k: f() for k in registry.roles["rollout"].produces}, log=log),
+        "reward": RecordingStage("reward", {"rewards": f()}, log=log),
         "reference": RecordingStage("reference", {"ref_logprobs": f()}, log=log),
         "trainer": RecordingStage("trainer", log=log),
     }
@@ -84,7 +85,8 @@ def test_blocking_edges_hold_reference_until_rollouts_barrier_and_roles_take_tur
     # the next rollout starts only after the trainer's barrier (on-policy)
     for step in range(1, 3):
         assert min(positions(log, "process", "rollout", step)) > positions(log, "barrier", "trainer", step - 1)[0]
-    # time-sharing: at most one role's state on the devices at any moment
+    # time-sharing: at most one device role's state on the devices at any moment;
+    # the reward role works on the host, is never offloaded and may run at any time
     loaded = set()
     for event, r, *_ in log:
         if event == "onload":
@@ -92,9 +94,36 @@ def test_blocking_edges_hold_reference_until_rollouts_barrier_and_roles_take_tur
             assert len(loaded) == 1, f"{loaded} on the devices together"
         elif event == "offload":
             loaded.discard(r)
-        elif event == "process":
+        elif event == "process" and r != "reward":
             assert loaded == {r}, f"{r} processed while not loaded"
     assert len(positions(log, "onload", "rollout")) == len(positions(log, "offload", "rollout")) == 3
+    assert positions(log, "onload", "reward") == positions(log, "offload", "reward") == []
+    assert len(positions(log, "process", "reward")) == 3 * ITEMS
+
+
+def test_with_offload_the_host_reward_role_streams_while_rollout_still_generates(registry):
+    log, reward_started = [], threading.Event()
+
+    class Rollout(RecordingStage):
+        def process(self, batch, *, context):
+            if context.index == ITEMS - 1:  # the last item waits for the reward role to have started
+                log.append(("waited", "rollout", context.step, reward_started.wait(WAIT_S)))
+            return super().process(batch, context=context)
+
+    class Reward(RecordingStage):
+        def process(self, batch, *, context):
+            out = super().process(batch, context=context)
+            reward_started.set()
+            return out
+
+    planned, stages = builtin_pipeline(registry, seed("colocated_offload"), log, {
+        "rollout": Rollout("rollout", {k: f() for k in registry.roles["rollout"].produces}, log=log),
+        "reward": Reward("reward", {"rewards": f()}, log=log)})
+    assert not planned.plan.is_blocking("rollout", "reward") and planned.plan.is_blocking("rollout", "reference")
+    Executor(planned.graph, stages, planned.plan).run(source(1), steps=1)
+    assert ("waited", "rollout", 0, True) in log
+    assert min(positions(log, "process", "reward", 0)) < max(positions(log, "process", "rollout", 0))
+    assert min(positions(log, "process", "reference", 0)) > max(positions(log, "process", "rollout", 0))
 
 
 def test_without_offload_reference_starts_before_rollout_finishes_the_global_batch(registry):
@@ -137,7 +166,7 @@ def test_with_staleness_rollout_of_the_next_batch_overlaps_training(registry, na
                 log.append(("waited", "trainer", 0, next_rollout.wait(WAIT_S)))
             super().on_barrier(context=context)
 
-    rollout = Rollout("rollout", {"completion_tokens": f(), "completion_mask": f(), "rollout_logprobs": f(), "rewards": f(),
+    rollout = Rollout("rollout", {"completion_tokens": f(), "completion_mask": f(), "rollout_logprobs": f(),
                                   "policy_version": lambda b, ctx: np.asarray(ctx.policy_version)}, log=log)
     planned, stages = builtin_pipeline(registry, seed(name, max_staleness=1), log, {"rollout": rollout, "trainer": Trainer("trainer", log=log)})
     ex = Executor(planned.graph, stages, planned.plan, max_staleness=1)
@@ -183,13 +212,14 @@ def test_two_branches_join_at_the_trainer(registry):
     planned = plan_run(config(registry, {"roles": {"critic": {}}}), registry, fake_devices(8))
     stages = {
         "rollout": RecordingStage("rollout", {k: f() for k in registry.roles["rollout"].produces}, log=log),
+        "reward": RecordingStage("reward", {"rewards": f()}, log=log),
         "reference": RecordingStage("reference", {"ref_logprobs": f()}, log=log, delay=0.002),
         "critic": RecordingStage("critic", {"values": f()}, log=log),
         "trainer": Trainer("trainer", log=log),
     }
     Executor(planned.graph, stages, planned.plan).run(source(2), steps=2)
     assert len(got) == 2 * ITEMS
-    assert all({"ref_logprobs", "values", "completion_tokens", "prompt_tokens"} <= fields for fields in got)
+    assert all({"ref_logprobs", "values", "rewards", "completion_tokens", "prompt_tokens"} <= fields for fields in got)
 
 
 def rlpipe_threads():
@@ -270,7 +300,7 @@ def test_lifecycle_hooks_see_every_item_and_barrier(registry):
     planned, stages = builtin_pipeline(reg, None, log)
     Executor(planned.graph, stages, planned.plan, hooks=reg.hook).run(source(2), steps=2)
     per_role = 2 * (ITEMS + 1)  # items plus one barrier per step
-    for r in ("rollout", "reference", "trainer"):
+    for r in ("rollout", "reward", "reference", "trainer"):
         assert len([c for c in calls if c[0] == "before" and c[1] == r]) == per_role
     assert ("after", "reference", 0, 0, True) in calls
     assert ("after", "trainer", 1, None, None) in calls
@@ -283,9 +313,12 @@ def test_trace_has_a_track_per_role_with_step_and_version(registry):
     ex.run(source(2), steps=2)
     chrome = ex.trace.to_chrome()
     names = {e["args"]["name"] for e in chrome["traceEvents"] if e["ph"] == "M"}
-    assert {"rollout", "reference", "trainer", "source"} <= names
+    assert {"rollout", "reward", "reference", "trainer", "source"} <= names
     spans = {(ex.trace.track_of(e), e["name"]) for e in ex.trace.events()}
-    assert {("reference", "barrier_wait"), ("trainer", "onload"), ("trainer", "offload"), ("rollout", "process")} <= spans
+    assert {("reference", "barrier_wait"), ("trainer", "onload"), ("trainer", "offload"), ("rollout", "process"),
+            ("reward", "process")} <= spans
+    # the host reward role streams and stays in host memory: it neither waits at a barrier nor moves
+    assert not {("reward", "barrier_wait"), ("reward", "onload"), ("reward", "offload")} & spans
     assert all("step" in e["args"] for e in ex.trace.events() if e["ph"] == "X")
 
 

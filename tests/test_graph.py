@@ -3,6 +3,9 @@
 import pytest
 
 from rlpipe import GraphError, RoleConfig, RoleSpec, build_graph
+from rlpipe.core.planning import role_specs
+
+from helpers import config
 
 
 def role(name, consumes=(), produces=(), optional=(), sink=False):
@@ -10,26 +13,59 @@ def role(name, consumes=(), produces=(), optional=(), sink=False):
                     produces=set(produces), optional_consumes=set(optional), sink=sink)
 
 
-def test_builtin_roles_form_rollout_reference_trainer(registry):
-    roles = {n: registry.roles[n] for n in ("rollout", "reference", "trainer")}
+def test_builtin_roles_form_rollout_reward_reference_trainer(registry):
+    roles = {n: registry.roles[n] for n in ("rollout", "reward", "reference", "trainer")}
     g = build_graph(roles)
-    assert g.order == ("rollout", "reference", "trainer")
-    # rollout -> trainer is implied by rollout -> reference -> trainer (transitive reduction)
-    assert g.edge_pairs() == (("rollout", "reference"), ("reference", "trainer"))
+    assert g.order == ("rollout", "reward", "reference", "trainer")
+    # rollout -> trainer is implied by rollout -> reward -> trainer (transitive reduction)
+    assert g.edge_pairs() == (("rollout", "reward"), ("rollout", "reference"), ("reward", "trainer"), ("reference", "trainer"))
+    assert {(e.upstream, e.downstream): e.fields for e in g.edges} == {
+        ("rollout", "reward"): {"completion_tokens", "completion_mask"},
+        ("rollout", "reference"): {"completion_tokens", "completion_mask"},
+        ("reward", "trainer"): {"rewards"},
+        ("reference", "trainer"): {"ref_logprobs"},
+    }
+    assert not any(e.implicit for e in g.edges)
+    assert g.heads == ("rollout",) and g.sink == "trainer"
+
+
+def test_the_default_roles_form_the_four_role_graph(registry):
+    specs = role_specs(config(registry), registry)
+    assert list(specs) == ["rollout", "reward", "reference", "trainer"]
+    # rollout no longer scores: rewards come from the reward role, which runs on the host
+    assert "rewards" not in specs["rollout"].produces and specs["reward"].produces == {"rewards"}
+    assert specs["reward"].consumes == {"completion_tokens", "completion_mask", "example_id"}
+    assert [n for n, s in specs.items() if not s.uses_devices] == ["reward"]
+    g = build_graph(specs)
+    assert g.order == ("rollout", "reward", "reference", "trainer")
+    assert g.edge_pairs() == (("rollout", "reward"), ("rollout", "reference"), ("reward", "trainer"), ("reference", "trainer"))
     assert g.heads == ("rollout",) and g.sink == "trainer"
 
 
 def test_order_follows_data_not_config_order(registry):
-    roles = {n: registry.roles[n] for n in ("trainer", "critic", "reference", "rollout")}
+    roles = {n: registry.roles[n] for n in ("trainer", "critic", "reference", "reward", "rollout")}
     g = build_graph(roles)
     assert g.order[0] == "rollout" and g.order[-1] == "trainer"
-    assert set(g.edge_pairs()) == {("rollout", "critic"), ("rollout", "reference"), ("critic", "trainer"), ("reference", "trainer")}
+    # the critic consumes rewards, so it follows the reward role (rollout -> critic is implied)
+    assert g.order.index("reward") < g.order.index("critic")
+    assert set(g.edge_pairs()) == {("rollout", "reward"), ("rollout", "reference"), ("reward", "critic"),
+                                   ("critic", "trainer"), ("reference", "trainer")}
 
 
-def test_without_reference_the_trainer_consumes_rollout_directly(registry):
-    g = build_graph({n: registry.roles[n] for n in ("rollout", "trainer")})
-    assert g.edge_pairs() == (("rollout", "trainer"),)
-    assert "rollout_logprobs" in g.edges[0].fields
+def test_without_reference_the_trainer_consumes_rollout_through_reward(registry):
+    g = build_graph({n: registry.roles[n] for n in ("rollout", "reward", "trainer")})
+    # rollout -> trainer (rollout_logprobs, ...) is implied by rollout -> reward -> trainer:
+    # items carry every field produced upstream
+    assert g.edge_pairs() == (("rollout", "reward"), ("reward", "trainer"))
+    assert g.edges[0].fields == {"completion_tokens", "completion_mask"}
+    assert g.edges[1].fields == {"rewards"}
+
+
+def test_without_the_reward_role_nobody_produces_rewards(registry):
+    with pytest.raises(GraphError) as e:
+        build_graph({n: registry.roles[n] for n in ("rollout", "trainer")})
+    assert [str(p) for p in e.value.problems] == [
+        "roles.trainer: consumes field 'rewards', which no role in the graph produces"]
 
 
 def test_a_role_nobody_consumes_flows_into_the_sink():
@@ -51,7 +87,7 @@ def test_a_consumed_field_nobody_produces_is_an_error_naming_the_role():
 
 
 def test_optional_fields_without_producer_are_fine(registry):
-    build_graph({n: registry.roles[n] for n in ("rollout", "trainer")})  # ref_logprobs, values optional
+    build_graph({n: registry.roles[n] for n in ("rollout", "reward", "trainer")})  # ref_logprobs, values optional
 
 
 def test_two_producers_of_one_field_are_an_error():

@@ -5,7 +5,7 @@ import jax
 import pytest
 import yaml
 
-from rlpipe import MeshSpec, PlacementError, RolePlacement, make_mesh
+from rlpipe import MeshSpec, PlacementError, PlanContext, RolePlacement, finish_plan, make_mesh
 from rlpipe.core.planning import plan_run
 from rlpipe.plugins.placement.disaggregated import split_counts
 from rlpipe.testing import fake_devices
@@ -26,14 +26,17 @@ def boundaries(p):
 
 def test_colocated_with_offload_shares_devices_under_different_meshes_and_blocks(registry):
     p = plan(registry, seed("colocated_offload"))
-    tr, ro, ref = p.role("trainer"), p.role("rollout"), p.role("reference")
-    assert tr.devices == ro.devices == ref.devices == (0, 1, 2, 3)
+    tr, ro, ref, rw = p.role("trainer"), p.role("rollout"), p.role("reference"), p.role("reward")
+    assert tr.devices == ro.devices == ref.devices == rw.devices == (0, 1, 2, 3)
     assert tr.mesh == MeshSpec((4, 1), ("fsdp", "tp"))
     assert ro.mesh == MeshSpec((1, 4), ("fsdp", "tp"))
-    assert ref.mesh == tr.mesh  # no mesh, no colocate_with: the trainer's devices *and* mesh
-    assert set(ro.colocated_with) == {"trainer", "reference"}
+    assert ref.mesh == rw.mesh == tr.mesh  # no mesh, no colocate_with: the trainer's devices *and* mesh
+    assert set(ro.colocated_with) == {"trainer", "reward", "reference"}
     assert tr.offload and ro.offload and ref.offload
-    assert boundaries(p) == {("rollout", "reference"): True, ("reference", "trainer"): True}
+    assert rw.offload is False  # a host role is never offloaded
+    # device roles take turns; the host reward role's edges stream
+    assert boundaries(p) == {("rollout", "reward"): False, ("rollout", "reference"): True,
+                             ("reward", "trainer"): False, ("reference", "trainer"): True}
     assert p.mode == "colocated+offload"
 
 
@@ -91,14 +94,58 @@ def test_colocate_with_follows_a_chain_and_actor_means_trainer(registry):
 
 def test_critic_joins_the_graph_and_the_trainer_waits_for_both_branches(registry):
     p = plan(registry, {"roles": {"critic": {}}})
-    assert set(boundaries(p)) == {("rollout", "reference"), ("rollout", "critic"), ("reference", "trainer"), ("critic", "trainer")}
+    assert set(boundaries(p)) == {("rollout", "reward"), ("rollout", "reference"), ("reward", "critic"),
+                                  ("reference", "trainer"), ("critic", "trainer")}
 
 
 def test_per_role_offload_overrides_the_global_switch(registry):
     p = plan(registry, {"placement": {"offload": True}, "roles": {"rollout": {"offload": False}}})
     assert p.role("rollout").offload is False and p.role("trainer").offload is True
-    # trainer and reference still time-share; rollout's edge blocks because reference is offloaded
-    assert boundaries(p) == {("rollout", "reference"): True, ("reference", "trainer"): True}
+    assert p.role("reward").offload is False
+    # trainer and reference still time-share; rollout's edge blocks because reference is offloaded;
+    # the host reward role's edges stream
+    assert boundaries(p) == {("rollout", "reward"): False, ("rollout", "reference"): True,
+                             ("reward", "trainer"): False, ("reference", "trainer"): True}
+
+
+# -- host roles (uses_devices=False) ------------------------------------------------
+
+
+def test_with_offload_the_host_reward_role_streams_and_is_never_offloaded(registry):
+    # even asked for explicitly, offload does not apply to a host role
+    p = plan(registry, {"placement": {"offload": True}, "roles": {"reward": {"offload": True}}})
+    assert p.role("reward").devices == p.role("trainer").devices == tuple(range(8))
+    assert p.role("reward").offload is False
+    assert [r.name for r in p.roles if r.offload] == ["rollout", "reference", "trainer"]
+    b = boundaries(p)
+    assert b[("rollout", "reward")] is False and b[("reward", "trainer")] is False   # into / out of the host role
+    assert b[("rollout", "reference")] is True and b[("reference", "trainer")] is True  # device roles take turns
+    assert p.mode == "colocated+offload"
+
+
+def test_a_device_role_sharing_devices_only_with_host_roles_is_not_offloaded(registry):
+    # rollout owns devices 4-7 and shares them only with the host reward role
+    p = plan(registry, {"placement": {"offload": True},
+                        "roles": {"trainer": {"mesh": mesh((4, 1))}, "rollout": {"mesh": mesh((4, 1))},
+                                  "reward": {"colocate_with": "rollout"}}})
+    ro, rw = p.role("rollout"), p.role("reward")
+    assert ro.devices == rw.devices == (4, 5, 6, 7)
+    assert ro.colocated_with == ("reward",) and rw.colocated_with == ("rollout",)
+    assert ro.offload is False and rw.offload is False   # nobody to take turns with
+    assert p.role("reference").offload is True and p.role("trainer").offload is True
+    assert boundaries(p) == {("rollout", "reward"): False, ("rollout", "reference"): False,
+                             ("reward", "trainer"): False, ("reference", "trainer"): True}
+
+    # the building block itself: one device role and one host role on the same devices
+    m = MeshSpec.default(4)
+    roles = [RolePlacement(name="gen", devices=range(4), mesh=m, offload=True),
+             RolePlacement(name="score", devices=range(4), mesh=m, offload=True)]
+    alone = finish_plan("test", roles, fake_devices(4), PlanContext(edges=(("gen", "score"),), host_roles={"score"}))
+    assert [(r.name, r.colocated_with, r.offload) for r in alone.roles] == [("gen", ("score",), False), ("score", ("gen",), False)]
+    assert not alone.is_blocking("gen", "score") and alone.mode == "colocated"
+    # without the host-role marking the same two roles time-share
+    shared = finish_plan("test", roles, fake_devices(4), PlanContext(edges=(("gen", "score"),)))
+    assert all(r.offload for r in shared.roles) and shared.is_blocking("gen", "score")
 
 
 # -- errors ------------------------------------------------------------------------
@@ -111,7 +158,7 @@ def problems(excinfo):
 def test_unknown_colocate_with_names_the_role_and_suggests(registry):
     with pytest.raises(PlacementError) as e:
         plan(registry, {"roles": {"reference": {"colocate_with": "rolout"}}})
-    assert problems(e) == ["roles.reference.colocate_with: unknown role 'rolout' (did you mean 'rollout'?) (roles in this run: rollout, reference, trainer)"]
+    assert problems(e) == ["roles.reference.colocate_with: unknown role 'rolout' (did you mean 'rollout'?) (roles in this run: rollout, reward, reference, trainer)"]
 
 
 def test_colocate_with_itself_and_cycles_are_errors(registry):
@@ -147,7 +194,11 @@ def test_colocate_all_puts_every_role_everywhere(registry):
                         "roles": {"rollout": {"mesh": mesh((1, 8))}}})
     assert all(r.devices == tuple(range(8)) for r in p.roles)
     assert p.role("rollout").mesh.shape == (1, 8) and p.role("trainer").mesh.shape == (8, 1)
-    assert all(b.blocking for b in p.boundaries) and p.mode == "colocated+offload"
+    assert p.mode == "colocated+offload"
+    # every edge between device roles blocks; the host reward role's edges stream
+    assert boundaries(p) == {("rollout", "reward"): False, ("rollout", "reference"): True,
+                             ("reward", "trainer"): False, ("reference", "trainer"): True}
+    assert [r.name for r in p.roles if r.offload] == ["rollout", "reference", "trainer"]
     with pytest.raises(PlacementError, match=r"roles.rollout.mesh.shape: \[1, 4\] spans 4 devices; colocate-all gives every role all 8"):
         plan(registry, {"placement": {"policy": "colocate-all"}, "roles": {"rollout": {"mesh": mesh((1, 4))}}})
 

@@ -147,7 +147,7 @@ def test_builtins_are_registered_through_rlpipes_own_entry_points(registry):
     assert eps["roles"].value == "rlpipe.roles" and eps["placement"].value == "rlpipe.plugins.placement"
     assert eps["roles"].dist.metadata["Name"] == "rlpipe"
     builtins = {p.source.name: p for p in registry.plugins if p.source.builtin}
-    assert set(builtins) == {"roles", "placement"}
+    assert set(builtins) == {"roles", "placement", "engines"}
     for info in builtins.values():
         assert info.status == "active" and info.errors == []
         assert (info.source.distribution, info.source.version) == ("rlpipe", rlpipe.__version__)
@@ -325,7 +325,7 @@ def test_selecting_a_policy_a_failed_plugin_might_provide_names_that_plugin(brok
 def test_config_that_does_not_need_the_failed_plugin_is_valid(broken):
     result = invoke("config", "validate")
     assert result.exit_code == 0, result.output
-    assert result.stdout == "config is valid: roles rollout, reference, trainer; placement policy default\n"
+    assert result.stdout == "config is valid: roles rollout, reward, reference, trainer; placement policy default\n"
 
 
 # -- hooks that are wrong ---------------------------------------------------------------------

@@ -308,8 +308,9 @@ def plan_cmd(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str, .
     rows = []
     for r in plan.roles:
         mesh = f"{list(r.mesh.shape)} ({', '.join(r.mesh.axes)})"
+        host = not planned.roles[r.name].uses_devices
         rows.append([r.name, _ranges(r.devices), mesh, ", ".join(r.colocated_with) or "-",
-                     "yes" if r.offload else "no", _bytes(r.memory_estimate_bytes)])
+                     "host role" if host else ("yes" if r.offload else "no"), _bytes(r.memory_estimate_bytes)])
     click.echo(_table(["ROLE", "DEVICES", "MESH", "COLOCATED WITH", "OFFLOAD", "MEMORY/DEVICE"], rows))
     click.echo("")
     click.echo("boundaries:")

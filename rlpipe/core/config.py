@@ -127,12 +127,33 @@ class TrainConfig:
 
 
 @attrs.frozen(kw_only=True)
+class ModelConfig:
+    """``model``: which policy to train, in which dtype, with which tokenizer.
+
+    Attributes:
+        preset: a built-in shape (``tiny``, ``qwen2.5-0.5b``, ``llama-3.2-1b``),
+            randomly initialised from ``train.seed``; ignored when ``path`` is set.
+        path: a local Hugging Face checkpoint directory (Llama or Qwen2).
+        dtype: parameter and compute dtype, ``float32`` or ``bfloat16``.
+        tokenizer: ``char`` (the built-in character tokenizer), a directory
+            holding ``tokenizer.json``, or ``null``: the checkpoint's own with
+            ``path``, else ``char``.
+    """
+
+    preset: str = "tiny"
+    path: str | None = None
+    dtype: str = attrs.field(default="float32", validator=check(lambda v: v in ("float32", "bfloat16"), "must be 'float32' or 'bfloat16', got {value}"))
+    tokenizer: str | None = None
+
+
+@attrs.frozen(kw_only=True)
 class RunConfig:
     """The whole resolved configuration of a run.
 
     ``roles`` maps each role in the graph to its section, in config order.
     """
 
+    model: ModelConfig = attrs.field(factory=ModelConfig)
     roles: dict[str, RoleConfig] = attrs.field(factory=dict)
     placement: PlacementConfig = attrs.field(factory=PlacementConfig)
     train: TrainConfig = attrs.field(factory=TrainConfig)
@@ -381,6 +402,7 @@ def build_config(data: Mapping[str, Any], registry: Registry) -> RunConfig:
             problems.append(Problem(_key(key), f"unknown section{suggest(str(key), known)} (valid sections: {', '.join(known)})"))
 
     train = attempt(structure, data.get("train", {}), TrainConfig, ("train",))
+    model = attempt(structure, data.get("model", {}), ModelConfig, ("model",))
 
     placement_raw = data.get("placement", {})
     placement = None
@@ -417,7 +439,7 @@ def build_config(data: Mapping[str, Any], registry: Registry) -> RunConfig:
 
     if problems:
         raise ConfigError(problems)
-    return RunConfig(roles=roles, placement=placement, train=train)
+    return RunConfig(model=model, roles=roles, placement=placement, train=train)
 
 
 def load_config(registry: Registry, *, defaults: Mapping[str, Any], files: Iterable[str | Path] = (), overrides: Iterable[str] = ()) -> RunConfig:

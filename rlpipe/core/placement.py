@@ -88,11 +88,14 @@ class PlanContext:
             roles without a placement of their own share.
         options: the policy's own options (an instance of its ``config_type``),
             or ``None``.
+        host_roles: roles that use no accelerator (their specs say
+            ``uses_devices=False``): never offloaded, never time-sharing.
     """
 
     edges: tuple[tuple[str, str], ...] = ()
     sink: str | None = None
     options: Any = None
+    host_roles: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
 
 
 @attrs.frozen(kw_only=True)
@@ -215,14 +218,17 @@ class Placement(Protocol):
 # -- building blocks shared by policies ----------------------------------------
 
 
-def with_colocation(roles: Sequence[RolePlacement]) -> list[RolePlacement]:
+def with_colocation(roles: Sequence[RolePlacement], host_roles: frozenset[str] = frozenset()) -> list[RolePlacement]:
     """Fills ``colocated_with`` from device-set overlap, and clears ``offload``
-    for roles that share no device (offloading buys nothing there)."""
+    for host roles and for roles that share no device with another device
+    role (offloading buys nothing there)."""
     out = []
     for r in roles:
         mine = set(r.devices)
         peers = tuple(sorted(o.name for o in roles if o.name != r.name and mine & set(o.devices)))
-        out.append(attrs.evolve(r, colocated_with=peers, offload=r.offload and bool(peers)))
+        device_peers = [p for p in peers if p not in host_roles]
+        offload = r.offload and r.name not in host_roles and bool(device_peers)
+        out.append(attrs.evolve(r, colocated_with=peers, offload=offload))
     return out
 
 
@@ -232,11 +238,14 @@ def time_shared(a: RolePlacement, b: RolePlacement) -> bool:
     return bool(set(a.devices) & set(b.devices)) and (a.offload or b.offload)
 
 
-def boundaries_for(edges: Sequence[tuple[str, str]], roles: Sequence[RolePlacement]) -> list[Boundary]:
+def boundaries_for(edges: Sequence[tuple[str, str]], roles: Sequence[RolePlacement],
+                   host_roles: frozenset[str] = frozenset()) -> list[Boundary]:
     """The rule of DESIGN §3: an edge blocks until the global-batch barrier exactly
-    when its two roles time-share devices; every other edge streams."""
+    when its two roles time-share devices; every other edge, and every edge of a
+    host role, streams."""
     by_name = {r.name: r for r in roles}
-    return [Boundary(u, d, time_shared(by_name[u], by_name[d])) for u, d in edges]
+    return [Boundary(u, d, u not in host_roles and d not in host_roles and time_shared(by_name[u], by_name[d]))
+            for u, d in edges]
 
 
 def plan_mode(roles: Sequence[RolePlacement]) -> str:
@@ -249,13 +258,13 @@ def plan_mode(roles: Sequence[RolePlacement]) -> str:
 def finish_plan(policy: str, roles: Sequence[RolePlacement], devices: Sequence[DeviceInfo], context: PlanContext, notes: Sequence[str] = ()) -> PlacementPlan:
     """Completes a policy's per-role placements into a plan: colocation groups,
     offload only where devices are shared, boundaries and mode."""
-    placed = with_colocation(roles)
+    placed = with_colocation(roles, context.host_roles)
     return PlacementPlan(
         policy=policy,
         mode=plan_mode(placed),
         devices=[d.id for d in devices],
         roles=placed,
-        boundaries=boundaries_for(context.edges, placed),
+        boundaries=boundaries_for(context.edges, placed, context.host_roles),
         notes=notes,
     )
 

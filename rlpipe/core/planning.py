@@ -75,7 +75,8 @@ def plan_run(config: RunConfig, registry: Registry, devices: Sequence[DeviceInfo
         raise GraphError(Problem("devices", "no devices to place roles on"))
     policy_spec = registry.get("rlpipe_placement_policies", config.placement.policy, path="placement.policy")
     policy = policy_spec.factory(config.placement.options)
-    context = PlanContext(edges=graph.edge_pairs(), sink=graph.sink, options=config.placement.options)
+    context = PlanContext(edges=graph.edge_pairs(), sink=graph.sink, options=config.placement.options,
+                          host_roles={n for n, s in specs.items() if not s.uses_devices})
     plan = policy.plan(requests, devices, context=context)
     _check_plan(plan, config.placement.policy, graph, devices)
     return Planned(config=config, roles=specs, graph=graph, plan=plan)

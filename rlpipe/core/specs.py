@@ -66,6 +66,9 @@ class RoleSpec:
             says why).
         sink: the role at the end of the graph (the trainer).  Fields of
             roles nobody consumes flow into it.
+        uses_devices: ``False`` for a role that works on the host CPU only
+            (reward functions): it is placed like any role, but never
+            offloaded and never time-shares devices, so its edges stream.
     """
 
     name: str = attrs.field(validator=_check_name)
@@ -76,6 +79,7 @@ class RoleSpec:
     produces: frozenset[str] = attrs.field(converter=_fields, factory=frozenset)
     factory: Callable[..., Stage] | None = None
     sink: bool = False
+    uses_devices: bool = True
     unavailable: str = ""
 
 

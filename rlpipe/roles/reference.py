@@ -21,11 +21,18 @@ class ReferenceConfig(RoleConfig):
     micro_batch_size: int = attrs.field(default=8, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
 
 
+def _factory(config: ReferenceConfig, placement, *, context):
+    # Imported here so that listing roles does not load flax.
+    from rlpipe.roles.inference import ReferenceStage
+
+    return ReferenceStage(config, placement, context=context)
+
+
 SPEC = RoleSpec(
     name="reference",
     description="per-token log-probs of the completions under the frozen initial policy (for the KL term)",
     config_type=ReferenceConfig,
     consumes={"prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask"},
     produces={"ref_logprobs"},
-    unavailable="rlpipe 0.1 can plan the reference role but cannot run it: its log-prob stage is not implemented yet",
+    factory=_factory,
 )

@@ -1,4 +1,9 @@
-"""The rollout role: generates completions for prompts with the current policy."""
+"""The rollout role: generates completions for prompts with the current policy.
+
+Produces, per item of ``P`` prompts: ``completion_tokens``, ``completion_mask``
+and ``rollout_logprobs`` shaped ``[P, num_generations, max_new_tokens]``, and
+``policy_version`` ``[P]``: the weights every completion was sampled with.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ class RolloutConfig(RoleConfig):
         temperature: sampling temperature; 0 is greedy.
         top_k: keep the k most likely tokens; 0 keeps all.
         top_p: nucleus sampling mass; 1.0 keeps all.
+        stop_tokens: token ids that end a completion, besides the tokenizer's
+            end-of-sequence token.
     """
 
     engine: str = "jax"
@@ -27,6 +34,14 @@ class RolloutConfig(RoleConfig):
     temperature: float = attrs.field(default=1.0, validator=check(lambda v: v >= 0, "must be at least 0, got {value}"))
     top_k: int = attrs.field(default=0, validator=check(lambda v: v >= 0, "must be at least 0 (0 keeps all tokens), got {value}"))
     top_p: float = attrs.field(default=1.0, validator=check(lambda v: 0 < v <= 1, "must be in (0, 1], got {value}"))
+    stop_tokens: tuple[int, ...] = ()
+
+
+def _factory(config: RolloutConfig, placement, *, context):
+    # Imported here so that listing roles does not load flax.
+    from rlpipe.roles.inference import RolloutStage
+
+    return RolloutStage(config, placement, context=context)
 
 
 SPEC = RoleSpec(
@@ -34,6 +49,6 @@ SPEC = RoleSpec(
     description="generates completions (and their log-probs and rewards) with the current policy",
     config_type=RolloutConfig,
     consumes={"prompt_tokens", "prompt_mask"},
-    produces={"completion_tokens", "completion_mask", "rollout_logprobs", "policy_version", "rewards"},
-    unavailable="rlpipe 0.1 can plan the rollout role but cannot run it: its KV-cache generation stage is not implemented yet",
+    produces={"completion_tokens", "completion_mask", "rollout_logprobs", "policy_version"},
+    factory=_factory,
 )

@@ -1,0 +1,76 @@
+"""Moving parameter pytrees: weight sync between roles, and host offload.
+
+Weight sync is a function of (source placement, target placement):
+
+* same shardings and dtype: the target *shares* the source's buffers (no copy);
+* same devices, other layout or dtype: one jitted program re-lays and casts;
+* disjoint devices: ``jax.device_put`` to the target shardings (a device to
+  device transfer), then the cast, if any, on the target.
+
+Host offload moves arrays to the ``pinned_host`` memory kind with
+``jax.device_put``, device to host directly, never through numpy (which is
+several times slower on GPUs).  Onload moves them back to ``device``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+HOST_MEMORY = "pinned_host"
+DEVICE_MEMORY = "device"
+
+
+def _devices(tree: Any) -> frozenset:
+    out = set()
+    for x in jax.tree_util.tree_leaves(tree):
+        out |= set(x.sharding.device_set) if hasattr(x, "sharding") else set(x.device_set)
+    return frozenset(out)
+
+
+def sync(source: Any, target_shardings: Any, dtype: Any = None) -> Any:
+    """``source`` laid out as ``target_shardings`` (a matching pytree of
+    ``Sharding``) and cast to ``dtype`` (``None`` keeps each leaf's dtype).
+
+    The result never aliases a buffer that a later update of ``source`` could
+    change under it: JAX arrays are immutable, so sharing is safe.
+    """
+    dtype = None if dtype is None else jnp.dtype(dtype)
+    leaves = jax.tree_util.tree_leaves(source)
+    shards = jax.tree_util.tree_leaves(target_shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+    same_layout = all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(leaves, shards))
+    same_dtype = dtype is None or all(x.dtype == dtype for x in leaves)
+    if same_layout and same_dtype:
+        return source
+    cast = (lambda x: x) if dtype is None else (lambda x: x.astype(dtype))
+    if _devices(source) == frozenset(d for s in shards for d in s.device_set):
+        return jax.jit(lambda t: jax.tree_util.tree_map(cast, t), out_shardings=target_shardings)(source)
+    moved = jax.device_put(source, target_shardings)
+    return moved if same_dtype else jax.jit(lambda t: jax.tree_util.tree_map(cast, t), out_shardings=target_shardings)(moved)
+
+
+def with_memory_kind(tree: Any, kind: str) -> Any:
+    """The same arrays moved to memory ``kind`` (``pinned_host`` or ``device``)."""
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding.with_memory_kind(kind), tree)
+    return jax.device_put(tree, shardings)
+
+
+def offload(tree: Any) -> Any:
+    """Moves every array of ``tree`` to host memory; the device buffers are freed
+    once the caller drops its references to the old tree."""
+    return with_memory_kind(tree, HOST_MEMORY)
+
+
+def onload(tree: Any) -> Any:
+    return with_memory_kind(tree, DEVICE_MEMORY)
+
+
+def device_bytes(tree: Any) -> int:
+    """Bytes of ``tree``'s arrays that sit in device memory."""
+    total = 0
+    for x in jax.tree_util.tree_leaves(tree):
+        if x.sharding.memory_kind in (None, DEVICE_MEMORY):
+            total += x.nbytes
+    return total

@@ -1,0 +1,183 @@
+"""The stages of the inference roles: rollout (generation) and reference (scoring).
+
+Both hold a decoder's parameters on their own placement's mesh, move them to
+host memory and back when the plan offloads them, and run jitted programs on
+that mesh.  Items carry completions grouped per prompt: ``completion_tokens``,
+``completion_mask`` and the log-probs are ``[prompts, num_generations, tokens]``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from rlpipe.core import weights
+from rlpipe.core.placement import RolePlacement, make_mesh
+from rlpipe.core.specs import BuildContext
+from rlpipe.core.stage import Batch, StageContext
+from rlpipe.models.decoder import Decoder, sequence_logprobs
+from rlpipe.models.loading import load_model, load_tokenizer
+from rlpipe.models.sampling import SamplingParams, bucket_length, left_pad
+from rlpipe.models.sharding import shardings_for
+
+
+class _ModelHolder:
+    """A decoder split into graphdef and state on a role's mesh, with offload."""
+
+    def __init__(self, model: Decoder, placement: RolePlacement, mesh: jax.sharding.Mesh):
+        self.placement = placement
+        self.mesh = mesh
+        self.graphdef, state = nnx.split(model)
+        self.dtype = model.dtype
+        self.config = model.config
+        self.shardings = shardings_for(state, mesh)
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self._lock = threading.Lock()
+        self._state = state
+        self._on_device = True
+
+    @property
+    def state(self) -> Any:
+        with self._lock:
+            return self._state
+
+    def offload(self) -> None:
+        with self._lock:
+            if self._on_device:
+                self._state = weights.offload(self._state)
+                self._on_device = False
+
+    def onload(self) -> None:
+        with self._lock:
+            if not self._on_device:
+                self._state = weights.onload(self._state)
+                self._on_device = True
+
+    def replace(self, state: Any) -> None:
+        """Installs new parameters (already laid out for this role)."""
+        with self._lock:
+            self._state = state if self._on_device else weights.offload(state)
+
+
+class RolloutStage:
+    """Generates ``num_generations`` completions per prompt with the current policy.
+
+    New weights arrive through :meth:`load_weights` (from the trainer, at its
+    barrier); a generation takes one snapshot of (weights, version) when it
+    starts, so it never mixes two policy versions.
+    """
+
+    def __init__(self, config: Any, placement: RolePlacement, *, context: BuildContext):
+        run = context.run_config
+        self.config = config
+        mesh = make_mesh(placement)
+        self.tokenizer = load_tokenizer(run.model)
+        model = load_model(run.model, mesh=mesh, seed=context.seed)
+        self.holder = _ModelHolder(model, placement, mesh)
+        spec = context.registry.get("rlpipe_rollout_engines", config.engine, path="roles.rollout.engine")
+        self.engine = spec.factory(self.holder.graphdef, cache_dtype=model.dtype)
+        stops = tuple(dict.fromkeys([t for t in (self.tokenizer.eos_id, *config.stop_tokens) if t is not None]))
+        self.params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                     top_k=config.top_k, top_p=config.top_p, stop_tokens=stops,
+                                     pad_id=self.tokenizer.pad_id)
+        self._version = 0
+        self._version_lock = threading.Lock()
+        if placement.offload:
+            self.holder.offload()
+
+    @property
+    def policy_version(self) -> int:
+        with self._version_lock:
+            return self._version
+
+    def load_weights(self, state: Any, version: int) -> None:
+        """Weight sync (DESIGN §4): shares, re-lays/casts in one jitted step, or
+        reshards across meshes, depending on where ``state`` lives."""
+        new = weights.sync(state, self.holder.shardings, dtype=self.holder.dtype)
+        with self._version_lock:
+            self.holder.replace(new)
+            self._version = version
+
+    def process(self, batch: Batch, *, context: StageContext) -> Batch:
+        with self._version_lock:
+            state, version = self.holder.state, self._version
+        prompts = np.asarray(batch["prompt_tokens"])
+        mask = np.asarray(batch["prompt_mask"])
+        g = self.config.num_generations
+        out = self.engine.generate(state, np.repeat(prompts, g, axis=0), np.repeat(mask, g, axis=0), context.key(),
+                                   self.params, sharding=self.holder.replicated)
+        rows, n = prompts.shape[0], self.params.max_new_tokens
+        return batch.add(
+            completion_tokens=out.tokens.reshape(rows, g, n),
+            completion_mask=out.mask.reshape(rows, g, n),
+            rollout_logprobs=out.logprobs.reshape(rows, g, n),
+            policy_version=np.full((rows,), version, np.int32),
+        )
+
+    def offload(self) -> None:
+        self.holder.offload()
+
+    def onload(self) -> None:
+        self.holder.onload()
+
+
+def _logprobs_fn(graphdef):
+    def fn(state, prompt, prompt_mask, completion, completion_mask):
+        return sequence_logprobs(nnx.merge(graphdef, state), prompt, prompt_mask, completion, completion_mask)
+
+    return jax.jit(fn)
+
+
+class ReferenceStage:
+    """Per-token log-probs of the completions under a frozen policy: the initial
+    policy, or ``roles.reference.checkpoint``.  Micro-batched over rows."""
+
+    def __init__(self, config: Any, placement: RolePlacement, *, context: BuildContext):
+        run = context.run_config
+        self.config = config
+        mesh = make_mesh(placement)
+        model_config = run.model
+        if config.checkpoint:
+            import attrs
+
+            model_config = attrs.evolve(model_config, path=config.checkpoint)
+        model = load_model(model_config, mesh=mesh, seed=context.seed)
+        self.holder = _ModelHolder(model, placement, mesh)
+        self.pad_id = load_tokenizer(run.model).pad_id
+        self._fn = _logprobs_fn(self.holder.graphdef)
+        if placement.offload:
+            self.holder.offload()
+
+    def process(self, batch: Batch, *, context: StageContext) -> Batch:
+        prompts, pmask = np.asarray(batch["prompt_tokens"]), np.asarray(batch["prompt_mask"])
+        comp = np.asarray(batch["completion_tokens"])
+        cmask = np.asarray(batch["completion_mask"])
+        rows, g, n = comp.shape
+        length = bucket_length(int(pmask.sum(axis=1).max(initial=1)))
+        prompts, pmask = left_pad(prompts, pmask, length, self.pad_id)
+        prompts, pmask = np.repeat(prompts, g, axis=0), np.repeat(pmask, g, axis=0)
+        comp, cmask = comp.reshape(rows * g, n), cmask.reshape(rows * g, n)
+        state = self.holder.state
+        mb = self.config.micro_batch_size
+        total = rows * g
+        padded = -(-total // mb) * mb
+        if padded != total:  # pad to whole micro-batches: every call has one shape (one compile)
+            prompts, pmask, comp, cmask = (np.concatenate([a, np.zeros((padded - total, *a.shape[1:]), a.dtype)])
+                                           for a in (prompts, pmask, comp, cmask))
+        # Dispatch every micro-batch, then fetch once: no host round trip between them.
+        outs = [self._fn(state, *jax.device_put([a[s:s + mb] for a in (prompts, pmask, comp, cmask)], self.holder.replicated))
+                for s in range(0, padded, mb)]
+        logprobs = np.concatenate(jax.device_get(outs))[:total]
+        return batch.add(ref_logprobs=logprobs.reshape(rows, g, n).astype(np.float32))
+
+    def offload(self) -> None:
+        self.holder.offload()
+
+    def onload(self) -> None:
+        self.holder.onload()
+
