@@ -13,6 +13,12 @@ DEFAULT_CONFIG: dict = {
     },
     # A role is in the graph when it has a section here; ``roles.<name>: null``
     # (or ``--set roles.<name>=null``) removes it.
+    "task": {
+        "name": "reverse",
+    },
+    "algorithm": {
+        "name": "grpo",
+    },
     "roles": {
         "rollout": {},
         "reward": {},

@@ -105,7 +105,9 @@ def test_plan_errors_exit_2_with_one_line_per_problem_and_no_traceback():
     assert r.exit_code == 2
     assert r.stdout == ""
     assert r.stderr == "error: roles: the roles' meshes need 16 devices (trainer 16) but 8 exist\n"
-    r = run("plan", "--set", "roles.reference.colocate_with=rolout", "--set", "roles.critic.colocate_with=critic")
+    # ppo (GAE) needs the critic; a KL weight keeps the reference: both are in the run
+    r = run("plan", "--set", "algorithm.name=ppo", "--set", "algorithm.options.kl_beta=0.04",
+            "--set", "roles.reference.colocate_with=rolout", "--set", "roles.critic.colocate_with=critic")
     assert r.exit_code == 2
     assert r.stderr.splitlines() == [
         "error: roles.reference.colocate_with: unknown role 'rolout' (did you mean 'rollout'?) (roles in this run: rollout, reward, reference, trainer, critic)",
@@ -119,13 +121,36 @@ def test_selecting_a_plan_only_role_for_a_run_says_so(registry):
 
     from helpers import config
 
-    planned = plan_run(config(registry), registry)
+    # every role of the default graph has a stage now
+    assert all(s.factory is not None for s in plan_run(config(registry), registry).roles.values())
+    # ppo's GAE advantages need the critic, which can be planned but not run
+    planned = plan_run(config(registry, {"algorithm": {"name": "ppo"}}), registry)
+    assert "critic" in planned.roles
     with pytest.raises(RoleNotRunnableError) as e:
         build_stages(planned, context=BuildContext(run_config=planned.config, registry=registry))
-    lines = e.value.lines()
-    # one line per plan-only role of the default graph, in config order, each with its reason
-    assert lines == [f"roles.{n}: {s.unavailable}" for n, s in planned.roles.items() if s.factory is None]
-    assert "roles.reward: rlpipe can plan the reward role but cannot run it yet: reward-function plugins are not implemented" in lines
+    # one line per plan-only role, in config order, each with its reason
+    assert e.value.lines() == [f"roles.{n}: {s.unavailable}" for n, s in planned.roles.items() if s.factory is None]
+    assert e.value.lines() == [
+        "roles.critic: rlpipe 0.1 can plan the critic role but cannot run it: its value-model stage is not implemented yet"]
+
+
+def test_plan_prints_the_algorithms_role_changes_as_notes():
+    # the default algorithm (grpo, KL beta 0.04) keeps the reference and needs no critic
+    r = run("plan")
+    assert r.exit_code == 0 and "note: reference" not in r.stdout and "note: critic" not in r.stdout
+    r = run("plan", "--set", "roles.critic={}")
+    assert r.exit_code == 0, r.stderr
+    assert "stages: rollout, reward, reference, trainer (in topological order)" in r.stdout
+    assert "note: critic is left out: algorithm 'grpo' does not use it" in r.stdout.splitlines()
+    r = run("plan", "--set", "algorithm.name=ppo")
+    assert r.exit_code == 0, r.stderr
+    assert "stages: rollout, reward, critic, trainer (in topological order)" in r.stdout
+    assert [ln for ln in r.stdout.splitlines() if ln.startswith("note: ") and "algorithm" in ln] == [
+        "note: reference is left out: algorithm 'ppo' does not use it",
+        "note: critic is added with default settings: algorithm 'ppo' needs it",
+    ]
+    # --json stays the documented plan schema, notes and all left out
+    assert set(plan_json("--set", "algorithm.name=ppo")) == PLAN_KEYS
 
 
 def test_roles_list_table_and_json():
@@ -139,7 +164,7 @@ def test_roles_list_table_and_json():
     assert entries["trainer"]["sink"] is True and "ref_logprobs" in entries["trainer"]["optional_consumes"]
     assert entries["rollout"]["distribution"] == "rlpipe"
     assert {n: e["status"] for n, e in entries.items()} == {
-        "rollout": "active", "reference": "active", "reward": "plan-only", "trainer": "plan-only", "critic": "plan-only"}
+        "rollout": "active", "reference": "active", "reward": "active", "trainer": "active", "critic": "plan-only"}
 
 
 def test_placements_list_table_and_json():
@@ -154,7 +179,7 @@ def test_placements_list_table_and_json():
 def test_plugins_list_json_shows_builtins_from_entry_points():
     entries = json.loads(run("plugins", "list", "--json").stdout)
     builtin = {e["name"]: e for e in entries if e["builtin"]}
-    assert set(builtin) == {"roles", "placement", "engines"}
+    assert set(builtin) == {"roles", "placement", "engines", "rewards", "algorithms", "tasks"}
     assert all(e["status"] == "active" and e["distribution"] == "rlpipe" for e in builtin.values())
 
 

@@ -133,7 +133,7 @@ def test_empty_yaml_file_changes_nothing(tmp_path, registry):
 def test_set_overrides_apply_after_files_and_in_order(tmp_path):
     f = write(tmp_path, "c.yaml", "train: {steps: 5, seed: 1}\n")
     data = show_json("-c", f, "--set", "train.steps=6", "--set", "train.steps=7", "--set", "train.max_staleness=2")
-    assert data["train"] == {"steps": 7, "seed": 1, "max_staleness": 2}
+    assert data["train"] == {"steps": 7, "seed": 1, "max_staleness": 2, "prompts_per_item": 4, "items_per_step": 2}
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -168,10 +168,22 @@ def test_set_null_removes_a_role():
     data = show_json("--set", "roles.reference=null")
     assert data["roles"]["reference"] is None  # shown as removed, so the output loads back the same
     assert [n for n, v in data["roles"].items() if v is not None] == ["rollout", "reward", "trainer"]
-    result = invoke("config", "validate", "--set", "roles.reference=null")
+    # without a KL term the algorithm does not need the reference: it stays out of the graph
+    result = invoke("config", "validate", "--set", "roles.reference=null", "--set", "algorithm.options.kl_beta=0")
     assert result.exit_code == 0, result.output
     assert result.stdout == "config is valid: roles rollout, reward, trainer; placement policy default\n"
     assert result.stderr == ""
+
+
+def test_the_algorithm_adds_back_a_removed_role_it_needs():
+    # grpo's default KL term (beta 0.04) needs the reference: removing it alone does not take it out
+    result = invoke("config", "validate", "--set", "roles.reference=null")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ("config is valid: roles rollout, reward, reference, trainer; placement policy default\n"
+                             "note: reference is added with default settings: algorithm 'grpo' needs it\n")
+    plan = invoke("plan", "--set", "roles.reference=null")
+    assert plan.exit_code == 0, plan.output
+    assert "note: reference is added with default settings: algorithm 'grpo' needs it" in plan.stdout.splitlines()
 
 
 def test_null_in_a_later_file_restores_the_default(tmp_path):
@@ -235,7 +247,22 @@ def test_misspelt_key_in_a_section_suggests_the_valid_key(override, path, hint):
 
 def test_unknown_top_level_section_suggests_a_close_match():
     [line] = error_lines(invoke("config", "validate", "--set", "trian.steps=3"))
-    assert line == "error: trian: unknown section (did you mean 'train'?) (valid sections: model, roles, placement, train)"
+    assert line == "error: trian: unknown section (did you mean 'train'?) (valid sections: model, task, algorithm, roles, placement, train)"
+
+
+def test_the_algorithm_section_selects_a_plugin_whose_class_types_its_options(registry):
+    from rlpipe.plugins.algorithms.presets import GRPOConfig, PPOConfig
+
+    cfg = load_config(registry, defaults=DEFAULT_CONFIG)
+    assert cfg.algorithm.name == "grpo" and cfg.algorithm.options == GRPOConfig()
+    cfg = load_config(registry, defaults=DEFAULT_CONFIG, overrides=["algorithm.name=ppo", "algorithm.options.kl_beta=0.04"])
+    assert cfg.algorithm.options == PPOConfig(kl_beta=0.04)
+    [line] = error_lines(invoke("config", "validate", "--set", "algorithm.name=grop"))
+    assert line.startswith("error: algorithm.name: unknown algorithm 'grop' (did you mean 'grpo'?) (available: ")
+    [line] = error_lines(invoke("config", "validate", "--set", "algorithm.options.kl_bta=1"))
+    assert line.startswith("error: algorithm.options.kl_bta: unknown key (did you mean 'kl_beta'?)")
+    assert error_lines(invoke("config", "validate", "--set", "algorithm.options.kl_beta=-1")) == [
+        "error: algorithm.options.kl_beta: must be at least 0, got -1.0"]
 
 
 def test_unknown_section_without_a_close_match_has_no_suggestion():
@@ -262,7 +289,7 @@ def test_unknown_placement_policy_suggests_and_lists_available():
     ("roles.rollout.temperature=hot", "roles.rollout.temperature: expected a number, got 'hot'"),
     ("roles.rollout.temperature=false", "roles.rollout.temperature: expected a number, got False"),
     ("roles.rollout.mesh={shape: [2], axes: tp}", "roles.rollout.mesh.axes: expected a list of strings, got 'tp'"),
-    ("train=[1, 2]", "train: expected a mapping of steps, seed, max_staleness, got [1, 2]"),
+    ("train=[1, 2]", "train: expected a mapping of steps, seed, max_staleness, prompts_per_item, items_per_step, got [1, 2]"),
     ("roles=[rollout]", "roles: expected a mapping of role name to section, got ['rollout']"),
 ])
 def test_wrong_scalar_types_are_rejected_not_coerced(override, expected):
@@ -669,8 +696,9 @@ def test_config_show_of_a_config_without_a_default_role_loads_back_without_it(tm
 
     from rlpipe.cli.main import cli
 
+    # no KL term, so the algorithm does not add the reference back (test_the_algorithm_adds_back_...)
     for fmt in ([], ["--json"]):
-        shown = CliRunner().invoke(cli, ["config", "show", "--set", "roles.reference=null", *fmt])
+        shown = CliRunner().invoke(cli, ["config", "show", "--set", "roles.reference=null", "--set", "algorithm.options.kl_beta=0", *fmt])
         assert shown.exit_code == 0
         path = tmp_path / "shown.yaml"
         path.write_text(shown.stdout)

@@ -84,7 +84,10 @@ def test_build_stages_still_refuses_the_plan_only_builtins(judge_installed):
     from rlpipe import BuildContext, RoleNotRunnableError
 
     reg = load_registry(warn=lambda m: None)
-    planned = plan_run(config(reg, {"roles": {"judge": {}}}), reg, fake_devices(8))
+    # ppo brings in the critic, the one built-in role that is still plan-only
+    planned = plan_run(config(reg, {"algorithm": {"name": "ppo"}, "roles": {"judge": {}}}), reg, fake_devices(8))
+    assert {"judge", "critic"} <= set(planned.roles)
     with pytest.raises(RoleNotRunnableError) as e:
         build_stages(planned, context=BuildContext(run_config=planned.config, registry=reg))
     assert not any(line.startswith("roles.judge") for line in e.value.lines())
+    assert [line.split(":")[0] for line in e.value.lines()] == ["roles.critic"]

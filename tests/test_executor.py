@@ -209,7 +209,9 @@ def test_two_branches_join_at_the_trainer(registry):
             got.append(set(batch))
             return super().process(batch, context=context)
 
-    planned = plan_run(config(registry, {"roles": {"critic": {}}}), registry, fake_devices(8))
+    # ppo's GAE needs the critic's values; a KL weight keeps the reference in the graph too
+    planned = plan_run(config(registry, {"algorithm": {"name": "ppo", "options": {"kl_beta": 0.04}}}), registry, fake_devices(8))
+    assert set(planned.graph.order) == {"rollout", "reward", "reference", "critic", "trainer"}
     stages = {
         "rollout": RecordingStage("rollout", {k: f() for k in registry.roles["rollout"].produces}, log=log),
         "reward": RecordingStage("reward", {"rewards": f()}, log=log),

@@ -3,7 +3,8 @@
 import pytest
 
 from rlpipe import GraphError, RoleConfig, RoleSpec, build_graph
-from rlpipe.core.planning import role_specs
+from rlpipe.core.graph import SOURCE_FIELDS
+from rlpipe.core.planning import apply_algorithm, role_specs
 
 from helpers import config
 
@@ -30,16 +31,24 @@ def test_builtin_roles_form_rollout_reward_reference_trainer(registry):
 
 
 def test_the_default_roles_form_the_four_role_graph(registry):
-    specs = role_specs(config(registry), registry)
+    cfg, notes = apply_algorithm(config(registry), registry)
+    assert notes == []  # the default algorithm (grpo, KL beta 0.04) wants exactly the default roles
+    specs = role_specs(cfg, registry)
     assert list(specs) == ["rollout", "reward", "reference", "trainer"]
     # rollout no longer scores: rewards come from the reward role, which runs on the host
     assert "rewards" not in specs["rollout"].produces and specs["reward"].produces == {"rewards"}
-    assert specs["reward"].consumes == {"completion_tokens", "completion_mask", "example_id"}
+    # it decodes prompt and completion and scores them against the source's example
+    assert specs["reward"].consumes == {"prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask", "example"}
+    assert specs["reward"].consumes - specs["rollout"].produces <= SOURCE_FIELDS
     assert [n for n, s in specs.items() if not s.uses_devices] == ["reward"]
     g = build_graph(specs)
     assert g.order == ("rollout", "reward", "reference", "trainer")
     assert g.edge_pairs() == (("rollout", "reward"), ("rollout", "reference"), ("reward", "trainer"), ("reference", "trainer"))
     assert g.heads == ("rollout",) and g.sink == "trainer"
+
+
+def test_the_source_provides_prompts_their_ids_and_examples():
+    assert SOURCE_FIELDS == {"prompt_tokens", "prompt_mask", "group_id", "example_id", "example"}
 
 
 def test_order_follows_data_not_config_order(registry):

@@ -57,10 +57,15 @@ def config_keys():
     """(dotted key, default) for every config key rlpipe itself defines."""
     from rlpipe.core.config import RoleConfig as Base
 
-    from rlpipe.core.config import ModelConfig
+    from rlpipe.core.config import AlgorithmSection, ModelConfig, TaskSection
+    from rlpipe.plugins.tasks import DigitTaskConfig
 
     out = [(f"train.{f.name}", f.default) for f in attrs.fields(TrainConfig)]
     out += [(f"model.{f.name}", f.default) for f in attrs.fields(ModelConfig)]
+    out += [(f"task.{f.name}", f.default) for f in attrs.fields(TaskSection)]
+    out += [(f"task.options.{f.name}", f.default) for f in attrs.fields(DigitTaskConfig)]
+    # algorithm.options.* are each algorithm's own, documented in docs/algorithms.md
+    out += [(f"algorithm.{f.name}", f.default) for f in attrs.fields(AlgorithmSection)]
     out += [(f"placement.{f.name}", f.default) for f in attrs.fields(PlacementConfig)]
     out += [(f"roles.<role>.{f.name}", f.default) for f in attrs.fields(Base)]
     reg = load_registry(warn=lambda m: None)

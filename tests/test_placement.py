@@ -82,7 +82,9 @@ def test_trainer_without_mesh_takes_the_devices_others_leave(registry):
 
 
 def test_colocate_with_follows_a_chain_and_actor_means_trainer(registry):
-    data = {"roles": {"trainer": {"mesh": mesh((2, 2))},
+    # ppo with a KL weight keeps both the reference and the critic in the graph
+    data = {"algorithm": {"name": "ppo", "options": {"kl_beta": 0.04}},
+            "roles": {"trainer": {"mesh": mesh((2, 2))},
                       "rollout": {"colocate_with": "actor", "mesh": mesh((4,), ("tp",))},
                       "reference": {"colocate_with": "rollout"},
                       "critic": {"colocate_with": "reference"}}}
@@ -93,9 +95,29 @@ def test_colocate_with_follows_a_chain_and_actor_means_trainer(registry):
 
 
 def test_critic_joins_the_graph_and_the_trainer_waits_for_both_branches(registry):
-    p = plan(registry, {"roles": {"critic": {}}})
+    p = plan(registry, {"algorithm": {"name": "ppo", "options": {"kl_beta": 0.04}}, "roles": {"critic": {}}})
     assert set(boundaries(p)) == {("rollout", "reward"), ("rollout", "reference"), ("reward", "critic"),
                                   ("reference", "trainer"), ("critic", "trainer")}
+
+
+def test_the_algorithm_decides_whether_reference_and_critic_are_placed(registry):
+    # grpo without a critic estimator: a configured critic is left out, with a note
+    planned = plan_run(config(registry, {"roles": {"critic": {}}}), registry, fake_devices(8))
+    assert [r.name for r in planned.plan.roles] == ["rollout", "reward", "reference", "trainer"]
+    assert planned.notes == ("critic is left out: algorithm 'grpo' does not use it",)
+    assert "critic" not in planned.config.roles
+    # ppo (kl_beta 0 by default): the critic is added with its defaults, the reference left out
+    planned = plan_run(config(registry, {"algorithm": {"name": "ppo"}}), registry, fake_devices(8))
+    assert [r.name for r in planned.plan.roles] == ["rollout", "reward", "trainer", "critic"]
+    assert planned.config.roles["critic"] == registry.roles["critic"].config_type()
+    assert planned.notes == ("reference is left out: algorithm 'ppo' does not use it",
+                             "critic is added with default settings: algorithm 'ppo' needs it")
+    # a KL weight brings the reference back, and the user's critic settings are kept
+    planned = plan_run(config(registry, {"algorithm": {"name": "ppo", "options": {"kl_beta": 0.04}},
+                                         "roles": {"critic": {"colocate_with": "reference"}}}), registry, fake_devices(8))
+    assert planned.notes == () and planned.config.roles["critic"].colocate_with == "reference"
+    assert set(boundaries(planned.plan)) == {("rollout", "reward"), ("rollout", "reference"), ("reward", "critic"),
+                                             ("reference", "trainer"), ("critic", "trainer")}
 
 
 def test_per_role_offload_overrides_the_global_switch(registry):

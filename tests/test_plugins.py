@@ -145,9 +145,10 @@ def broken(site):
 def test_builtins_are_registered_through_rlpipes_own_entry_points(registry):
     eps = {ep.name: ep for ep in metadata.entry_points(group="rlpipe")}
     assert eps["roles"].value == "rlpipe.roles" and eps["placement"].value == "rlpipe.plugins.placement"
+    assert eps["rewards"].value == "rlpipe.plugins.rewards" and eps["algorithms"].value == "rlpipe.plugins.algorithms"
     assert eps["roles"].dist.metadata["Name"] == "rlpipe"
     builtins = {p.source.name: p for p in registry.plugins if p.source.builtin}
-    assert set(builtins) == {"roles", "placement", "engines"}
+    assert set(builtins) == {"roles", "placement", "engines", "rewards", "algorithms", "tasks"}
     for info in builtins.values():
         assert info.status == "active" and info.errors == []
         assert (info.source.distribution, info.source.version) == ("rlpipe", rlpipe.__version__)
@@ -156,6 +157,13 @@ def test_builtins_are_registered_through_rlpipes_own_entry_points(registry):
         assert (item.plugin.source.name, item.plugin.source.distribution) == ("roles", "rlpipe")
     for item in registry.provided("rlpipe_placement_policies").values():
         assert (item.plugin.source.name, item.plugin.source.distribution) == ("placement", "rlpipe")
+    builtin_kinds = {"rlpipe_rollout_engines": ("engines", {"jax"}),
+                     "rlpipe_reward_functions": ("rewards", {"exact-match", "partial-match", "math-answer"}),
+                     "rlpipe_algorithms": ("algorithms", {"grpo", "drgrpo", "dapo", "rloo", "reinforce-pp", "ppo", "gspo"})}
+    for hook, (plugin, names) in builtin_kinds.items():
+        provided = registry.provided(hook)
+        assert names <= set(provided), hook
+        assert {provided[n].plugin.source.name for n in names} == {plugin}
 
 
 def test_clean_install_loads_without_warnings():

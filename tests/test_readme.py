@@ -1,6 +1,7 @@
 """The README's two commands stay true: CI runs the README's test command, and
 the run command's rlpipe part works."""
 
+import json
 import re
 import subprocess
 import sys
@@ -20,9 +21,11 @@ def test_readme_has_exactly_two_commands_and_ci_runs_the_test_command():
     assert test_cmd in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
-def test_the_run_command_succeeds():
+def test_the_run_command_succeeds_and_writes_a_run_directory(tmp_path):
     run_cmd, _ = readme_commands()
     rlpipe_args = run_cmd.split("&& rlpipe ", 1)[1].split()
-    r = subprocess.run([sys.executable, "-m", "rlpipe", *rlpipe_args], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-m", "rlpipe", *rlpipe_args], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "policy: default" in r.stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 20 and rows[-1]["policy_version"] == 20

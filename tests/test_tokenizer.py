@@ -44,11 +44,11 @@ def test_char_vocabulary_fits_the_tiny_preset():
     assert max(tok.encode(every)) < tok.vocab_size
 
 
-def test_char_decode_drops_special_tokens_and_rejects_unknown_ids():
+def test_char_decode_drops_special_tokens_and_shows_ids_without_a_character_as_unk():
     tok = CharTokenizer()
     assert tok.decode([tok.bos_id, *tok.encode("hi"), tok.eos_id, tok.pad_id, tok.pad_id]) == "hi"
-    with pytest.raises(TokenizerError, match="token id 100"):
-        tok.decode([100])
+    # the tiny model's output layer (128) is wider than the alphabet: a policy may sample such ids
+    assert tok.decode([*tok.encode("a"), 100, 127]) == "a\ufffd\ufffd"
 
 
 def test_char_chat_template_joins_contents():

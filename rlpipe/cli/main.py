@@ -252,11 +252,60 @@ def config_validate(ctx: click.Context, files: tuple[str, ...], overrides: tuple
     from rlpipe.core.placement import check_requests
     from rlpipe.core.planning import role_requests, role_specs
 
+    from rlpipe.core.planning import apply_algorithm
+
     reg = _registry(ctx)
-    cfg = _load_config(ctx, files, overrides)
+    cfg, notes = apply_algorithm(_load_config(ctx, files, overrides), reg)
     graph = build_graph(role_specs(cfg, reg))
     check_requests(role_requests(cfg))
     click.echo(f"config is valid: roles {', '.join(graph.order)}; placement policy {cfg.placement.policy}")
+    for note in notes:
+        click.echo(f"note: {note}")
+
+
+# -- train ---------------------------------------------------------------------------
+
+
+@cli.command("train")
+@config_options
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Shortcut for --set train.steps=N.")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="Where config.yaml, metrics.jsonl and trace.json go (default: runs/<date-time>).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@click.pass_context
+def train_cmd(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str, ...], steps: int | None,
+              run_dir: str | None, quiet: bool) -> None:
+    """Train: with no arguments, the embedded default (a tiny model learning a
+    built-in task on the CPU)."""
+    import time as _time
+
+    from rlpipe.train import train
+
+    if steps is not None:
+        overrides = (*overrides, f"train.steps={steps}")
+    reg = _registry(ctx)
+    cfg = _load_config(ctx, files, overrides)
+    run_dir = run_dir or f"runs/{_time.strftime('%Y%m%d-%H%M%S')}"
+    show = not quiet and sys.stderr.isatty()
+    total = cfg.train.steps
+    start = _time.perf_counter()
+
+    def report(row: dict[str, Any]) -> None:
+        if not show:
+            return
+        done = row["step"] + 1
+        eta = (_time.perf_counter() - start) / done * (total - done)
+        parts = [f"step {done}/{total}", f"reward {row.get('reward/mean', float('nan')):.3f}"]
+        if "kl" in row:
+            parts.append(f"kl {row['kl']:.4f}")
+        if "tokens_per_s" in row:
+            parts.append(f"{row['tokens_per_s']:.0f} tok/s")
+        parts.append(f"ETA {eta:.0f}s")
+        click.echo("  ".join(parts), err=True)
+
+    click.echo(f"rlpipe: training {total} steps; run directory {run_dir}", err=True)
+    summary = train(cfg, reg, run_dir=run_dir, report=report)
+    click.echo(f"rlpipe: finished {summary.steps} steps (policy version {summary.policy_version}); see {run_dir}", err=True)
 
 
 # -- plan ----------------------------------------------------------------------------
@@ -319,7 +368,7 @@ def plan_cmd(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str, .
     for b in plan.boundaries:
         how = "blocks until the global-batch barrier" if b.blocking else "streams items as they arrive"
         click.echo(f"  {b.upstream} -> {b.downstream}: {how}")
-    for note in plan.notes:
+    for note in (*planned.notes, *plan.notes):
         click.echo(f"note: {note}")
 
 

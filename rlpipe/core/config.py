@@ -119,11 +119,16 @@ class PlacementConfig:
 
 @attrs.frozen(kw_only=True)
 class TrainConfig:
-    """``train``: how long to run and how far rollout may run ahead."""
+    """``train``: how long to run, how big a global batch is, and how far rollout
+    may run ahead.  A global batch is ``items_per_step`` items of
+    ``prompts_per_item`` prompts, each with ``roles.rollout.num_generations``
+    completions."""
 
     steps: int = attrs.field(default=20, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
     seed: int = 0
     max_staleness: int = attrs.field(default=0, validator=check(lambda v: v >= 0, "must be at least 0, got {value}"))
+    prompts_per_item: int = attrs.field(default=4, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
+    items_per_step: int = attrs.field(default=2, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
 
 
 @attrs.frozen(kw_only=True)
@@ -147,6 +152,26 @@ class ModelConfig:
 
 
 @attrs.frozen(kw_only=True)
+class AlgorithmSection:
+    """``algorithm``: the RL algorithm plugin and its options.
+
+    ``options`` is typed by the selected algorithm, whose defaults are its
+    own (docs/algorithms.md).
+    """
+
+    name: str = "grpo"
+    options: Any = None
+
+
+@attrs.frozen(kw_only=True)
+class TaskSection:
+    """``task``: where prompts come from (a task plugin) and its options."""
+
+    name: str = "reverse"
+    options: Any = None
+
+
+@attrs.frozen(kw_only=True)
 class RunConfig:
     """The whole resolved configuration of a run.
 
@@ -154,6 +179,8 @@ class RunConfig:
     """
 
     model: ModelConfig = attrs.field(factory=ModelConfig)
+    task: TaskSection = attrs.field(factory=lambda: TaskSection())
+    algorithm: AlgorithmSection = attrs.field(factory=lambda: AlgorithmSection())
     roles: dict[str, RoleConfig] = attrs.field(factory=dict)
     placement: PlacementConfig = attrs.field(factory=PlacementConfig)
     train: TrainConfig = attrs.field(factory=TrainConfig)
@@ -404,24 +431,29 @@ def build_config(data: Mapping[str, Any], registry: Registry) -> RunConfig:
     train = attempt(structure, data.get("train", {}), TrainConfig, ("train",))
     model = attempt(structure, data.get("model", {}), ModelConfig, ("model",))
 
-    placement_raw = data.get("placement", {})
-    placement = None
-    if not isinstance(placement_raw, Mapping):
-        problems.append(Problem("placement", f"expected a mapping, got {_show(placement_raw)}"))
-    else:
-        shell = attempt(structure, {k: v for k, v in placement_raw.items() if k != "options"}, PlacementConfig, ("placement",))
-        if shell is not None:
-            spec = attempt(registry.get, "rlpipe_placement_policies", shell.policy, path="placement.policy")
-            if spec is not None:
-                raw_opts = placement_raw.get("options")
-                if spec.config_type is None:
-                    if raw_opts is not None and raw_opts != {}:
-                        problems.append(Problem("placement.options", f"policy {shell.policy!r} takes no options"))
-                    placement = shell
-                else:
-                    opts = attempt(structure, {} if raw_opts is None else raw_opts, spec.config_type, ("placement", "options"))
-                    if opts is not None:
-                        placement = attrs.evolve(shell, options=opts)
+    def selected(section: str, shell_type: type, hook: str, key: str, what: str):
+        """A section that names a plugin (``key``) and holds ``options`` typed by it."""
+        raw = data.get(section, {})
+        if not isinstance(raw, Mapping):
+            problems.append(Problem(section, f"expected a mapping, got {_show(raw)}"))
+            return None
+        shell = attempt(structure, {k: v for k, v in raw.items() if k != "options"}, shell_type, (section,))
+        if shell is None:
+            return None
+        spec = attempt(registry.get, hook, getattr(shell, key), path=f"{section}.{key}")
+        if spec is None:
+            return None
+        raw_opts = raw.get("options")
+        if spec.config_type is None:
+            if raw_opts is not None and raw_opts != {}:
+                problems.append(Problem(f"{section}.options", f"{what} {getattr(shell, key)!r} takes no options"))
+            return shell
+        opts = attempt(structure, {} if raw_opts is None else raw_opts, spec.config_type, (section, "options"))
+        return None if opts is None else attrs.evolve(shell, options=opts)
+
+    placement = selected("placement", PlacementConfig, "rlpipe_placement_policies", "policy", "policy")
+    algorithm = selected("algorithm", AlgorithmSection, "rlpipe_algorithms", "name", "algorithm")
+    task = selected("task", TaskSection, "rlpipe_tasks", "name", "task")
 
     roles_raw = data.get("roles", {})
     roles: dict[str, RoleConfig] = {}
@@ -439,7 +471,7 @@ def build_config(data: Mapping[str, Any], registry: Registry) -> RunConfig:
 
     if problems:
         raise ConfigError(problems)
-    return RunConfig(model=model, roles=roles, placement=placement, train=train)
+    return RunConfig(model=model, task=task, algorithm=algorithm, roles=roles, placement=placement, train=train)
 
 
 def load_config(registry: Registry, *, defaults: Mapping[str, Any], files: Iterable[str | Path] = (), overrides: Iterable[str] = ()) -> RunConfig:

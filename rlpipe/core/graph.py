@@ -22,7 +22,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -37,7 +37,9 @@ from rlpipe.core.telemetry import Trace
 SOURCE = "source"
 
 #: Fields the data source provides to every item.
-SOURCE_FIELDS: frozenset[str] = frozenset({"prompt_tokens", "prompt_mask", "group_id", "example_id"})
+#: ``example`` is a host-side object array of each prompt's example (its
+#: answer and metadata, as the task gives them) for reward functions.
+SOURCE_FIELDS: frozenset[str] = frozenset({"prompt_tokens", "prompt_mask", "group_id", "example_id", "example"})
 
 
 @attrs.frozen
@@ -256,16 +258,18 @@ class Executor:
         hooks: a pluggy hook relay for lifecycle hooks, or ``None``.
         trace: where spans go; a new :class:`Trace` by default.
         queue_size: bound of each stage's inbox.
+        on_step: called with the step number when the sink has passed a
+            global batch's barrier (from the sink's thread), e.g. to log metrics.
     """
 
     def __init__(self, graph: StageGraph, stages: Mapping[str, Stage], plan: PlacementPlan | None = None, *,
                  max_staleness: int = 0, seed: int = 0, hooks: Any = None, trace: Trace | None = None,
-                 queue_size: int = 8, poll_s: float = 0.05):
+                 queue_size: int = 8, poll_s: float = 0.05, on_step: Callable[[int], None] | None = None):
         missing = [r for r in graph.order if r not in stages]
         if missing:
             raise ValueError(f"no stage for role(s) {', '.join(missing)}")
         self.graph, self.stages, self.plan = graph, dict(stages), plan
-        self.seed, self.hooks = seed, hooks
+        self.seed, self.hooks, self.on_step = seed, hooks, on_step
         self.trace = trace or Trace()
         self.lag = self._lag(max_staleness)
         self._poll = poll_s
@@ -487,6 +491,11 @@ class Executor:
                 self.hooks.rlpipe_after_stage(role=role, batch=None, context=ctx)
         except Exception as exc:
             raise StageError(role, step, None, exc) from exc
+        if self.on_step is not None and role == self.graph.sink:
+            try:
+                self.on_step(step)
+            except Exception as exc:
+                raise StageError(role, step, None, exc) from exc
         with self._version_cond:
             self._done[role] += 1
             self._version = min(self._done[t] for t in self.graph.terminals)

@@ -121,7 +121,7 @@ def rlpipe_policy_losses() -> Iterable[PolicyLossSpec]:
         @hookimpl
         def rlpipe_policy_losses():
             yield PolicyLossSpec(name="pg", description="vanilla policy gradient",
-                                 fn=lambda logp, adv, mask, **_: -(logp * adv * mask).sum())
+                                 fn=lambda logp, advantages, mask, **_: (jnp.where(mask, -logp * advantages, 0.0), {}))
     """
 
 

@@ -7,7 +7,9 @@ config -> role specs (from plugins) -> :func:`build_graph` -> role requests
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import attrs
 
@@ -31,6 +33,46 @@ class Planned:
     roles: Mapping[str, RoleSpec]
     graph: StageGraph
     plan: PlacementPlan
+    notes: tuple[str, ...] = ()
+
+
+#: Roles an algorithm may add or leave out; other roles are the user's to choose.
+ALGORITHM_ROLES = ("reference", "critic")
+
+
+def make_algorithm(config: RunConfig, registry: Registry) -> tuple[Any, Any]:
+    """The configured algorithm's spec and object, with every advantage estimator
+    and policy loss that plugins provide available to it by name."""
+    spec = registry.get("rlpipe_algorithms", config.algorithm.name, path="algorithm.name")
+    tables = {"estimators": {n: s.fn for n, s in registry.specs("rlpipe_advantage_estimators").items()},
+              "losses": {n: s.fn for n, s in registry.specs("rlpipe_policy_losses").items()}}
+    try:
+        params = inspect.signature(spec.factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    # A third-party algorithm's factory may take only its options.
+    accepted = {k: v for k, v in tables.items() if k in params or any(p.kind is p.VAR_KEYWORD for p in params.values())}
+    return spec, spec.factory(config.algorithm.options, **accepted)
+
+
+def apply_algorithm(config: RunConfig, registry: Registry) -> tuple[RunConfig, list[str]]:
+    """The config with the graph the algorithm needs: ``reference`` only when it
+    uses a KL term, ``critic`` only when its advantages need values (added with
+    default settings when missing).  Returns the config and a note per change."""
+    spec, algorithm = make_algorithm(config, registry)
+    needed = tuple(getattr(algorithm, "roles", None) or spec.roles)
+    if not needed:
+        return config, []
+    roles, notes = dict(config.roles), []
+    name = config.algorithm.name
+    for role in ALGORITHM_ROLES:
+        if role in roles and role not in needed:
+            del roles[role]
+            notes.append(f"{role} is left out: algorithm {name!r} does not use it")
+        elif role in needed and role not in roles:
+            roles[role] = registry.get("rlpipe_roles", role, path=f"roles.{role}").config_type()
+            notes.append(f"{role} is added with default settings: algorithm {name!r} needs it")
+    return attrs.evolve(config, roles=roles), notes
 
 
 def role_specs(config: RunConfig, registry: Registry) -> dict[str, RoleSpec]:
@@ -66,6 +108,7 @@ def plan_run(config: RunConfig, registry: Registry, devices: Sequence[DeviceInfo
             anything wrong with the config, each problem at its path.
         PluginError: the policy returned a plan that breaks the Placement contract.
     """
+    config, algorithm_notes = apply_algorithm(config, registry)
     specs = role_specs(config, registry)
     graph = build_graph(specs)
     requests = role_requests(config)
@@ -79,7 +122,7 @@ def plan_run(config: RunConfig, registry: Registry, devices: Sequence[DeviceInfo
                           host_roles={n for n, s in specs.items() if not s.uses_devices})
     plan = policy.plan(requests, devices, context=context)
     _check_plan(plan, config.placement.policy, graph, devices)
-    return Planned(config=config, roles=specs, graph=graph, plan=plan)
+    return Planned(config=config, roles=specs, graph=graph, plan=plan, notes=tuple(algorithm_notes))
 
 
 def _check_plan(plan: PlacementPlan, policy: str, graph: StageGraph, devices: Sequence[DeviceInfo]) -> None:

@@ -29,14 +29,18 @@ _NEG = float(jnp.finfo(jnp.float32).min)
 
 
 class LayerCache(NamedTuple):
-    """Keys and values of one layer: ``[batch, slots, kv_heads, head_dim]`` each."""
+    """Keys and values of one layer: ``[batch, kv_heads, slots, head_dim]`` each.
+
+    Heads-major, so that attention's matrix products read the cache as stored;
+    a slots-major cache made XLA re-lay the whole cache every decode step.
+    """
 
     k: jax.Array
     v: jax.Array
 
 
 def init_cache(config: DecoderConfig, batch: int, slots: int, dtype=jnp.float32) -> tuple[LayerCache, ...]:
-    shape = (batch, slots, config.num_kv_heads, config.dim_per_head)
+    shape = (batch, config.num_kv_heads, slots, config.dim_per_head)
     return tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
 
 
@@ -102,21 +106,21 @@ class Attention(nnx.Module):
         b, s, _ = x.shape
         kvh, g, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         q = _rope(self.q_proj(x).reshape(b, s, kvh, g, d), cos[:, :, None], sin[:, :, None])
-        k = _rope(self.k_proj(x).reshape(b, s, kvh, d), cos, sin)
-        v = self.v_proj(x).reshape(b, s, kvh, d)
+        k = _rope(self.k_proj(x).reshape(b, s, kvh, d), cos, sin).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(b, s, kvh, d).transpose(0, 2, 1, 3)
         if cache is None:
             keys, values, q_slot = k, v, jnp.arange(s)
         else:
-            start = (0, cache_index, 0, 0)
+            start = (0, 0, cache_index, 0)
             keys = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
             values = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
             cache = LayerCache(keys, values)
             q_slot = cache_index + jnp.arange(s)
-        t = keys.shape[1]
-        scores = jnp.einsum("bskgd,btkd->bkgst", q, keys.astype(q.dtype), preferred_element_type=jnp.float32) / math.sqrt(d)
+        t = keys.shape[2]
+        scores = jnp.einsum("bskgd,bktd->bkgst", q, keys.astype(q.dtype), preferred_element_type=jnp.float32) / math.sqrt(d)
         allowed = (jnp.arange(t)[None, :] <= q_slot[:, None])[None, None, None] & kv_valid[:, None, None, None, :]
         probs = jax.nn.softmax(jnp.where(allowed, scores, _NEG), axis=-1).astype(x.dtype)
-        out = jnp.einsum("bkgst,btkd->bskgd", probs, values.astype(x.dtype), preferred_element_type=jnp.float32)
+        out = jnp.einsum("bkgst,bktd->bskgd", probs, values.astype(x.dtype), preferred_element_type=jnp.float32)
         return self.o_proj(out.astype(x.dtype).reshape(b, s, kvh * g * d)), cache
 
 
@@ -215,14 +219,18 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def sequence_logprobs(model: Decoder, prompt: jax.Array, prompt_mask: jax.Array, completion: jax.Array,
-                      completion_mask: jax.Array) -> jax.Array:
+                      completion_mask: jax.Array, temperature: float = 1.0) -> jax.Array:
     """Per-token log-probs ``[batch, completion_len]`` of ``completion`` given
-    ``prompt`` (left-padded), in one full-sequence forward; 0 where masked."""
+    ``prompt`` (left-padded), in one full-sequence forward; 0 where masked.
+
+    ``temperature`` divides the logits, as the sampler did, so that rollout,
+    reference and trainer log-probs describe the same distribution.
+    """
     tokens = jnp.concatenate([prompt, completion], axis=1)
     mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
     logits, _ = model.forward(tokens, positions, mask)
     p = prompt.shape[1]
     # logits at position t predict token t + 1
-    lp = token_logprobs(logits[:, p - 1:-1], completion)
+    lp = token_logprobs(logits[:, p - 1:-1] / temperature, completion)
     return jnp.where(completion_mask.astype(bool), lp, 0.0)

@@ -123,7 +123,9 @@ def _generate(graphdef, state, tokens, mask, key, params: SamplingParams, cache_
     cache = init_cache(model.config, rows, prompt_len + n, cache_dtype)
     valid = jnp.concatenate([mask, jnp.zeros((rows, n), bool)], axis=1)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    logits, cache = model.forward(tokens, positions, valid, cache, 0)
+    # Only the last prompt position's logits are needed: [rows, 1, vocab], not [rows, len, vocab].
+    hidden, cache = model.hidden(tokens, positions, valid, cache, 0)
+    logits = model.logits(hidden[:, -1:])
     stop = jnp.asarray(params.stop_tokens or (-1,), jnp.int32)
 
     def cond(carry):

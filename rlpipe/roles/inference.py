@@ -126,9 +126,9 @@ class RolloutStage:
         self.holder.onload()
 
 
-def _logprobs_fn(graphdef):
+def _logprobs_fn(graphdef, temperature: float):
     def fn(state, prompt, prompt_mask, completion, completion_mask):
-        return sequence_logprobs(nnx.merge(graphdef, state), prompt, prompt_mask, completion, completion_mask)
+        return sequence_logprobs(nnx.merge(graphdef, state), prompt, prompt_mask, completion, completion_mask, temperature)
 
     return jax.jit(fn)
 
@@ -149,7 +149,9 @@ class ReferenceStage:
         model = load_model(model_config, mesh=mesh, seed=context.seed)
         self.holder = _ModelHolder(model, placement, mesh)
         self.pad_id = load_tokenizer(run.model).pad_id
-        self._fn = _logprobs_fn(self.holder.graphdef)
+        rollout = run.roles.get("rollout")
+        # The same tempered distribution the rollout sampled from, so KL compares like with like.
+        self._fn = _logprobs_fn(self.holder.graphdef, float(getattr(rollout, "temperature", 1.0) or 1.0))
         if placement.offload:
             self.holder.offload()
 

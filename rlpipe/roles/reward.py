@@ -1,32 +1,106 @@
-"""The reward role: scores completions on the host with reward-function plugins."""
+"""The reward role: scores completions on the host with reward-function plugins.
+
+A host role (``uses_devices=False``): it never holds device state, so its
+edges never block, and it scores item *k* while the devices generate item
+*k + 1*.  ``rewards`` is ``[prompts, num_generations]``: the weighted sum of
+the configured reward functions.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
+import numpy as np
 
 from rlpipe.core.config import RoleConfig, check
+from rlpipe.core.errors import RunError
 from rlpipe.core.specs import RoleSpec
 
 
 @attrs.frozen(kw_only=True)
+class RewardTerm:
+    """One reward function (a ``rlpipe_reward_functions`` plugin) and its weight."""
+
+    name: str
+    weight: float = 1.0
+
+
+@attrs.frozen(kw_only=True)
 class RewardConfig(RoleConfig):
-    """``roles.reward``: placement keys (a host role: it never holds device
-    state) plus what to do when a reward function raises.
+    """``roles.reward``: which reward functions, with which weights, and what to
+    do when one raises.
 
     Attributes:
+        functions: ``[{name, weight}]``; the reward is the weighted sum.  Empty
+            (the default): the task's own reward functions, weight 1.
         on_error: ``fail`` stops the run naming the function and the sample;
-            ``zero`` scores the sample 0 and counts the failure in the metrics.
+            ``zero`` scores that term 0 and counts the failure.
     """
 
+    functions: tuple[RewardTerm, ...] = ()
     on_error: str = attrs.field(default="fail", validator=check(lambda v: v in ("fail", "zero"), "must be 'fail' or 'zero', got {value}"))
+
+
+class RewardFunctionError(RunError):
+    """A reward function raised on a sample (and ``on_error`` is ``fail``)."""
+
+
+class RewardStage:
+    """Decodes completions and scores them with the configured functions."""
+
+    def __init__(self, config: RewardConfig, placement: Any, *, context: Any):
+        from rlpipe.models.loading import load_tokenizer
+
+        self.config = config
+        self.tokenizer = load_tokenizer(context.run_config.model)
+        terms, where = config.functions, "roles.reward.functions[{i}].name"
+        if not terms:
+            task = context.run_config.task.name
+            terms = tuple(RewardTerm(name=n) for n in context.registry.get("rlpipe_tasks", task, path="task.name").rewards)
+            where = f"task {task!r}: reward function {{i}}"
+        self.terms = [(t.name, t.weight, context.registry.get("rlpipe_reward_functions", t.name, path=where.format(i=i)).fn)
+                      for i, t in enumerate(terms)]
+        self.failures = 0
+        self.scored = 0
+
+    def process(self, batch: Any, *, context: Any) -> Any:
+        tokens = np.asarray(batch["completion_tokens"])
+        mask = np.asarray(batch["completion_mask"]).astype(bool)
+        prompts = np.asarray(batch["prompt_tokens"])
+        pmask = np.asarray(batch["prompt_mask"]).astype(bool)
+        examples = batch["example"]
+        p, g, _ = tokens.shape
+        rewards = np.zeros((p, g), np.float32)
+        for i in range(p):
+            prompt = self.tokenizer.decode(prompts[i][pmask[i]].tolist())
+            for j in range(g):
+                completion = self.tokenizer.decode(tokens[i, j][mask[i, j]].tolist())
+                for name, weight, fn in self.terms:
+                    try:
+                        value = float(fn(prompt, completion, examples[i]))
+                    except Exception as exc:  # noqa: BLE001 - a user's function may raise anything
+                        if self.config.on_error == "fail":
+                            raise RewardFunctionError(
+                                f"reward function {name!r} raised on step {context.step}, micro-batch {context.index}, "
+                                f"prompt {i}, generation {j} ({completion[:40]!r}): {type(exc).__name__}: {exc}") from exc
+                        self.failures += 1
+                        value = 0.0
+                    rewards[i, j] += weight * value
+        self.scored += p * g
+        return batch.add(rewards=rewards)
+
+
+def _factory(config: RewardConfig, placement: Any, *, context: Any) -> RewardStage:
+    return RewardStage(config, placement, context=context)
 
 
 SPEC = RoleSpec(
     name="reward",
-    description="scores completions on the host with the task's reward functions, off the device's critical path",
+    description="scores completions on the host with reward-function plugins, off the device's critical path",
     config_type=RewardConfig,
-    consumes={"completion_tokens", "completion_mask", "example_id"},
+    consumes={"prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask", "example"},
     produces={"rewards"},
     uses_devices=False,
-    unavailable="rlpipe can plan the reward role but cannot run it yet: reward-function plugins are not implemented",
+    factory=_factory,
 )

@@ -13,13 +13,40 @@ class TrainerConfig(RoleConfig):
     """``roles.trainer``: placement keys plus the optimizer.
 
     Attributes:
-        learning_rate: the policy optimizer's learning rate.
-        micro_batch_size: items per forward/backward pass (gradients accumulate
-            up to the global batch).
+        learning_rate: peak learning rate.
+        micro_batch_size: rows (completions) per forward/backward pass;
+            gradients accumulate over micro-batches up to the mini-batch.
+        mini_batch_size: rows per optimizer update; ``null`` is the whole
+            global batch (one update per pass).
+        num_iterations: passes over each global batch.
+        optimizer: ``adamw`` or ``sgd``.
+        b1, b2, weight_decay: AdamW's parameters.
+        schedule: ``constant`` or ``warmup-cosine`` (to 0 at the last step).
+        warmup_steps: linear warm-up updates.
+        grad_clip: clip gradients to this global norm; 0 disables.
     """
 
     learning_rate: float = attrs.field(default=1e-5, validator=check(lambda v: v > 0, "must be positive, got {value}"))
     micro_batch_size: int = attrs.field(default=8, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
+    mini_batch_size: int | None = attrs.field(default=None, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
+    num_iterations: int = attrs.field(default=1, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
+    optimizer: str = attrs.field(default="adamw", validator=check(lambda v: v in ("adamw", "sgd"), "must be 'adamw' or 'sgd', got {value}"))
+    b1: float = 0.9
+    b2: float = 0.999
+    weight_decay: float = attrs.field(default=0.0, validator=check(lambda v: v >= 0, "must be at least 0, got {value}"))
+    schedule: str = attrs.field(default="constant", validator=check(lambda v: v in ("constant", "warmup-cosine"), "must be 'constant' or 'warmup-cosine', got {value}"))
+    warmup_steps: int = attrs.field(default=0, validator=check(lambda v: v >= 0, "must be at least 0, got {value}"))
+    grad_clip: float = attrs.field(default=1.0, validator=check(lambda v: v >= 0, "must be at least 0, got {value}"))
+
+
+def _factory(config: TrainerConfig, placement, *, context):
+    # Imported here so that listing roles does not load flax and optax.
+    from rlpipe.roles.training import TrainerStage
+
+    from rlpipe.core.planning import make_algorithm
+
+    _, algorithm = make_algorithm(context.run_config, context.registry)
+    return TrainerStage(config, placement, context=context, algorithm=algorithm)
 
 
 SPEC = RoleSpec(
@@ -29,5 +56,5 @@ SPEC = RoleSpec(
     consumes={"prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask", "rollout_logprobs", "rewards", "policy_version"},
     optional_consumes={"ref_logprobs", "values"},
     sink=True,
-    unavailable="rlpipe 0.1 can plan the trainer role but cannot run it: its optimizer stage is not implemented yet",
+    factory=_factory,
 )

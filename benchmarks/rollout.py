@@ -1,0 +1,382 @@
+#!/usr/bin/env python
+"""Rollout decode throughput of rlpipe's built-in JAX engine, against the memory roofline.
+
+Usage::
+
+    python benchmarks/rollout.py                                   # CPU defaults: tiny, batches 8 and 32
+    python benchmarks/rollout.py --preset qwen2.5-0.5b --dtype bfloat16 \\
+        --batch 64 256 --prompt-len 64 --new-tokens 960            # the H200 run (cache 1024)
+
+Every measurement is one JSON line on stdout with ``name``, ``value`` and
+``unit``; where a physical ceiling applies also ``ceiling`` and ``ratio``
+(value / ceiling); plus descriptive fields (preset, batch, prompt_len,
+new_tokens, dtype, platform, device_kind, ...).  A human-readable table goes to
+stderr at the end.
+
+The ceiling is the memory roofline of DESIGN §9: one decode step reads every
+parameter once plus the *whole* KV cache (``2 * layers * batch * cache_len *
+kv_heads * head_dim * dtype bytes``, ``cache_len = prompt bucket +
+new_tokens``), at the copy bandwidth measured in the same run (a jitted
+read-and-write of a large array).  Roofline tokens/s = batch / (bytes per step
+/ bandwidth).  It ignores the logits and sampling traffic, so a real engine
+stays below it; it also counts the whole cache although on average only about
+half of it is filled, so an engine that reads only the filled part could beat it.
+
+Measurements:
+
+* ``copy_bandwidth``: bytes read + written / time (best of at least 10), GB/s;
+  ``host_load_1m`` says how busy the host was.
+* per batch size, ``first_call``: the first :meth:`Engine.generate` call
+  (trace + compile + one run), seconds, no ceiling.
+* ``generate_throughput``: ``batch * new_tokens`` / time of one full
+  ``generate`` call (prefill included; median over repeats), tokens/s, with
+  the roofline as ceiling.  Sampling is at temperature 1.0 with no stop
+  tokens, so every row generates every token (checked).
+* ``prefill_throughput``: prompt tokens / time of a prefill alone, tokens/s
+  (mirrors the first lines of the engine's program: a fresh cache of the same
+  length and one forward over the prompt).
+* ``decode_step_time`` and ``decode_throughput``: (generate − prefill) /
+  new_tokens, i.e. the steady-state cost of one sample + one decode step
+  (with the roofline's step time as ``roofline_ms``), and batch / that, with
+  the roofline tokens/s as ceiling.
+* with ``--inspect-hlo``: ``cache_relayouts_per_step``, the whole-cache
+  copies or transposes inside the compiled decode loop (0 is ideal: the cache
+  is updated in place and read once), plus whether the prefill materialises
+  logits for every prompt position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlpipe.models.config import PRESETS, DecoderConfig
+from rlpipe.models.decoder import init_cache
+from rlpipe.models.loading import init_sharded
+from rlpipe.models.sampling import Engine, SamplingParams, bucket_length
+
+GB = 1e9
+MIB = 1 << 20
+
+
+def log(*args: Any) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def emit(record: dict[str, Any]) -> dict[str, Any]:
+    if record.get("ceiling") and record["value"] is not None:
+        record["ratio"] = record["value"] / record["ceiling"]
+    if record.get("ceiling_nominal") and record["value"] is not None:
+        record["ratio_nominal"] = record["value"] / record["ceiling_nominal"]
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def tree_bytes(tree: Any) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def kv_cache_bytes(config: DecoderConfig, batch: int, cache_len: int, dtype: Any) -> int:
+    return 2 * config.num_layers * batch * cache_len * config.num_kv_heads * config.dim_per_head * jnp.dtype(dtype).itemsize
+
+
+def timed(fn, repeats: int) -> list[float]:
+    """Wall times of ``fn()`` (which must block until its result is ready)."""
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def copy_bandwidth(mib: int, repeats: int) -> float:
+    """Device memory bandwidth in bytes/s: a jitted elementwise read-and-write of ``mib`` MiB.
+
+    The array is donated, so the result reuses its buffer: on the CPU a fresh
+    output buffer per call would measure page faults, not memory (about 6 GB/s
+    instead of about 50 on this workstation).  ``a + 1`` rather than an
+    identity leaves XLA nothing to elide.  The best of several runs, not the
+    median: a ceiling should not drop because a neighbour was busy.
+    """
+    n = mib * MIB // 4
+    f = jax.jit(lambda a: a + 1.0, donate_argnums=0)
+    x = jax.block_until_ready(f(jnp.zeros((n,), jnp.float32)))
+    times = []
+    for _ in range(max(repeats, 10)):
+        t = time.perf_counter()
+        x = jax.block_until_ready(f(x))
+        times.append(time.perf_counter() - t)
+    del x
+    return 2 * n * 4 / min(times)
+
+
+def _prefill(graphdef, state, tokens, mask, cache_len: int, cache_dtype):
+    # Mirrors the start of rlpipe.models.sampling._generate: a fresh cache of the
+    # full generation length, then one forward over the left-padded prompt.
+    model = nnx.merge(graphdef, state)
+    rows, p = tokens.shape
+    cache = init_cache(model.config, rows, cache_len, cache_dtype)
+    valid = jnp.concatenate([mask, jnp.zeros((rows, cache_len - p), bool)], axis=1)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    logits, cache = model.forward(tokens, positions, valid, cache, 0)
+    return logits[:, -1], cache
+
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%[\w.\-]+ = \w+\[([\d,]*)\](\{[^}]*\})? ([\w\-]+)\(")
+_COMP = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+) \(")
+_REF = re.compile(r"(?:body|condition|to_apply|calls)=%([\w.\-]+)")
+
+
+def _computations(text: str) -> dict[str, list[str]]:
+    comps: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        m = _COMP.match(line)
+        if m and line.rstrip().endswith("{"):
+            current = comps.setdefault(m.group(1), [])
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            current.append(line)
+    return comps
+
+
+def cache_relayouts(text: str, cache_shape: tuple[int, ...]) -> tuple[int | None, int]:
+    """Counts, in the compiled HLO ``text``, the instructions that rewrite a whole
+    per-layer cache array (a copy, or a transpose into another dimension order)
+    inside the decode loop (per step) and outside it (once per call).
+
+    Fused computations are not walked: a fusion that transposes the cache shows
+    up as one top-level instruction whose result has the cache's dimensions in
+    another order.  Bitcasts (free) and dynamic-update-slices (in place) do not count.
+    The per-step count is ``None`` when no while loop carries the cache (the
+    program changed shape: look at it by hand rather than trust a zero).
+    """
+    comps = _computations(text)
+    fusion_bodies = {m for lines in comps.values() for line in lines if " fusion(" in line
+                     for m in _REF.findall(line)}
+    dims = list(cache_shape)
+
+    tag = "[" + ",".join(map(str, dims)) + "]"
+    # The decode loop: the while whose carried state holds the cache.
+    loop_lines = [line for lines in comps.values() for line in lines if " while(" in line and tag in line.split(" while(")[0]]
+    # The cache's own layout is the one the loop carries (XLA may pick a non-row-major one).
+    carried = re.search(re.escape(tag) + r"(\{[^}]*\})", loop_lines[0]) if loop_lines else None
+    cache_layout = carried.group(1) if carried else None
+
+    def relayouts(lines: list[str]) -> int:
+        n = 0
+        for line in lines:
+            if " copy-start(" in line and tag in line:  # async copy: its result is a tuple
+                n += 1
+                continue
+            m = _INSTR.match(line)
+            if not m or not m.group(1):
+                continue
+            shape, layout, op = [int(x) for x in m.group(1).split(",")], m.group(2), m.group(3)
+            if sorted(shape) != sorted(dims) or op in ("bitcast", "parameter", "get-tuple-element", "dynamic-update-slice",
+                                                       "tuple", "copy-done"):
+                continue
+            if shape != dims or op in ("copy", "transpose") or (layout and cache_layout and layout != cache_layout):
+                n += 1
+        return n
+
+    loop_bodies = [re.search(r"body=%([\w.\-]+)", line).group(1) for line in loop_lines]
+    in_loop: set[str] = set()
+    todo = list(loop_bodies)
+    while todo:
+        name = todo.pop()
+        if name in in_loop or name in fusion_bodies or name not in comps:
+            continue
+        in_loop.add(name)
+        todo.extend(r for line in comps[name] for r in _REF.findall(line))
+    per_step = sum(relayouts(comps[c]) for c in in_loop)
+    total = sum(relayouts(lines) for name, lines in comps.items() if name not in fusion_bodies)
+    return (per_step if in_loop else None), total - per_step
+
+
+def inspect_generate_hlo(engine: Engine, state, tokens, mask, key, params: SamplingParams, *,
+                         cache_shape: tuple[int, ...], logits_shape: tuple[int, ...]) -> dict[str, Any]:
+    """Structural facts about the compiled generate program (reaches into the engine's private jit)."""
+    fn = getattr(engine, "_fn", None)
+    if fn is None:
+        raise RuntimeError("Engine has no _fn any more; update inspect_generate_hlo")
+    compiled = fn.lower(state, tokens, mask, key, params=params, cache_dtype=engine.cache_dtype).compile()
+    text = compiled.as_text()
+    per_step, once = cache_relayouts(text, cache_shape)
+    out: dict[str, Any] = {
+        "cache_relayouts_per_step": per_step,
+        "cache_relayouts_outside_loop": once,
+        "prefill_full_logits_materialised": f"f32[{','.join(map(str, logits_shape))}]" in text,
+    }
+    try:
+        out["temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # not every backend reports it
+        pass
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--batch", type=int, nargs="+", default=[8, 32], help="rows per generate call (several allowed)")
+    p.add_argument("--prompt-len", type=int, default=32, help="real prompt tokens per row (padded to a power-of-two bucket)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row (cache = prompt bucket + this)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter, activation and KV-cache dtype")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls per measurement, median reported (default 10 on CPU, 3 on accelerators)")
+    p.add_argument("--copy-mib", type=int, default=None, help="array size for the bandwidth probe (default 256 MiB on CPU, 4096 on accelerators)")
+    p.add_argument("--nominal-bandwidth", type=float, default=None, metavar="GB/S",
+                   help="also report ceilings at this bandwidth (e.g. 4300 for the DESIGN §9 H200 figure)")
+    p.add_argument("--inspect-hlo", action="store_true", help="compile generate once more and report cache copies / logits shapes")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for name in ("batch", "prompt_len", "new_tokens", "repeats", "copy_mib"):
+        value = getattr(args, name)
+        if value is not None and min(value if isinstance(value, list) else [value]) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = PRESETS[args.preset]
+    dtype = jnp.dtype(args.dtype)
+    dev = jax.devices()[0]
+    if args.repeats is None:
+        args.repeats = 10 if dev.platform == "cpu" else 3
+    base = {"preset": args.preset, "dtype": args.dtype, "platform": dev.platform, "device_kind": dev.device_kind,
+            "jax": jax.__version__}
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+        log("note: a persistent compilation cache is configured; first_call may not include compilation")
+
+    copy_mib = args.copy_mib or (256 if dev.platform == "cpu" else 4096)
+    log(f"measuring copy bandwidth ({copy_mib} MiB) on {dev.platform} ({dev.device_kind}) ...")
+    bw = copy_bandwidth(copy_mib, args.repeats)
+    records = [emit({"name": "copy_bandwidth", "value": bw / GB, "unit": "GB/s", **base, "bytes": 2 * copy_mib * MIB,
+                     "host_load_1m": os.getloadavg()[0]})]
+
+    log(f"building {args.preset} ({args.dtype}, random weights) ...")
+    model = init_sharded(config, None, seed=args.seed, dtype=dtype)
+    graphdef, state = nnx.split(model)
+    state = jax.block_until_ready(state)
+    param_bytes = tree_bytes(state)
+    engine = Engine(graphdef, cache_dtype=dtype)
+    prefill = jax.jit(_prefill, static_argnums=(0, 4, 5))
+
+    bucket = bucket_length(args.prompt_len, engine.min_bucket)
+    cache_len = bucket + args.new_tokens
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0)  # no stop tokens: never stops early
+    rng = np.random.default_rng(args.seed)
+    key = jax.random.key(args.seed)
+
+    for batch in args.batch:
+        shape = {**base, "batch": batch, "prompt_len": args.prompt_len, "prompt_bucket": bucket,
+                 "new_tokens": args.new_tokens, "cache_len": cache_len}
+        kv_bytes = kv_cache_bytes(config, batch, cache_len, dtype)
+        step_bytes = param_bytes + kv_bytes
+        roof_step = step_bytes / bw
+        roof_tps = batch / roof_step
+        roof = {"param_bytes": param_bytes, "kv_cache_bytes": kv_bytes, "bandwidth_GBps": bw / GB}
+        nominal = args.nominal_bandwidth * GB if args.nominal_bandwidth else None
+
+        prompts = rng.integers(1, config.vocab_size, size=(batch, args.prompt_len), dtype=np.int32)
+        mask = np.ones_like(prompts, dtype=bool)
+
+        log(f"batch {batch}: first generate call (compile) ...")
+        t = time.perf_counter()
+        out = engine.generate(state, prompts, mask, key, params)
+        first = time.perf_counter() - t
+        if not out.mask.all():
+            raise RuntimeError(f"{int((~out.mask).sum())} tokens were not generated; the run would be too fast")
+        records.append(emit({"name": "first_call", "value": first, "unit": "s", **shape}))
+
+        times = []
+        for r in range(args.repeats):
+            k = jax.random.fold_in(key, r + 1)
+            t = time.perf_counter()
+            out = engine.generate(state, prompts, mask, k, params)  # returns host numpy: fully synchronised
+            times.append(time.perf_counter() - t)
+            assert out.mask.all()
+        t_gen = statistics.median(times)
+        extra = {"times_s": [round(x, 6) for x in times], "repeats": args.repeats}
+        rec = {"name": "generate_throughput", "value": batch * args.new_tokens / t_gen, "unit": "tokens/s",
+               "ceiling": roof_tps, **shape, **roof, **extra}
+        if nominal:
+            rec["ceiling_nominal"] = batch / (step_bytes / nominal)
+        records.append(emit(rec))
+
+        # Prefill alone, with the same padding and cache length as inside generate.
+        tok_p = np.zeros((batch, bucket), np.int32)
+        tok_p[:, bucket - args.prompt_len:] = prompts
+        mask_p = np.zeros((batch, bucket), bool)
+        mask_p[:, bucket - args.prompt_len:] = True
+        tok_p, mask_p = jax.device_put((tok_p, mask_p))
+        jax.block_until_ready(prefill(graphdef, state, tok_p, mask_p, cache_len, dtype))
+        t_pre = statistics.median(timed(lambda: jax.block_until_ready(prefill(graphdef, state, tok_p, mask_p, cache_len, dtype)),
+                                        args.repeats))
+        records.append(emit({"name": "prefill_throughput", "value": batch * args.prompt_len / t_pre, "unit": "tokens/s",
+                             **shape, "time_s": t_pre}))
+
+        step = (t_gen - t_pre) / args.new_tokens
+        if step <= 0:
+            log(f"batch {batch}: prefill alone took longer than the whole generate call (noise?); no decode figures")
+            step = None
+        # A time has a floor, not a ceiling: the roofline step time is a field, the ratio lives on decode_throughput.
+        records.append(emit({"name": "decode_step_time", "value": step and step * 1e3, "unit": "ms",
+                             "roofline_ms": roof_step * 1e3, **shape, **roof}))
+        rec = {"name": "decode_throughput", "value": step and batch / step, "unit": "tokens/s", "ceiling": roof_tps,
+               **shape, **roof}
+        if nominal:
+            rec["ceiling_nominal"] = batch / (step_bytes / nominal)
+        records.append(emit(rec))
+
+        if args.inspect_hlo:
+            log(f"batch {batch}: inspecting the compiled program ...")
+            facts = inspect_generate_hlo(engine, state, tok_p, mask_p, key, params,
+                                         cache_shape=jax.eval_shape(lambda: init_cache(config, batch, cache_len))[0].k.shape,
+                                         logits_shape=(batch, bucket, config.vocab_size))
+            layer_bytes = kv_bytes // (2 * config.num_layers)
+            per_step = facts.pop("cache_relayouts_per_step")
+            records.append(emit({"name": "cache_relayouts_per_step", "value": per_step, "unit": "count", **shape, **facts,
+                                 "relayout_bytes_per_step": None if per_step is None else 2 * per_step * layer_bytes,
+                                 "note": "whole-cache copies/transposes per decode step (K and V of each layer count one each); 0 is ideal"}))
+
+    table(records)
+    return 0
+
+
+def table(records: list[dict[str, Any]]) -> None:
+    nominal = any("ratio_nominal" in r for r in records)
+    rows = [("measurement", "batch", "value", "unit", "ceiling", "ratio") + (("ratio@nominal",) if nominal else ())]
+    for r in records:
+        ceiling = f"{r['ceiling']:.4g}" if r.get("ceiling") else "-"
+        ratio = f"{100 * r['ratio']:.1f}%" if r.get("ratio") is not None else "-"
+        value = "?" if r["value"] is None else f"{r['value']:.4g}"
+        row = (r["name"], str(r.get("batch", "-")), value, r["unit"], ceiling, ratio)
+        if nominal:
+            row += (f"{100 * r['ratio_nominal']:.1f}%" if r.get("ratio_nominal") is not None else "-",)
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    first = records[0]
+    log(f"\n{first['platform']} ({first['device_kind']}), jax {first['jax']}, preset {first['preset']}, {first['dtype']}")
+    for i, row in enumerate(rows):
+        log("  ".join(c.ljust(w) if j in (0, 3) else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            log("  ".join("-" * w for w in widths))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

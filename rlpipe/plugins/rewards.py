@@ -1,0 +1,60 @@
+"""rlpipe's built-in reward functions, registered through the ``rlpipe`` entry
+point ``rewards``.
+
+A reward function is ``fn(prompt: str, completion: str, example: Mapping) ->
+float``: the decoded prompt, the decoded completion (special tokens dropped)
+and the task's example (``example["answer"]`` for the built-in tasks).  It
+runs on the host, in the reward stage, while the devices generate the next
+item.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from rlpipe.core.hookspecs import hookimpl
+from rlpipe.core.specs import RewardFunctionSpec
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def exact_match(prompt: str, completion: str, example: Mapping) -> float:
+    """1.0 when the completion, stripped, equals the answer; else 0.0."""
+    return float(completion.strip() == str(example["answer"]).strip())
+
+
+def partial_match(prompt: str, completion: str, example: Mapping) -> float:
+    """Partial credit: the share of the answer's characters that the completion
+    has at the same position, minus the share of extra characters; in [0, 1]."""
+    answer, got = str(example["answer"]).strip(), completion.strip()
+    if not answer:
+        return float(not got)
+    hits = sum(a == b for a, b in zip(answer, got))
+    extra = max(len(got) - len(answer), 0)
+    return max(0.0, (hits - extra) / len(answer))
+
+
+def final_number(text: str) -> str | None:
+    """The last number in ``text`` (commas dropped, ``3.0`` -> ``3``), or None."""
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    value = found[-1].replace(",", "")
+    if "." in value:
+        value = value.rstrip("0").rstrip(".")
+    return value
+
+
+def math_answer(prompt: str, completion: str, example: Mapping) -> float:
+    """GSM8K style: 1.0 when the completion's final number equals the answer's
+    final number (``#### 42`` or plain ``42``)."""
+    want = final_number(str(example["answer"]).split("####")[-1])
+    return float(want is not None and final_number(completion) == want)
+
+
+@hookimpl
+def rlpipe_reward_functions():
+    yield RewardFunctionSpec(name="exact-match", description="1 if the completion equals the answer", fn=exact_match)
+    yield RewardFunctionSpec(name="partial-match", description="share of answer characters in place (partial credit)", fn=partial_match)
+    yield RewardFunctionSpec(name="math-answer", description="final-number match, GSM8K style", fn=math_answer)

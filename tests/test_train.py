@@ -1,0 +1,61 @@
+"""`rlpipe train` end to end on the CPU: the run directory and exit codes."""
+
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from rlpipe.cli.main import cli
+
+SMALL = ["--set", "train.prompts_per_item=2", "--set", "train.items_per_step=2",
+         "--set", "roles.rollout.max_new_tokens=4", "--set", "roles.rollout.num_generations=2",
+         "--set", "roles.trainer.micro_batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One short run shared by the tests that only read its directory."""
+    run_dir = tmp_path_factory.mktemp("train") / "run"
+    return run_dir, CliRunner().invoke(cli, ["train", "--steps", "2", "--run-dir", str(run_dir), "-q", *SMALL])
+
+
+def test_train_writes_config_metrics_and_trace(finished):
+    run_dir, r = finished
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout == ""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["train"]["steps"] == 2 and config["task"]["name"] == "reverse"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 1]
+    for row in rows:
+        assert {"reward/mean", "time/step_s", "loss", "kl", "grad_norm", "policy_version"} <= set(row)
+    assert [row["policy_version"] for row in rows] == [1, 2]
+    trace = json.loads((run_dir / "trace.json").read_text())
+    tracks = {e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
+    assert {"rollout", "reward", "reference", "trainer"} <= tracks
+    barriers = [e for e in trace["traceEvents"] if e.get("name") == "barrier"]
+    assert {e["args"]["step"] for e in barriers} == {0, 1}
+
+
+def test_saved_config_reproduces_the_run_config(finished):
+    run_dir, _ = finished
+    again = CliRunner().invoke(cli, ["config", "show", "-c", str(run_dir / "config.yaml")])
+    assert yaml.safe_load(again.stdout) == {**yaml.safe_load((run_dir / "config.yaml").read_text())}
+
+
+def test_a_failing_stage_exits_1_with_one_error_line_and_keeps_the_trace(tmp_path):
+    run_dir = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["train", "--steps", "2", "--run-dir", str(run_dir), "-q", *SMALL,
+                                 "--set", "roles.trainer.mini_batch_size=3"])
+    assert r.exit_code == 1
+    assert r.stderr.splitlines()[-1].startswith("error: stage 'trainer' failed at step 0: ValueError: global batch of 8 rows")
+    assert "Traceback" not in r.stderr
+    assert (run_dir / "trace.json").exists()
+
+
+def test_config_errors_exit_2_before_anything_runs(tmp_path):
+    r = CliRunner().invoke(cli, ["train", "--run-dir", str(tmp_path / "run"), "--set", "task.name=revers"])
+    assert r.exit_code == 2
+    assert "error: task.name: unknown task 'revers' (did you mean 'reverse'?)" in r.stderr
+    assert not (tmp_path / "run").exists()
