@@ -59,3 +59,18 @@ def test_config_errors_exit_2_before_anything_runs(tmp_path):
     assert r.exit_code == 2
     assert "error: task.name: unknown task 'revers' (did you mean 'reverse'?)" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("seed", "max_staleness"), [("colocated_offload", 0), ("disaggregated", 1)])
+def test_the_seed_placements_train_end_to_end_on_8_devices(tmp_path, seed, max_staleness):
+    from helpers import EXAMPLES
+
+    run_dir = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["train", "--steps", "3", "--run-dir", str(run_dir), "-q", "-c", str(EXAMPLES / f"{seed}.yaml"), *SMALL])
+    assert r.exit_code == 0, r.stderr
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["policy_version"] for row in rows] == [1, 2, 3]
+    assert max(row["staleness_max"] for row in rows) <= max_staleness
+    trace = json.loads((run_dir / "trace.json").read_text())
+    names = {e["name"] for e in trace["traceEvents"]}
+    assert ("onload" in names) == (seed == "colocated_offload")

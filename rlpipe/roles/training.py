@@ -72,14 +72,21 @@ class TrainerStage:
         self.temperature = float(getattr(rollout, "temperature", 1.0) or 1.0)
         self.optimizer = make_optimizer(config, run.train.steps * config.num_iterations)
         self.params = params
-        self.opt_state = jax.jit(self.optimizer.init)(params)
+        # Moments follow their parameters' shardings; scalars (step counts) are
+        # replicated on the mesh, committed, so offload/onload keeps them there.
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        mesh_devices = set(self.mesh.devices.flat)
+        self.opt_state = jax.tree_util.tree_map(
+            lambda x: x if set(x.sharding.device_set) == mesh_devices else jax.device_put(x, replicated),
+            jax.jit(self.optimizer.init)(params))
         self.version = 0
         self.items: list[Batch] = []
         self.subscribers: list[Callable[[Any, int], None]] = []
         self.last_metrics: dict[str, float] = {}
         fsdp = self.mesh.shape.get("fsdp", 1)
-        # Rows are split over the fsdp axis (data parallel) when they divide evenly.
-        self.row_sharding = NamedSharding(self.mesh, PartitionSpec("fsdp") if config.micro_batch_size % fsdp == 0 else PartitionSpec())
+        # Rows are split over the fsdp axis (data parallel) when it exists and divides them.
+        split = fsdp > 1 and config.micro_batch_size % fsdp == 0
+        self.row_sharding = NamedSharding(self.mesh, PartitionSpec("fsdp") if split else PartitionSpec())
         self._grad = jax.jit(self._grad_fn)
         # The optimizer state is donated; parameters are not, because a rollout on
         # the same mesh and dtype shares the published buffers (zero-copy sync).
