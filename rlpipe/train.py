@@ -100,6 +100,9 @@ def train(config: RunConfig, registry: Registry, *, run_dir: str | Path,
             row: dict[str, Any] = {"step": step, "time/step_s": now - last[0]}
             last[0] = now
             row.update(getattr(trainer, "last_metrics", {}) or {})
+            for role, stage in stages.items():  # other training roles' metrics, by role (critic/value_loss)
+                if stage is not trainer:
+                    row.update({f"{role}/{k}": v for k, v in (getattr(stage, "last_metrics", None) or {}).items()})
             row.setdefault("reward/mean", float("nan"))
             reward_stage = stages.get("reward")
             if reward_stage is not None and hasattr(reward_stage, "failures"):

@@ -115,23 +115,34 @@ def test_plan_errors_exit_2_with_one_line_per_problem_and_no_traceback():
     ]
 
 
-def test_selecting_a_plan_only_role_for_a_run_says_so(registry):
-    from rlpipe import BuildContext, RoleNotRunnableError, build_stages
+def test_selecting_a_plan_only_role_for_a_run_says_so():
+    import types
+
+    import attrs
+
+    from rlpipe import BuildContext, RoleConfig, RoleNotRunnableError, RoleSpec, build_stages, hookimpl
     from rlpipe.core.planning import plan_run
+    from rlpipe.core.plugins import load_registry
+    from rlpipe.testing import register_plugin
 
     from helpers import config
 
-    # every role of the default graph has a stage now
-    assert all(s.factory is not None for s in plan_run(config(registry), registry).roles.values())
-    # ppo's GAE advantages need the critic, which can be planned but not run
-    planned = plan_run(config(registry, {"algorithm": {"name": "ppo"}}), registry)
-    assert "critic" in planned.roles
+    @attrs.frozen(kw_only=True)
+    class VerifierConfig(RoleConfig):
+        pass
+
+    spec = RoleSpec(name="verifier", description="d", config_type=VerifierConfig, consumes={"completion_tokens"},
+                    produces={"verdict"}, unavailable="the verifier service is not wired up yet")
+    with register_plugin(types.SimpleNamespace(rlpipe_roles=hookimpl(lambda: [spec])), name="verifier"):
+        reg = load_registry(warn=lambda m: None)
+    # every built-in role of the default and the ppo graphs has a stage
+    for algo in ("grpo", "ppo"):
+        assert all(s.factory is not None for s in plan_run(config(reg, {"algorithm": {"name": algo}}), reg).roles.values())
+    planned = plan_run(config(reg, {"roles": {"verifier": {}}}), reg)
     with pytest.raises(RoleNotRunnableError) as e:
-        build_stages(planned, context=BuildContext(run_config=planned.config, registry=registry))
-    # one line per plan-only role, in config order, each with its reason
-    assert e.value.lines() == [f"roles.{n}: {s.unavailable}" for n, s in planned.roles.items() if s.factory is None]
-    assert e.value.lines() == [
-        "roles.critic: rlpipe 0.1 can plan the critic role but cannot run it: its value-model stage is not implemented yet"]
+        build_stages(planned, context=BuildContext(run_config=planned.config, registry=reg))
+    # one line per plan-only role, each with its reason
+    assert e.value.lines() == ["roles.verifier: the verifier service is not wired up yet"]
 
 
 def test_plan_prints_the_algorithms_role_changes_as_notes():
@@ -158,13 +169,13 @@ def test_roles_list_table_and_json():
     assert r.exit_code == 0
     for name in ("rollout", "reward", "reference", "trainer", "critic"):
         assert name in r.stdout
-    assert "plan-only" in r.stdout and "[ref_logprobs]" in r.stdout
+    assert "[ref_logprobs]" in r.stdout
     entries = {e["name"]: e for e in json.loads(run("roles", "list", "--json").stdout)}
     assert entries["reference"]["produces"] == ["ref_logprobs"]
     assert entries["trainer"]["sink"] is True and "ref_logprobs" in entries["trainer"]["optional_consumes"]
     assert entries["rollout"]["distribution"] == "rlpipe"
     assert {n: e["status"] for n, e in entries.items()} == {
-        "rollout": "active", "reference": "active", "reward": "active", "trainer": "active", "critic": "plan-only"}
+        "rollout": "active", "reference": "active", "reward": "active", "trainer": "active", "critic": "active"}
 
 
 def test_placements_list_table_and_json():

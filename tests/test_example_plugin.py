@@ -80,14 +80,11 @@ def test_the_judge_stage_runs_in_the_pipeline_and_its_scores_reach_the_trainer(j
     np.testing.assert_allclose(seen[0], [2.0 * 1 / 4, 2.0 * 3 / 3])
 
 
-def test_build_stages_still_refuses_the_plan_only_builtins(judge_installed):
-    from rlpipe import BuildContext, RoleNotRunnableError
+def test_build_stages_builds_the_third_party_judge_next_to_the_builtins(judge_installed):
+    from rlpipe import BuildContext
 
     reg = load_registry(warn=lambda m: None)
-    # ppo brings in the critic, the one built-in role that is still plan-only
-    planned = plan_run(config(reg, {"algorithm": {"name": "ppo"}, "roles": {"judge": {}}}), reg, fake_devices(8))
-    assert {"judge", "critic"} <= set(planned.roles)
-    with pytest.raises(RoleNotRunnableError) as e:
-        build_stages(planned, context=BuildContext(run_config=planned.config, registry=reg))
-    assert not any(line.startswith("roles.judge") for line in e.value.lines())
-    assert [line.split(":")[0] for line in e.value.lines()] == ["roles.critic"]
+    planned = plan_run(config(reg, {"roles": {"judge": {}}}), reg, fake_devices(8))
+    stages = build_stages(planned, context=BuildContext(run_config=planned.config, registry=reg))
+    assert set(stages) == {"rollout", "reward", "reference", "judge", "trainer"}
+    assert type(stages["judge"]).__name__ == "JudgeStage"

@@ -1,24 +1,36 @@
-"""The critic role: a value model producing per-token values, trained at the barrier."""
+"""The critic role: a value model (the policy's trunk, initialised from the
+policy, plus a scalar head) producing per-token values, trained at the
+global-batch barrier on the algorithm's returns with a clipped value loss."""
 
 from __future__ import annotations
 
 import attrs
 
-from rlpipe.core.config import RoleConfig, check
+from rlpipe.core.config import check
 from rlpipe.core.specs import RoleSpec
+from rlpipe.roles.trainer import OptimizedRoleConfig
 
 
 @attrs.frozen(kw_only=True)
-class CriticConfig(RoleConfig):
-    """``roles.critic``: placement keys plus the value model's training.
+class CriticConfig(OptimizedRoleConfig):
+    """``roles.critic``: placement keys, its own optimizer (the keys of
+    ``roles.trainer``'s optimizer) and the value clip.
 
     Attributes:
-        learning_rate: the critic optimizer's learning rate.
-        micro_batch_size: items per forward/backward pass.
+        value_clip: how far a value may move from the one it had when the
+            completion was scored, in the clipped value loss.
     """
 
-    learning_rate: float = attrs.field(default=1e-5, validator=check(lambda v: v > 0, "must be positive, got {value}"))
-    micro_batch_size: int = attrs.field(default=8, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
+    value_clip: float = attrs.field(default=0.2, validator=check(lambda v: v > 0, "must be positive, got {value}"))
+
+
+def _factory(config: CriticConfig, placement, *, context):
+    # Imported here so that listing roles does not load flax and optax.
+    from rlpipe.core.planning import make_algorithm
+    from rlpipe.roles.training import CriticStage
+
+    _, algorithm = make_algorithm(context.run_config, context.registry)
+    return CriticStage(config, placement, context=context, algorithm=algorithm)
 
 
 SPEC = RoleSpec(
@@ -27,5 +39,5 @@ SPEC = RoleSpec(
     config_type=CriticConfig,
     consumes={"prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask", "rewards"},
     produces={"values"},
-    unavailable="rlpipe 0.1 can plan the critic role but cannot run it: its value-model stage is not implemented yet",
+    factory=_factory,
 )

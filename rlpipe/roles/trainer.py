@@ -9,16 +9,12 @@ from rlpipe.core.specs import RoleSpec
 
 
 @attrs.frozen(kw_only=True)
-class TrainerConfig(RoleConfig):
-    """``roles.trainer``: placement keys plus the optimizer.
+class OptimizedRoleConfig(RoleConfig):
+    """Placement keys plus an optimizer: the base of the trainer's and critic's sections.
 
     Attributes:
         learning_rate: peak learning rate.
-        micro_batch_size: rows (completions) per forward/backward pass;
-            gradients accumulate over micro-batches up to the mini-batch.
-        mini_batch_size: rows per optimizer update; ``null`` is the whole
-            global batch (one update per pass).
-        num_iterations: passes over each global batch.
+        micro_batch_size: rows (completions) per forward/backward pass.
         optimizer: ``adamw`` or ``sgd``.
         b1, b2, weight_decay: AdamW's parameters.
         schedule: ``constant`` or ``warmup-cosine`` (to 0 at the last step).
@@ -28,8 +24,6 @@ class TrainerConfig(RoleConfig):
 
     learning_rate: float = attrs.field(default=1e-5, validator=check(lambda v: v > 0, "must be positive, got {value}"))
     micro_batch_size: int = attrs.field(default=8, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
-    mini_batch_size: int | None = attrs.field(default=None, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
-    num_iterations: int = attrs.field(default=1, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
     optimizer: str = attrs.field(default="adamw", validator=check(lambda v: v in ("adamw", "sgd"), "must be 'adamw' or 'sgd', got {value}"))
     b1: float = 0.9
     b2: float = 0.999
@@ -37,6 +31,21 @@ class TrainerConfig(RoleConfig):
     schedule: str = attrs.field(default="constant", validator=check(lambda v: v in ("constant", "warmup-cosine"), "must be 'constant' or 'warmup-cosine', got {value}"))
     warmup_steps: int = attrs.field(default=0, validator=check(lambda v: v >= 0, "must be at least 0, got {value}"))
     grad_clip: float = attrs.field(default=1.0, validator=check(lambda v: v >= 0, "must be at least 0, got {value}"))
+
+
+@attrs.frozen(kw_only=True)
+class TrainerConfig(OptimizedRoleConfig):
+    """``roles.trainer``: placement keys, the optimizer (see
+    :class:`OptimizedRoleConfig`) and the update schedule.
+
+    Attributes:
+        mini_batch_size: rows per optimizer update; gradients accumulate over
+            micro-batches up to it; ``null`` is the whole global batch.
+        num_iterations: passes over each global batch.
+    """
+
+    mini_batch_size: int | None = attrs.field(default=None, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
+    num_iterations: int = attrs.field(default=1, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
 
 
 def _factory(config: TrainerConfig, placement, *, context):

@@ -40,6 +40,39 @@ from rlpipe.models.sampling import bucket_length, left_pad
 from rlpipe.models.sharding import shardings_for
 
 
+def group_items(items: list[Batch], pad_id: int) -> dict[str, np.ndarray]:
+    """Concatenates a global batch's items (host arrays): prompts left-padded to
+    one bucket ``[P, L]``, per-completion fields ``[P, G, ...]``."""
+    plen = bucket_length(max(int(np.asarray(b["prompt_mask"]).sum(axis=1).max(initial=1)) for b in items))
+    out: dict[str, list] = {}
+    for b in items:
+        toks, mask = left_pad(b["prompt_tokens"], b["prompt_mask"], plen, pad_id)
+        fields = {"prompt": toks, "prompt_mask": mask,
+                  "completion": np.asarray(b["completion_tokens"]),
+                  "completion_mask": np.asarray(b["completion_mask"]).astype(np.float32),
+                  "rewards": np.asarray(b["rewards"], np.float32)}
+        if "policy_version" in b:
+            fields["policy_version"] = np.asarray(b["policy_version"])
+        for name in ("rollout_logprobs", "ref_logprobs", "values"):
+            if name in b:
+                fields[name] = np.asarray(b[name], np.float32)
+        for k, v in fields.items():
+            out.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def flat_rows(grouped: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One row per completion: prompts repeated per generation, ``[P * G, ...]``."""
+    p, g, n = grouped["completion"].shape
+    rows = {"prompt": np.repeat(grouped["prompt"], g, 0), "prompt_mask": np.repeat(grouped["prompt_mask"], g, 0)}
+    if "policy_version" in grouped:
+        rows["policy_version"] = np.repeat(grouped["policy_version"], g)
+    for k in ("completion", "completion_mask", "rollout_logprobs", "ref_logprobs", "values"):
+        if k in grouped:
+            rows[k] = grouped[k].reshape(p * g, n)
+    return rows
+
+
 def make_optimizer(config: Any, total_steps: int) -> optax.GradientTransformation:
     """AdamW (default) or SGD, a constant or warmup-plus-cosine schedule, and
     gradient clipping by global norm."""
@@ -130,34 +163,17 @@ class TrainerStage:
         self.subscribers.append(callback)
 
     def _rows(self) -> dict[str, np.ndarray]:
-        """The global batch as flat rows ``[prompts * generations, ...]`` (host)."""
-        prompts, pmasks, comps, cmasks, rewards, rollout_lp, refs, versions = [], [], [], [], [], [], [], []
-        plen = bucket_length(max(int(np.asarray(b["prompt_mask"]).sum(axis=1).max(initial=1)) for b in self.items))
-        for b in self.items:
-            comp = np.asarray(b["completion_tokens"])
-            p, g, n = comp.shape
-            toks, mask = left_pad(b["prompt_tokens"], b["prompt_mask"], plen, self.pad_id)
-            prompts.append(np.repeat(toks, g, 0))
-            pmasks.append(np.repeat(mask, g, 0))
-            comps.append(comp.reshape(p * g, n))
-            cmask = np.asarray(b["completion_mask"]).astype(np.float32)
-            cmasks.append(cmask)
-            rewards.append(np.asarray(b["rewards"], np.float32).reshape(p, g))
-            rollout_lp.append(np.asarray(b["rollout_logprobs"], np.float32).reshape(p * g, n))
-            if "ref_logprobs" in b:
-                refs.append(np.asarray(b["ref_logprobs"], np.float32).reshape(p * g, n))
-            versions.append(np.repeat(np.asarray(b["policy_version"]), g))
-        cmask_grouped = np.concatenate(cmasks)
-        self._reward_mean = float(np.concatenate(rewards).mean())
-        advantages = np.asarray(self.algorithm.advantages(jnp.asarray(np.concatenate(rewards)), jnp.asarray(cmask_grouped)))
-        rows = {
-            "prompt": np.concatenate(prompts), "prompt_mask": np.concatenate(pmasks),
-            "completion": np.concatenate(comps), "completion_mask": cmask_grouped.reshape(-1, cmask_grouped.shape[-1]),
-            "advantages": advantages.reshape(-1, advantages.shape[-1]).astype(np.float32),
-            "rollout_logprobs": np.concatenate(rollout_lp), "policy_version": np.concatenate(versions),
-        }
-        if refs:
-            rows["ref_logprobs"] = np.concatenate(refs)
+        """The global batch as flat rows ``[prompts * generations, ...]`` (host),
+        with the algorithm's advantages."""
+        grouped = group_items(self.items, self.pad_id)
+        self._reward_mean = float(grouped["rewards"].mean())
+        estimate = self.algorithm.estimate(
+            jnp.asarray(grouped["rewards"]), jnp.asarray(grouped["completion_mask"]),
+            None if "values" not in grouped else jnp.asarray(grouped["values"]),
+            logprobs=jnp.asarray(grouped["rollout_logprobs"]),
+            ref_logprobs=None if "ref_logprobs" not in grouped else jnp.asarray(grouped["ref_logprobs"]))
+        rows = flat_rows(grouped)
+        rows["advantages"] = np.asarray(estimate.advantages, np.float32).reshape(rows["completion"].shape)
         return rows
 
     def on_barrier(self, *, context: StageContext) -> None:
@@ -171,6 +187,7 @@ class TrainerStage:
             raise ValueError(f"global batch of {n_rows} rows must split into mini-batches of {mini} rows and "
                              f"micro-batches of {mb} rows (roles.trainer.mini_batch_size / micro_batch_size)")
         versions = rows.pop("policy_version")
+        rows.pop("values", None)  # the critic's business; advantages already hold them
         device_rows = {k: v for k, v in rows.items()}
 
         def chunk(lo, hi):
@@ -222,3 +239,126 @@ class TrainerStage:
     def restore(self, state: Any) -> None:
         self.params, self.opt_state, self.version = state["params"], state["opt_state"], int(state["version"])
 
+
+
+class ValueModel(nnx.Module):
+    """The critic: the policy's decoder trunk plus a scalar head."""
+
+    def __init__(self, trunk: Any, *, seed: int):
+        from rlpipe.models.decoder import Linear
+
+        self.trunk = trunk
+        # Starts at 0 so early value estimates do not swamp the returns.
+        self.value_head = Linear(trunk.config.hidden_size, 1, bias=True, param_dtype=trunk.dtype, rngs=nnx.Rngs(params=seed))
+        self.value_head.kernel[...] = jnp.zeros_like(self.value_head.kernel[...])
+
+    def values(self, prompt, prompt_mask, completion, completion_mask):
+        """``[rows, completion_len]``: the value of the state before each completion token."""
+        tokens = jnp.concatenate([prompt, completion], axis=1)
+        mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
+        positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+        h, _ = self.trunk.hidden(tokens, positions, mask)
+        p = prompt.shape[1]
+        v = self.value_head(h[:, p - 1:-1])[..., 0].astype(jnp.float32)
+        return jnp.where(completion_mask.astype(bool), v, 0.0)
+
+
+def clipped_value_loss(values, old_values, returns, mask, clip: float):
+    """PPO's clipped value loss: ``0.5 * max((v - R)^2, (clip(v) - R)^2)``,
+    token-mean over valid tokens."""
+    clipped = old_values + jnp.clip(values - old_values, -clip, clip)
+    per_token = 0.5 * jnp.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    m = mask.astype(jnp.float32)
+    return jnp.sum(per_token * m) / jnp.maximum(m.sum(), 1.0)
+
+
+class CriticStage:
+    """Values for every completion token as items pass; at the barrier, trains
+    on the algorithm's returns (GAE) with the clipped value loss."""
+
+    def __init__(self, config: Any, placement: RolePlacement, *, context: BuildContext, algorithm: Any):
+        run = context.run_config
+        self.config = config
+        self.algorithm = algorithm
+        self.mesh = make_mesh(placement)
+        self.pad_id = load_tokenizer(run.model).pad_id
+        trunk = load_model(run.model, mesh=self.mesh, seed=context.seed)
+        model = ValueModel(trunk, seed=context.seed + 1)
+        self.graphdef, params = nnx.split(model)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        # The head is tiny: replicate it; the trunk keeps its sharding.
+        self.params = jax.tree_util.tree_map(
+            lambda x: x if set(x.sharding.device_set) == set(self.mesh.devices.flat) else jax.device_put(x, replicated), params)
+        self.optimizer = make_optimizer(config, run.train.steps)
+        self.opt_state = jax.tree_util.tree_map(
+            lambda x: x if set(x.sharding.device_set) == set(self.mesh.devices.flat) else jax.device_put(x, replicated),
+            jax.jit(self.optimizer.init)(self.params))
+        self.replicated = replicated
+        self.items: list[Batch] = []
+        self.last_metrics: dict[str, float] = {}
+        self._values = jax.jit(lambda params, *rows: nnx.merge(self.graphdef, params).values(*rows))
+        self._grad = jax.jit(self._grad_fn)
+        self._apply = jax.jit(self._apply_fn, donate_argnums=(0, 1))
+        self._on_device = True
+        if placement.offload:
+            self.offload()
+
+    def _grad_fn(self, params, rows, scale):
+        def loss_fn(p):
+            v = nnx.merge(self.graphdef, p).values(rows["prompt"], rows["prompt_mask"], rows["completion"], rows["completion_mask"])
+            return clipped_value_loss(v, rows["values"], rows["returns"], rows["completion_mask"], self.config.value_clip) * scale
+
+        return jax.value_and_grad(loss_fn)(params)
+
+    def _apply_fn(self, params, opt_state, grads):
+        updates, opt_state = self.optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def _micro_batches(self, rows: dict[str, np.ndarray]):
+        mb = self.config.micro_batch_size
+        n = len(rows["prompt"])
+        padded = -(-n // mb) * mb
+        if padded != n:  # zero rows (mask 0) so every call has one shape
+            rows = {k: np.concatenate([v, np.zeros((padded - n, *v.shape[1:]), v.dtype)]) for k, v in rows.items()}
+        for lo in range(0, padded, mb):
+            yield jax.device_put({k: v[lo:lo + mb] for k, v in rows.items()}, self.replicated)
+
+    def process(self, batch: Batch, *, context: StageContext) -> Batch:
+        grouped = group_items([batch], self.pad_id)
+        rows = flat_rows(grouped)
+        keys = ("prompt", "prompt_mask", "completion", "completion_mask")
+        outs = [self._values(self.params, *(c[k] for k in keys)) for c in self._micro_batches({k: rows[k] for k in keys})]
+        p, g, n = grouped["completion"].shape
+        values = np.concatenate(jax.device_get(outs))[: p * g].reshape(p, g, n)
+        out = batch.add(values=values)
+        self.items.append(out)
+        return out
+
+    def on_barrier(self, *, context: StageContext) -> None:
+        grouped = group_items(self.items, self.pad_id)
+        self.items = []
+        estimate = self.algorithm.estimate(jnp.asarray(grouped["rewards"]), jnp.asarray(grouped["completion_mask"]),
+                                           jnp.asarray(grouped["values"]))
+        if estimate.returns is None:
+            raise ValueError(f"advantage estimator {self.algorithm.config.advantage!r} gives no returns to train a critic on")
+        rows = flat_rows(grouped)
+        rows = {k: rows[k] for k in ("prompt", "prompt_mask", "completion", "completion_mask", "values")}
+        rows["returns"] = np.asarray(estimate.returns, np.float32).reshape(rows["completion"].shape)
+        n_chunks = -(-len(rows["prompt"]) // self.config.micro_batch_size)
+        grads, losses = None, []
+        for chunk in self._micro_batches(rows):
+            loss, g = self._grad(self.params, chunk, jnp.float32(1.0 / n_chunks))
+            grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
+            losses.append(loss)
+        self.params, self.opt_state = self._apply(self.params, self.opt_state, grads)
+        self.last_metrics = {"value_loss": float(np.sum(jax.device_get(losses)))}
+
+    def offload(self) -> None:
+        if self._on_device:
+            self.params, self.opt_state = weights.offload((self.params, self.opt_state))
+            self._on_device = False
+
+    def onload(self) -> None:
+        if not self._on_device:
+            self.params, self.opt_state = weights.onload((self.params, self.opt_state))
+            self._on_device = True
