@@ -33,7 +33,9 @@ def items(seed=0, n_items=2):
 
 def trainer(registry, devices, shape, **trainer_cfg):
     cfg = config(registry, {"algorithm": {"name": "grpo", "options": {"kl_beta": 0.0}},
-                            "roles": {"trainer": {"learning_rate": 1e-2, "micro_batch_size": 4, **trainer_cfg}}})
+                            # null restores the schema defaults whatever the embedded default run uses
+                            "roles": {"trainer": {"learning_rate": 1e-2, "micro_batch_size": 4, "mini_batch_size": None,
+                                                  "num_iterations": None, **trainer_cfg}}})
     placement = RolePlacement(name="trainer", devices=devices, mesh=MeshSpec(shape, ("fsdp", "tp")))
     spec = registry.roles["trainer"]
     return spec.factory(cfg.roles["trainer"], placement, context=BuildContext(run_config=cfg, registry=registry, seed=0))

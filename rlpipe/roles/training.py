@@ -89,7 +89,33 @@ def make_optimizer(config: Any, total_steps: int) -> optax.GradientTransformatio
     return optax.chain(*parts, opt)
 
 
-class TrainerStage:
+def on_mesh(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """``tree`` with every array that is not already spread over ``mesh`` (the
+    optimizer's step count, a tiny head) replicated on it, committed, so that
+    offload and onload bring it back to the same devices."""
+    devices, replicated = set(mesh.devices.flat), NamedSharding(mesh, PartitionSpec())
+    return jax.tree_util.tree_map(lambda x: x if set(x.sharding.device_set) == devices else jax.device_put(x, replicated), tree)
+
+
+class _OptimizedState:
+    """Parameters and optimizer state that move to host memory between uses."""
+
+    params: Any
+    opt_state: Any
+    _on_device: bool = True
+
+    def offload(self) -> None:
+        if self._on_device:
+            self.params, self.opt_state = weights.offload((self.params, self.opt_state))
+            self._on_device = False
+
+    def onload(self) -> None:
+        if not self._on_device:
+            self.params, self.opt_state = weights.onload((self.params, self.opt_state))
+            self._on_device = True
+
+
+class TrainerStage(_OptimizedState):
     """The policy update.  See the module docstring for what happens when."""
 
     def __init__(self, config: Any, placement: RolePlacement, *, context: BuildContext, algorithm: Any):
@@ -105,13 +131,7 @@ class TrainerStage:
         self.temperature = float(getattr(rollout, "temperature", 1.0) or 1.0)
         self.optimizer = make_optimizer(config, run.train.steps * config.num_iterations)
         self.params = params
-        # Moments follow their parameters' shardings; scalars (step counts) are
-        # replicated on the mesh, committed, so offload/onload keeps them there.
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        mesh_devices = set(self.mesh.devices.flat)
-        self.opt_state = jax.tree_util.tree_map(
-            lambda x: x if set(x.sharding.device_set) == mesh_devices else jax.device_put(x, replicated),
-            jax.jit(self.optimizer.init)(params))
+        self.opt_state = on_mesh(jax.jit(self.optimizer.init)(params), self.mesh)
         self.version = 0
         self.items: list[Batch] = []
         self.subscribers: list[Callable[[Any, int], None]] = []
@@ -125,7 +145,6 @@ class TrainerStage:
         # the same mesh and dtype shares the published buffers (zero-copy sync).
         self._apply = jax.jit(self._apply_fn, donate_argnums=(1,))
         self._logprobs = jax.jit(self._logprobs_fn)
-        self._on_device = True
         if placement.offload:
             self.offload()
 
@@ -223,15 +242,6 @@ class TrainerStage:
         for publish in self.subscribers:
             publish(self.params, self.version)
 
-    def offload(self) -> None:
-        if self._on_device:
-            self.params, self.opt_state = weights.offload((self.params, self.opt_state))
-            self._on_device = False
-
-    def onload(self) -> None:
-        if not self._on_device:
-            self.params, self.opt_state = weights.onload((self.params, self.opt_state))
-            self._on_device = True
 
     def state(self) -> Any:
         return {"params": self.params, "opt_state": self.opt_state, "version": self.version}
@@ -272,7 +282,7 @@ def clipped_value_loss(values, old_values, returns, mask, clip: float):
     return jnp.sum(per_token * m) / jnp.maximum(m.sum(), 1.0)
 
 
-class CriticStage:
+class CriticStage(_OptimizedState):
     """Values for every completion token as items pass; at the barrier, trains
     on the algorithm's returns (GAE) with the clipped value loss."""
 
@@ -285,21 +295,15 @@ class CriticStage:
         trunk = load_model(run.model, mesh=self.mesh, seed=context.seed)
         model = ValueModel(trunk, seed=context.seed + 1)
         self.graphdef, params = nnx.split(model)
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        # The head is tiny: replicate it; the trunk keeps its sharding.
-        self.params = jax.tree_util.tree_map(
-            lambda x: x if set(x.sharding.device_set) == set(self.mesh.devices.flat) else jax.device_put(x, replicated), params)
+        self.params = on_mesh(params, self.mesh)  # the trunk keeps its sharding, the head is replicated
         self.optimizer = make_optimizer(config, run.train.steps)
-        self.opt_state = jax.tree_util.tree_map(
-            lambda x: x if set(x.sharding.device_set) == set(self.mesh.devices.flat) else jax.device_put(x, replicated),
-            jax.jit(self.optimizer.init)(self.params))
-        self.replicated = replicated
+        self.opt_state = on_mesh(jax.jit(self.optimizer.init)(self.params), self.mesh)
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.items: list[Batch] = []
         self.last_metrics: dict[str, float] = {}
         self._values = jax.jit(lambda params, *rows: nnx.merge(self.graphdef, params).values(*rows))
         self._grad = jax.jit(self._grad_fn)
         self._apply = jax.jit(self._apply_fn, donate_argnums=(0, 1))
-        self._on_device = True
         if placement.offload:
             self.offload()
 
@@ -353,12 +357,3 @@ class CriticStage:
         self.params, self.opt_state = self._apply(self.params, self.opt_state, grads)
         self.last_metrics = {"value_loss": float(np.sum(jax.device_get(losses)))}
 
-    def offload(self) -> None:
-        if self._on_device:
-            self.params, self.opt_state = weights.offload((self.params, self.opt_state))
-            self._on_device = False
-
-    def onload(self) -> None:
-        if not self._on_device:
-            self.params, self.opt_state = weights.onload((self.params, self.opt_state))
-            self._on_device = True
