@@ -133,7 +133,7 @@ def test_empty_yaml_file_changes_nothing(tmp_path, registry):
 def test_set_overrides_apply_after_files_and_in_order(tmp_path):
     f = write(tmp_path, "c.yaml", "train: {steps: 5, seed: 1}\n")
     data = show_json("-c", f, "--set", "train.steps=6", "--set", "train.steps=7", "--set", "train.max_staleness=2")
-    assert data["train"] == {"steps": 7, "seed": 1, "max_staleness": 2, "prompts_per_item": 4, "items_per_step": 2}
+    assert data["train"] == {"steps": 7, "seed": 1, "max_staleness": 2, "prompts_per_item": 32, "items_per_step": 2}
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -35,6 +35,14 @@ def partial_match(prompt: str, completion: str, example: Mapping) -> float:
     return max(0.0, (hits - extra) / len(answer))
 
 
+def digits(prompt: str, completion: str, example: Mapping) -> float:
+    """Format credit: the share of the completion's characters that are digits;
+    0.0 for an empty completion.  A dense signal for the digit tasks, where a
+    random policy rarely emits a digit and the match rewards are near 0."""
+    got = completion.strip()
+    return sum(c.isdigit() for c in got) / len(got) if got else 0.0
+
+
 def final_number(text: str) -> str | None:
     """The last number in ``text`` (commas dropped, ``3.0`` -> ``3``), or None."""
     found = _NUMBER.findall(text)
@@ -57,4 +65,5 @@ def math_answer(prompt: str, completion: str, example: Mapping) -> float:
 def rlpipe_reward_functions():
     yield RewardFunctionSpec(name="exact-match", description="1 if the completion equals the answer", fn=exact_match)
     yield RewardFunctionSpec(name="partial-match", description="share of answer characters in place (partial credit)", fn=partial_match)
+    yield RewardFunctionSpec(name="digits", description="share of completion characters that are digits (format)", fn=digits)
     yield RewardFunctionSpec(name="math-answer", description="final-number match, GSM8K style", fn=math_answer)

@@ -10,6 +10,10 @@ items and global batches; reward functions score completions against
 * ``sort``: ``"3142>"`` -> ``"1234"``;
 * ``add``: ``"12+7="`` -> ``"19"``.
 
+Each scores with its match reward plus ``digits`` (the share of the
+completion's characters that are digits), a dense format signal: a randomly
+initialised model almost never emits a digit, so the match alone stays at 0.
+
 Each draws its examples from a seeded generator, so runs are reproducible,
 and keeps a disjoint held-out split (examples whose hash puts them in it never
 appear in training).
@@ -89,8 +93,8 @@ def _factory(kind: str):
 @hookimpl
 def rlpipe_tasks():
     yield TaskSpec(name="reverse", description="reverse a digit string: 123> -> 321", factory=_factory("reverse"),
-                   config_type=DigitTaskConfig, rewards=("partial-match",))
+                   config_type=DigitTaskConfig, rewards=("partial-match", "digits"))
     yield TaskSpec(name="sort", description="sort the digits: 3142> -> 1234", factory=_factory("sort"),
-                   config_type=DigitTaskConfig, rewards=("partial-match",))
+                   config_type=DigitTaskConfig, rewards=("partial-match", "digits"))
     yield TaskSpec(name="add", description="add two numbers: 12+7= -> 19", factory=_factory("add"),
-                   config_type=DigitTaskConfig, rewards=("exact-match",))
+                   config_type=DigitTaskConfig, rewards=("exact-match", "digits"))
