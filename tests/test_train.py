@@ -36,6 +36,11 @@ def test_train_writes_config_metrics_and_trace(finished):
     assert {"rollout", "reward", "reference", "trainer"} <= tracks
     barriers = [e for e in trace["traceEvents"] if e.get("name") == "barrier"]
     assert {e["args"]["step"] for e in barriers} == {0, 1}
+    track = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
+    spans = {(track[e["tid"]], e["name"]) for e in trace["traceEvents"] if e["ph"] == "X"}
+    assert {("rollout", "generate"), ("reference", "logprobs"), ("trainer", "train"), ("trainer", "weight_sync")} <= spans
+    generate = [e for e in trace["traceEvents"] if e.get("name") == "generate"]
+    assert all({"step", "policy_version"} <= set(e["args"]) for e in generate)
 
 
 def test_saved_config_reproduces_the_run_config(finished):

@@ -9,6 +9,7 @@ threads, the queues and the barriers; a stage only transforms batches.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -127,6 +128,14 @@ class StageContext:
     policy_version: int = 0
     seed: int = 0
     trace: Trace | None = attrs.field(default=None, repr=False, eq=False)
+
+    def span(self, name: str, **args: Any):
+        """A span named ``name`` on this stage's track of the run's timeline
+        (``generate``, ``logprobs``, ``train``, ...), carrying the step and
+        micro-batch; a no-op when the run keeps no timeline."""
+        if self.trace is None:
+            return contextlib.nullcontext()
+        return self.trace.span(self.role, name, step=self.step, index=self.index, **args)
 
     def key(self) -> jax.Array:
         """A PRNG key that depends only on (seed, role, step, index): runs are reproducible

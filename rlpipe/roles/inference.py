@@ -109,8 +109,9 @@ class RolloutStage:
         prompts = np.asarray(batch["prompt_tokens"])
         mask = np.asarray(batch["prompt_mask"])
         g = self.config.num_generations
-        out = self.engine.generate(state, np.repeat(prompts, g, axis=0), np.repeat(mask, g, axis=0), context.key(),
-                                   self.params, sharding=self.holder.replicated)
+        with context.span("generate", policy_version=version):
+            out = self.engine.generate(state, np.repeat(prompts, g, axis=0), np.repeat(mask, g, axis=0), context.key(),
+                                       self.params, sharding=self.holder.replicated)
         rows, n = prompts.shape[0], self.params.max_new_tokens
         return batch.add(
             completion_tokens=out.tokens.reshape(rows, g, n),
@@ -172,9 +173,10 @@ class ReferenceStage:
             prompts, pmask, comp, cmask = (np.concatenate([a, np.zeros((padded - total, *a.shape[1:]), a.dtype)])
                                            for a in (prompts, pmask, comp, cmask))
         # Dispatch every micro-batch, then fetch once: no host round trip between them.
-        outs = [self._fn(state, *jax.device_put([a[s:s + mb] for a in (prompts, pmask, comp, cmask)], self.holder.replicated))
-                for s in range(0, padded, mb)]
-        logprobs = np.concatenate(jax.device_get(outs))[:total]
+        with context.span("logprobs"):
+            outs = [self._fn(state, *jax.device_put([a[s:s + mb] for a in (prompts, pmask, comp, cmask)], self.holder.replicated))
+                    for s in range(0, padded, mb)]
+            logprobs = np.concatenate(jax.device_get(outs))[:total]
         return batch.add(ref_logprobs=logprobs.reshape(rows, g, n).astype(np.float32))
 
     def offload(self) -> None:

@@ -217,20 +217,21 @@ class TrainerStage(_OptimizedState):
         device_rows["old_logprobs"] = np.concatenate(jax.device_get(old))
         metrics_acc: dict[str, list] = {}
         grad_norms = []
-        for _ in range(self.config.num_iterations):
-            for lo in range(0, n_rows, mini):
-                grads, parts = None, []
-                for i in range(lo, lo + mini, mb):
-                    g, loss, metrics = self._grad(self.params, chunk(i, i + mb), jnp.float32(mb / mini))
-                    grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
-                    parts.append((loss, metrics))
-                self.params, self.opt_state, gnorm = self._apply(self.params, self.opt_state, grads)
-                grad_norms.append(gnorm)
-                for loss, metrics in parts:
-                    metrics_acc.setdefault("loss", []).append(loss * (mini / mb))
-                    for k, v in metrics.items():
-                        metrics_acc.setdefault(k, []).append(v)
-        fetched = jax.device_get((metrics_acc, grad_norms))
+        with context.span("train", policy_version=self.version):
+            for _ in range(self.config.num_iterations):
+                for lo in range(0, n_rows, mini):
+                    grads, parts = None, []
+                    for i in range(lo, lo + mini, mb):
+                        g, loss, metrics = self._grad(self.params, chunk(i, i + mb), jnp.float32(mb / mini))
+                        grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
+                        parts.append((loss, metrics))
+                    self.params, self.opt_state, gnorm = self._apply(self.params, self.opt_state, grads)
+                    grad_norms.append(gnorm)
+                    for loss, metrics in parts:
+                        metrics_acc.setdefault("loss", []).append(loss * (mini / mb))
+                        for k, v in metrics.items():
+                            metrics_acc.setdefault(k, []).append(v)
+            fetched = jax.device_get((metrics_acc, grad_norms))  # inside: the span covers the device work
         self.last_metrics = {k: float(np.mean(v)) for k, v in fetched[0].items()}
         self.last_metrics["grad_norm"] = float(np.mean(fetched[1]))
         self.last_metrics["reward/mean"] = self._reward_mean
@@ -239,8 +240,9 @@ class TrainerStage(_OptimizedState):
         self.last_metrics["staleness_mean"] = float(np.mean(self.version - versions))
         self.last_metrics["staleness_max"] = float(np.max(self.version - versions))
         self.version += 1
-        for publish in self.subscribers:
-            publish(self.params, self.version)
+        with context.span("weight_sync", policy_version=self.version):
+            for publish in self.subscribers:
+                publish(self.params, self.version)
 
 
     def state(self) -> Any:
