@@ -24,6 +24,7 @@ from rlpipe.models.decoder import Decoder, sequence_logprobs
 from rlpipe.models.loading import load_model, load_tokenizer
 from rlpipe.models.sampling import SamplingParams, bucket_length, left_pad
 from rlpipe.models.sharding import shardings_for
+from rlpipe.roles.rollout import sampling_temperature
 
 
 class _ModelHolder:
@@ -150,9 +151,8 @@ class ReferenceStage:
         model = load_model(model_config, mesh=mesh, seed=context.seed)
         self.holder = _ModelHolder(model, placement, mesh)
         self.pad_id = load_tokenizer(run.model).pad_id
-        rollout = run.roles.get("rollout")
         # The same tempered distribution the rollout sampled from, so KL compares like with like.
-        self._fn = _logprobs_fn(self.holder.graphdef, float(getattr(rollout, "temperature", 1.0) or 1.0))
+        self._fn = _logprobs_fn(self.holder.graphdef, sampling_temperature(run))
         if placement.offload:
             self.holder.offload()
 

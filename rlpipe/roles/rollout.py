@@ -37,6 +37,14 @@ class RolloutConfig(RoleConfig):
     stop_tokens: tuple[int, ...] = ()
 
 
+def sampling_temperature(run_config) -> float:
+    """The temperature the rollout samples at, which every role that scores its
+    completions (reference, trainer) must divide logits by too; greedy (0) and
+    a run without a rollout role score the plain distribution (1)."""
+    rollout = run_config.roles.get("rollout")
+    return float(getattr(rollout, "temperature", 1.0) or 1.0)
+
+
 def _factory(config: RolloutConfig, placement, *, context):
     # Imported here so that listing roles does not load flax.
     from rlpipe.roles.inference import RolloutStage

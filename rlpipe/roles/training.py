@@ -38,6 +38,7 @@ from rlpipe.models.decoder import sequence_logprobs
 from rlpipe.models.loading import load_model, load_tokenizer
 from rlpipe.models.sampling import bucket_length, left_pad
 from rlpipe.models.sharding import shardings_for
+from rlpipe.roles.rollout import sampling_temperature
 
 
 def group_items(items: list[Batch], pad_id: int) -> dict[str, np.ndarray]:
@@ -127,8 +128,7 @@ class TrainerStage(_OptimizedState):
         model = load_model(run.model, mesh=self.mesh, seed=context.seed)
         self.graphdef, params = nnx.split(model)
         self.shardings = shardings_for(params, self.mesh)
-        rollout = run.roles.get("rollout")
-        self.temperature = float(getattr(rollout, "temperature", 1.0) or 1.0)
+        self.temperature = sampling_temperature(run)
         self.optimizer = make_optimizer(config, run.train.steps * config.num_iterations)
         self.params = params
         self.opt_state = on_mesh(jax.jit(self.optimizer.init)(params), self.mesh)
