@@ -90,6 +90,7 @@ def train(config: RunConfig, registry: Registry, *, run_dir: str | Path,
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_yaml(config))
+    (run_dir / "plan.json").write_text(json.dumps(planned.plan.to_json(), indent=2) + "\n")
     metrics_path = run_dir / "metrics.jsonl"
     trace = Trace()
     last = [time.perf_counter()]
