@@ -247,7 +247,7 @@ def test_misspelt_key_in_a_section_suggests_the_valid_key(override, path, hint):
 
 def test_unknown_top_level_section_suggests_a_close_match():
     [line] = error_lines(invoke("config", "validate", "--set", "trian.steps=3"))
-    assert line == "error: trian: unknown section (did you mean 'train'?) (valid sections: model, task, algorithm, roles, placement, train)"
+    assert line == "error: trian: unknown section (did you mean 'train'?) (valid sections: model, task, algorithm, roles, placement, train, checkpoint, telemetry)"
 
 
 def test_the_algorithm_section_selects_a_plugin_whose_class_types_its_options(registry):

@@ -132,6 +132,27 @@ class TrainConfig:
 
 
 @attrs.frozen(kw_only=True)
+class CheckpointSection:
+    """``checkpoint``: when run state is saved under ``<run-dir>/checkpoints``.
+
+    A checkpoint is also written after the last step and when a run is
+    stopped by SIGTERM or SIGINT, whatever ``every`` says.
+    """
+
+    every: int = attrs.field(default=10, validator=check(lambda v: v >= 0, "must be at least 0 (0 = only at the end), got {value}"))
+    keep: int = attrs.field(default=3, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
+    asynchronous: bool = True
+    grace_period_s: float = attrs.field(default=120.0, validator=check(lambda v: v > 0, "must be positive, got {value}"))
+
+
+@attrs.frozen(kw_only=True)
+class TelemetrySection:
+    """``telemetry``: outputs beyond ``metrics.jsonl`` and ``trace.json``."""
+
+    tensorboard: bool = False
+
+
+@attrs.frozen(kw_only=True)
 class ModelConfig:
     """``model``: which policy to train, in which dtype, with which tokenizer.
 
@@ -184,6 +205,8 @@ class RunConfig:
     roles: dict[str, RoleConfig] = attrs.field(factory=dict)
     placement: PlacementConfig = attrs.field(factory=PlacementConfig)
     train: TrainConfig = attrs.field(factory=TrainConfig)
+    checkpoint: CheckpointSection = attrs.field(factory=CheckpointSection)
+    telemetry: TelemetrySection = attrs.field(factory=TelemetrySection)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (lists, dicts, scalars) that :func:`load_config` reads back."""
