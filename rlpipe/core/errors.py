@@ -81,6 +81,11 @@ class RoleNotRunnableError(UsageError):
     """A role is registered (so it can be planned) but has no stage to run."""
 
 
+class DatasetError(UsageError):
+    """A dataset that cannot be used: a missing file, or lines that are not
+    examples.  One line per problem, each naming ``file:line`` and why."""
+
+
 class RunError(RlpipeError):
     """A failure while running the pipeline.  Exit 1."""
 
