@@ -58,12 +58,15 @@ def config_keys():
     from rlpipe.core.config import RoleConfig as Base
 
     from rlpipe.core.config import AlgorithmSection, ModelConfig, TaskSection
-    from rlpipe.plugins.tasks import DigitTaskConfig
+    from rlpipe.plugins.tasks import DigitTaskConfig, JsonlTaskConfig
 
     out = [(f"train.{f.name}", f.default) for f in attrs.fields(TrainConfig)]
     out += [(f"model.{f.name}", f.default) for f in attrs.fields(ModelConfig)]
     out += [(f"task.{f.name}", f.default) for f in attrs.fields(TaskSection)]
     out += [(f"task.options.{f.name}", f.default) for f in attrs.fields(DigitTaskConfig)]
+    # a required key (no default) is documented with "— (required)"
+    out += [(f"task.options.{f.name}", None if f.default is attrs.NOTHING else f.default)
+            for f in attrs.fields(JsonlTaskConfig)]
     # algorithm.options.* are each algorithm's own, documented in docs/algorithms.md
     out += [(f"algorithm.{f.name}", f.default) for f in attrs.fields(AlgorithmSection)]
     out += [(f"placement.{f.name}", f.default) for f in attrs.fields(PlacementConfig)]

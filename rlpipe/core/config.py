@@ -186,10 +186,21 @@ class AlgorithmSection:
 
 @attrs.frozen(kw_only=True)
 class TaskSection:
-    """``task``: where prompts come from (a task plugin) and its options."""
+    """``task``: where prompts come from (a task plugin), its options, and the
+    prompt-length limit (:mod:`rlpipe.data`).
+
+    Attributes:
+        max_prompt_tokens: the longest prompt in tokens, chat template
+            included; ``null``: no limit.
+        overlong_prompts: what happens to a longer prompt: ``truncate`` keeps
+            its last ``max_prompt_tokens`` tokens (the question and the
+            generation prompt are at the end); ``reject`` skips the example.
+    """
 
     name: str = "reverse"
     options: Any = None
+    max_prompt_tokens: int | None = attrs.field(default=None, validator=check(lambda v: v >= 1, "must be at least 1 (or null: no limit), got {value}"))
+    overlong_prompts: str = attrs.field(default="truncate", validator=check(lambda v: v in ("truncate", "reject"), "must be 'truncate' or 'reject', got {value}"))
 
 
 @attrs.frozen(kw_only=True)
@@ -418,12 +429,34 @@ def parse_override(text: str) -> dict[str, Any]:
     return out
 
 
+#: Sections whose ``options`` belong to the plugin that the named key selects.
+SELECTING_KEYS = {"task": "name", "algorithm": "name", "placement": "policy"}
+
+
+def merge_source(data: Mapping[str, Any], source: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`merge`, except that a source selecting another plugin (a new
+    ``task.name``, ``algorithm.name`` or ``placement.policy``) replaces that
+    section's ``options`` instead of merging into them: the earlier options
+    were the earlier plugin's (the defaults' digit-task options would be
+    unknown keys to ``task.name: jsonl``)."""
+    out = merge(dict(data), source)
+    for section, key in SELECTING_KEYS.items():
+        old, new = data.get(section), source.get(section)
+        if not (isinstance(old, Mapping) and isinstance(new, Mapping) and key in old and key in new):
+            continue
+        if old[key] != new[key] and isinstance(out.get(section), dict):
+            out[section].pop("options", None)
+            if new.get("options") is not None:
+                out[section]["options"] = copy.deepcopy(new["options"])
+    return out
+
+
 def resolve_sources(defaults: Mapping[str, Any], files: Iterable[str | Path] = (), overrides: Iterable[str] = ()) -> dict[str, Any]:
     data = copy.deepcopy(dict(defaults))
     for f in files:
-        data = merge(data, read_yaml_file(f))
+        data = merge_source(data, read_yaml_file(f))
     for o in overrides:
-        data = merge(data, parse_override(o))
+        data = merge_source(data, parse_override(o))
     return data
 
 

@@ -185,8 +185,10 @@ def read_jsonl(path: str | Path, *, prompt_field: str = "prompt", answer_field: 
         prompt, answer = obj.get(prompt_field), obj.get(answer_field)
         if prompt_field not in obj:
             bad.append(f"missing prompt field {prompt_field!r} (keys: {keys})")
-        elif not isinstance(prompt, str) or not prompt:
-            bad.append(f"prompt field {prompt_field!r} must be a non-empty string, got {_kind(prompt)}")
+        elif not isinstance(prompt, str):
+            bad.append(f"prompt field {prompt_field!r} must be a string, got {_kind(prompt)}")
+        elif not prompt.strip():
+            bad.append(f"prompt field {prompt_field!r} is empty")
         if answer_field not in obj:
             bad.append(f"missing answer field {answer_field!r} (keys: {keys})")
         elif isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
