@@ -486,6 +486,8 @@ def build_config(data: Mapping[str, Any], registry: Registry) -> RunConfig:
 
     train = attempt(structure, data.get("train", {}), TrainConfig, ("train",))
     model = attempt(structure, data.get("model", {}), ModelConfig, ("model",))
+    checkpoint = attempt(structure, data.get("checkpoint", {}), CheckpointSection, ("checkpoint",))
+    telemetry = attempt(structure, data.get("telemetry", {}), TelemetrySection, ("telemetry",))
 
     def selected(section: str, shell_type: type, hook: str, key: str, what: str):
         """A section that names a plugin (``key``) and holds ``options`` typed by it."""
@@ -527,7 +529,8 @@ def build_config(data: Mapping[str, Any], registry: Registry) -> RunConfig:
 
     if problems:
         raise ConfigError(problems)
-    return RunConfig(model=model, task=task, algorithm=algorithm, roles=roles, placement=placement, train=train)
+    return RunConfig(model=model, task=task, algorithm=algorithm, roles=roles, placement=placement, train=train,
+                     checkpoint=checkpoint, telemetry=telemetry)
 
 
 def load_config(registry: Registry, *, defaults: Mapping[str, Any], files: Iterable[str | Path] = (), overrides: Iterable[str] = ()) -> RunConfig:
