@@ -20,6 +20,7 @@ from rlpipe.core.errors import (
 )
 from rlpipe.core.graph import Executor, StageGraph, build_graph
 from rlpipe.core.hookspecs import hookimpl
+from rlpipe.core.memory import MemoryEstimate
 from rlpipe.core.placement import (
     Boundary,
     DeviceInfo,
@@ -55,7 +56,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
 
 __all__ = [
     "AdvantageEstimatorSpec", "AlgorithmSpec", "BarrierStage", "Batch", "Boundary", "BuildContext", "ConfigError",
-    "DeviceInfo", "Executor", "GraphError", "MeshConfig", "MeshSpec", "OffloadableStage", "Placement",
+    "DeviceInfo", "Executor", "GraphError", "MemoryEstimate", "MeshConfig", "MeshSpec", "OffloadableStage", "Placement",
     "PlacementConfig", "PlacementError", "PlacementPlan", "PlanContext", "Planned", "PluginError", "PolicyLossSpec",
     "PolicySpec", "Problem", "Registry", "RewardFunctionSpec", "RlpipeError", "RoleConfig", "RoleNotRunnableError",
     "RolePlacement", "RoleRequest", "RoleSpec", "RolloutEngineSpec", "RunConfig", "Stage", "StageContext",

@@ -110,11 +110,21 @@ class PlacementConfig:
     """``placement``: the colocation policy and the offload switch.
 
     ``options`` is typed by the selected policy (see ``rlpipe placements list``).
+
+    Attributes:
+        device_memory_gib: each device's memory, overriding what JAX reports
+            (GPU/TPU report it, the CPU does not); planning rejects a role
+            whose estimate exceeds it, and ``auto`` chooses by it.
+        assumed_prompt_tokens: the prompt length the memory estimates assume
+            when ``task.max_prompt_tokens`` sets no limit (padded to its
+            bucket, a power of two of at least 16).
     """
 
     policy: str = "default"
     offload: bool = False
     options: Any = None
+    device_memory_gib: float | None = attrs.field(default=None, validator=check(lambda v: v > 0, "must be positive, got {value}"))
+    assumed_prompt_tokens: int = attrs.field(default=256, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
 
 
 @attrs.frozen(kw_only=True)

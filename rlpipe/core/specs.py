@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 if TYPE_CHECKING:
-    from rlpipe.core.config import RoleConfig
-    from rlpipe.core.placement import Placement, RolePlacement
+    from rlpipe.core.config import RoleConfig, RunConfig
+    from rlpipe.core.memory import MemoryEstimate
+    from rlpipe.core.placement import MeshSpec, Placement, RolePlacement
     from rlpipe.core.stage import Stage
 
 
@@ -69,6 +70,13 @@ class RoleSpec:
         uses_devices: ``False`` for a role that works on the host CPU only
             (reward functions): it is placed like any role, but never
             offloaded and never time-shares devices, so its edges stream.
+        memory_estimate: ``memory_estimate(config, run_config, mesh) ->
+            MemoryEstimate | None``: what the role needs on *each* device of
+            ``mesh`` (a :class:`rlpipe.core.placement.MeshSpec`), from shapes
+            alone (no JAX arrays).  Planning calls it for the mesh the role is
+            placed on (``auto`` also for meshes it considers) and shows the
+            total as ``memory_estimate_bytes``.  ``None`` (the default), or a
+            host role: no estimate, and the role counts 0 against capacity.
     """
 
     name: str = attrs.field(validator=_check_name)
@@ -81,6 +89,7 @@ class RoleSpec:
     sink: bool = False
     uses_devices: bool = True
     unavailable: str = ""
+    memory_estimate: Callable[[RoleConfig, RunConfig, MeshSpec], MemoryEstimate | None] | None = None
 
 
 @attrs.frozen(kw_only=True)

@@ -8,7 +8,7 @@ import attrs
 
 from rlpipe.core.config import check
 from rlpipe.core.specs import RoleSpec
-from rlpipe.roles.trainer import OptimizedRoleConfig
+from rlpipe.roles.trainer import OptimizedRoleConfig, optimized_memory
 
 
 @attrs.frozen(kw_only=True)
@@ -22,6 +22,12 @@ class CriticConfig(OptimizedRoleConfig):
     """
 
     value_clip: float = attrs.field(default=0.2, validator=check(lambda v: v > 0, "must be positive, got {value}"))
+
+
+def estimate_memory(config: CriticConfig, run_config, mesh):
+    """The value model trained on whole micro-batches (the critic replicates
+    its rows on the mesh): see :func:`rlpipe.roles.trainer.optimized_memory`."""
+    return optimized_memory(config, run_config, mesh, rows=config.micro_batch_size, value_head=True)
 
 
 def _factory(config: CriticConfig, placement, *, context):
@@ -40,4 +46,5 @@ SPEC = RoleSpec(
     consumes={"prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask", "rewards"},
     produces={"values"},
     factory=_factory,
+    memory_estimate=estimate_memory,
 )

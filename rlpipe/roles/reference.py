@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import attrs
 
+from rlpipe.core import memory
 from rlpipe.core.config import RoleConfig, check
 from rlpipe.core.specs import RoleSpec
+from rlpipe.roles.rollout import sequence_shape
 
 
 @attrs.frozen(kw_only=True)
@@ -19,6 +21,22 @@ class ReferenceConfig(RoleConfig):
 
     checkpoint: str | None = None
     micro_batch_size: int = attrs.field(default=8, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
+
+
+def estimate_memory(config: ReferenceConfig, run_config, mesh) -> memory.MemoryEstimate | None:
+    """Parameters of the frozen policy (``checkpoint``'s shape if set) on
+    ``mesh``, and one forward pass of ``micro_batch_size`` rows over prompt
+    bucket plus completion, with logits at every position.  Rows are
+    replicated on the mesh."""
+    shape = memory.model_shape(run_config.model, config.checkpoint)
+    if shape is None:
+        return None
+    b = memory.dtype_bytes(run_config.model.dtype)
+    seq = sum(sequence_shape(run_config))
+    return memory.MemoryEstimate(
+        parameters=memory.decoder_parameter_bytes(shape, mesh, b),
+        activations=memory.forward_activation_bytes(shape, config.micro_batch_size, seq, b),
+    )
 
 
 def _factory(config: ReferenceConfig, placement, *, context):
@@ -35,4 +53,5 @@ SPEC = RoleSpec(
     consumes={"prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask"},
     produces={"ref_logprobs"},
     factory=_factory,
+    memory_estimate=estimate_memory,
 )

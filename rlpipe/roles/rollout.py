@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import attrs
 
+from rlpipe.core import memory
 from rlpipe.core.config import RoleConfig, check
 from rlpipe.core.specs import RoleSpec
 
@@ -45,6 +46,36 @@ def sampling_temperature(run_config) -> float:
     return float(getattr(rollout, "temperature", 1.0) or 1.0)
 
 
+def sequence_shape(run_config) -> tuple[int, int]:
+    """``(prompt slots, completion tokens)`` the memory estimates assume for
+    every role that sees a whole sequence: the prompt limit
+    (``task.max_prompt_tokens``, else ``placement.assumed_prompt_tokens``)
+    padded to its bucket, and the rollout's ``max_new_tokens``."""
+    rollout = run_config.roles.get("rollout")
+    new = getattr(rollout, "max_new_tokens", None) or attrs.fields(RolloutConfig).max_new_tokens.default
+    prompt = getattr(run_config.task, "max_prompt_tokens", None) or run_config.placement.assumed_prompt_tokens
+    return memory.prompt_bucket(prompt), int(new)
+
+
+def estimate_memory(config: RolloutConfig, run_config, mesh) -> memory.MemoryEstimate | None:
+    """Parameters on ``mesh``; the KV cache of one item's rows in flight
+    (``train.prompts_per_item × num_generations``) over prompt bucket plus
+    ``max_new_tokens`` slots; the prefill's activations (one layer at a time,
+    logits of the last position only).  Rows are replicated on the mesh, so
+    the cache and activations are not divided by it."""
+    shape = memory.model_shape(run_config.model)
+    if shape is None:
+        return None
+    b = memory.dtype_bytes(run_config.model.dtype)
+    prompt, new = sequence_shape(run_config)
+    rows = run_config.train.prompts_per_item * config.num_generations
+    return memory.MemoryEstimate(
+        parameters=memory.decoder_parameter_bytes(shape, mesh, b),
+        kv_cache=memory.kv_cache_bytes(shape, rows, prompt + new, b),
+        activations=memory.forward_activation_bytes(shape, rows, prompt, b, keys=prompt + new, logit_positions=1),
+    )
+
+
 def _factory(config: RolloutConfig, placement, *, context):
     # Imported here so that listing roles does not load flax.
     from rlpipe.roles.inference import RolloutStage
@@ -59,4 +90,5 @@ SPEC = RoleSpec(
     consumes={"prompt_tokens", "prompt_mask"},
     produces={"completion_tokens", "completion_mask", "rollout_logprobs", "policy_version"},
     factory=_factory,
+    memory_estimate=estimate_memory,
 )

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import attrs
 
+from rlpipe.core import memory
 from rlpipe.core.config import RoleConfig, check
 from rlpipe.core.specs import RoleSpec
+from rlpipe.roles.rollout import sequence_shape
 
 
 @attrs.frozen(kw_only=True)
@@ -48,6 +50,36 @@ class TrainerConfig(OptimizedRoleConfig):
     num_iterations: int = attrs.field(default=1, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
 
 
+def optimized_memory(config: OptimizedRoleConfig, run_config, mesh, *, rows: int, value_head: bool = False) -> memory.MemoryEstimate | None:
+    """A role that trains a copy of the policy on ``mesh``: parameters,
+    optimizer state (AdamW keeps two moments per parameter, in the parameter
+    dtype as optax creates them; SGD none), one set of gradients, and a
+    forward and backward pass of ``rows`` rows per device over prompt bucket
+    plus completion.  ``value_head``: the critic's trunk plus a replicated
+    ``hidden + 1`` head, and no vocabulary logits."""
+    shape = memory.model_shape(run_config.model)
+    if shape is None:
+        return None
+    b = memory.dtype_bytes(run_config.model.dtype)
+    params = memory.decoder_parameter_bytes(shape, mesh, b) + ((shape.hidden_size + 1) * b if value_head else 0)
+    seq = sum(sequence_shape(run_config))
+    return memory.MemoryEstimate(
+        parameters=params,
+        optimizer_state=2 * params if config.optimizer == "adamw" else 0,
+        gradients=params,
+        activations=memory.training_activation_bytes(shape, rows, seq, b, logits=not value_head),
+    )
+
+
+def estimate_memory(config: TrainerConfig, run_config, mesh) -> memory.MemoryEstimate | None:
+    """:func:`optimized_memory` with the trainer's rows per device: a
+    micro-batch split over the ``fsdp`` axis when that divides it (as the
+    trainer splits it), else the whole micro-batch."""
+    fsdp = memory.mesh_axis_sizes(mesh).get("fsdp", 1)
+    mb = config.micro_batch_size
+    return optimized_memory(config, run_config, mesh, rows=mb // fsdp if fsdp > 1 and mb % fsdp == 0 else mb)
+
+
 def _factory(config: TrainerConfig, placement, *, context):
     # Imported here so that listing roles does not load flax and optax.
     from rlpipe.roles.training import TrainerStage
@@ -66,4 +98,5 @@ SPEC = RoleSpec(
     optional_consumes={"ref_logprobs", "values"},
     sink=True,
     factory=_factory,
+    memory_estimate=estimate_memory,
 )
