@@ -321,13 +321,9 @@ def _ranges(ids: Sequence[int]) -> str:
 
 
 def _bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    from rlpipe.core.memory import format_bytes
+
+    return format_bytes(n)
 
 
 @cli.command("plan")
@@ -362,6 +358,8 @@ def plan_cmd(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str, .
                      "host role" if host else ("yes" if r.offload else "no"), _bytes(r.memory_estimate_bytes)])
     click.echo(_table(["ROLE", "DEVICES", "MESH", "COLOCATED WITH", "OFFLOAD", "MEMORY/DEVICE"], rows))
     click.echo("")
+    _echo_memory(planned)
+    click.echo("")
     click.echo("boundaries:")
     if not plan.boundaries:
         click.echo("  (none: a single stage)")
@@ -370,6 +368,29 @@ def plan_cmd(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str, .
         click.echo(f"  {b.upstream} -> {b.downstream}: {how}")
     for note in (*planned.notes, *plan.notes):
         click.echo(f"note: {note}")
+
+
+def _echo_memory(planned) -> None:
+    """The estimate's breakdown per role, device capacity, and each device
+    group's peak against it."""
+    from rlpipe.core.memory import MemoryBudget, describe_devices
+
+    click.echo("memory per device (estimates from shapes; docs/architecture.md §4):")
+    rows = []
+    for r in planned.plan.roles:
+        est = planned.memory.get(r.name)
+        if est is None:
+            why = "host role" if not planned.roles[r.name].uses_devices else "no estimate from its plugin"
+            rows.append([r.name, *(["-"] * 5), _bytes(r.memory_estimate_bytes) if r.memory_estimate_bytes is not None else why])
+            continue
+        rows.append([r.name, _bytes(est.parameters), _bytes(est.optimizer_state), _bytes(est.gradients),
+                     _bytes(est.kv_cache), _bytes(est.activations), _bytes(r.memory_estimate_bytes)])
+    click.echo(_table(["ROLE", "PARAMETERS", "OPTIMIZER", "GRADIENTS", "KV CACHE", "ACTIVATIONS", "TOTAL"], rows))
+    click.echo(f"device memory: {planned.capacity.describe()}")
+    cap = planned.capacity.bytes
+    for u in MemoryBudget(capacity=planned.capacity).usage(planned.plan.roles):
+        of = f" of {_bytes(cap)}" if cap is not None else ""
+        click.echo(f"  {describe_devices(u.devices)}: {u.describe_roles()}: peak {_bytes(u.peak_bytes)}{of}")
 
 
 def _platform() -> str:

@@ -19,6 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
+from rlpipe.core.memory import MemoryBudget
+
 #: The axis names a role gets when it configures no mesh.
 DEFAULT_AXES: tuple[str, str] = ("fsdp", "tp")
 
@@ -90,12 +92,16 @@ class PlanContext:
             or ``None``.
         host_roles: roles that use no accelerator (their specs say
             ``uses_devices=False``): never offloaded, never time-sharing.
+        memory: device capacity and per-role memory estimates on any mesh
+            (:class:`rlpipe.core.memory.MemoryBudget`), for policies that
+            choose by memory.
     """
 
     edges: tuple[tuple[str, str], ...] = ()
     sink: str | None = None
     options: Any = None
     host_roles: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
+    memory: MemoryBudget = attrs.field(factory=MemoryBudget)
 
 
 @attrs.frozen(kw_only=True)

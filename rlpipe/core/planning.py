@@ -14,8 +14,9 @@ from typing import Any
 import attrs
 
 from rlpipe.core.config import RunConfig
-from rlpipe.core.errors import GraphError, PluginError, Problem, RoleNotRunnableError
+from rlpipe.core.errors import GraphError, PlacementError, PluginError, Problem, RlpipeError, RoleNotRunnableError
 from rlpipe.core.graph import StageGraph, build_graph
+from rlpipe.core.memory import DeviceCapacity, MemoryBudget, MemoryEstimate, describe_devices, device_capacity, format_bytes, too_big
 from rlpipe.core.placement import DeviceInfo, MeshSpec, PlacementPlan, PlanContext, RoleRequest, check_requests, device_pool
 from rlpipe.core.plugins import Registry
 from rlpipe.core.specs import BuildContext, RoleSpec
@@ -27,13 +28,19 @@ ROLE_ALIASES = {"actor": "trainer"}
 
 @attrs.frozen(kw_only=True)
 class Planned:
-    """A config resolved into role specs, a stage graph and a placement plan."""
+    """A config resolved into role specs, a stage graph and a placement plan.
+
+    ``memory`` holds each role's estimate on the mesh it was placed on
+    (``None``: a host role, or no estimate); ``capacity`` each device's memory.
+    """
 
     config: RunConfig
     roles: Mapping[str, RoleSpec]
     graph: StageGraph
     plan: PlacementPlan
     notes: tuple[str, ...] = ()
+    memory: Mapping[str, MemoryEstimate | None] = attrs.field(factory=dict)
+    capacity: DeviceCapacity = attrs.field(factory=DeviceCapacity)
 
 
 #: Roles an algorithm may add or leave out; other roles are the user's to choose.
@@ -118,11 +125,74 @@ def plan_run(config: RunConfig, registry: Registry, devices: Sequence[DeviceInfo
         raise GraphError(Problem("devices", "no devices to place roles on"))
     policy_spec = registry.get("rlpipe_placement_policies", config.placement.policy, path="placement.policy")
     policy = policy_spec.factory(config.placement.options)
+    budget = memory_budget(config, specs, devices)
     context = PlanContext(edges=graph.edge_pairs(), sink=graph.sink, options=config.placement.options,
-                          host_roles={n for n, s in specs.items() if not s.uses_devices})
+                          host_roles={n for n, s in specs.items() if not s.uses_devices}, memory=budget)
     plan = policy.plan(requests, devices, context=context)
     _check_plan(plan, config.placement.policy, graph, devices)
-    return Planned(config=config, roles=specs, graph=graph, plan=plan, notes=tuple(algorithm_notes))
+    estimates = {r.name: budget.estimate(r.name, r.mesh) for r in plan.roles}
+    plan = attrs.evolve(plan, roles=[r if r.memory_estimate_bytes is not None or estimates[r.name] is None
+                                     else attrs.evolve(r, memory_estimate_bytes=estimates[r.name].total)
+                                     for r in plan.roles])
+    plan = attrs.evolve(plan, notes=(*plan.notes, *check_memory(plan, budget, estimates)))
+    return Planned(config=config, roles=specs, graph=graph, plan=plan, notes=tuple(algorithm_notes),
+                   memory=estimates, capacity=budget.capacity)
+
+
+def memory_budget(config: RunConfig, specs: Mapping[str, RoleSpec], devices: Sequence[DeviceInfo]) -> MemoryBudget:
+    """Device capacity and a memoised ``estimate(role, mesh)`` from the roles'
+    ``memory_estimate`` functions; host roles and roles without one give ``None``.
+
+    Raises (when an estimate is asked for):
+        PluginError: a role's estimate function raised or returned something
+            other than a :class:`MemoryEstimate`; the message names the role.
+    """
+    cache: dict[tuple[str, MeshSpec], MemoryEstimate | None] = {}
+
+    def estimate(name: str, mesh: MeshSpec) -> MemoryEstimate | None:
+        key = (name, mesh)
+        if key not in cache:
+            spec = specs.get(name)
+            fn = None if spec is None or not spec.uses_devices else spec.memory_estimate
+            try:
+                est = None if fn is None else fn(config.roles[name], config, mesh)
+            except RlpipeError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a plugin's estimate may raise anything
+                raise PluginError(f"role {name!r}: its memory estimate raised {type(exc).__name__}: {exc}") from exc
+            if est is not None and not isinstance(est, MemoryEstimate):
+                raise PluginError(f"role {name!r}: its memory estimate returned {type(est).__name__}, not a MemoryEstimate or None")
+            cache[key] = est
+        return cache[key]
+
+    return MemoryBudget(capacity=device_capacity(devices, config.placement.device_memory_gib), estimator=estimate)
+
+
+def check_memory(plan: PlacementPlan, budget: MemoryBudget, estimates: Mapping[str, MemoryEstimate | None]) -> list[str]:
+    """Compares the plan with device capacity (nothing to compare when it is unknown).
+
+    Returns:
+        a note per group of devices whose roles together exceed capacity
+        (they may still run if their peaks do not coincide).
+
+    Raises:
+        PlacementError: a role that alone needs more than a device holds, one
+            problem per role, each saying what to change.
+    """
+    cap = budget.capacity.bytes
+    if cap is None:
+        return []
+    problems = [Problem(f"roles.{r.name}", too_big(r.name, estimates[r.name], r.mesh, budget.capacity))
+                for r in plan.roles if estimates.get(r.name) is not None and estimates[r.name].total > cap]
+    if problems:
+        raise PlacementError(problems)
+    notes = []
+    for u in budget.usage(plan.roles):
+        if u.peak_bytes > cap:
+            notes.append(f"{describe_devices(u.devices)}: {u.describe_roles()} need an estimated "
+                         f"{format_bytes(u.peak_bytes)} per device at once, more than the {format_bytes(cap)} a device "
+                         f"holds; offload them so they take turns (placement.offload=true), or let placement.policy=auto choose")
+    return notes
 
 
 def _check_plan(plan: PlacementPlan, policy: str, graph: StageGraph, devices: Sequence[DeviceInfo]) -> None:
