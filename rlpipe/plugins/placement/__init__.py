@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from rlpipe.core.hookspecs import hookimpl
 from rlpipe.core.specs import PolicySpec
+from rlpipe.plugins.placement.auto import AutoPolicy
 from rlpipe.plugins.placement.colocate_all import ColocateAllPolicy
 from rlpipe.plugins.placement.default import DefaultPolicy
 from rlpipe.plugins.placement.disaggregated import DisaggregatedOptions, DisaggregatedPolicy
@@ -20,4 +21,6 @@ def rlpipe_placement_policies():
         PolicySpec(name="disaggregated", description="disjoint device groups by fraction (options.groups)",
                    factory=lambda options: DisaggregatedPolicy(options or DisaggregatedOptions()),
                    config_type=DisaggregatedOptions),
+        PolicySpec(name="auto", description="colocated, rollout disaggregated or colocated+offload: the first that fits device memory",
+                   factory=lambda options: AutoPolicy()),
     ]
