@@ -86,6 +86,15 @@ class DatasetError(UsageError):
     examples.  One line per problem, each naming ``file:line`` and why."""
 
 
+class RunDirError(UsageError):
+    """A run directory that cannot be reported on: missing, without metrics, or
+    holding a file rlpipe cannot read."""
+
+
+class TraceError(RunDirError):
+    """A trace file that is not Chrome trace-event JSON (names the file and why)."""
+
+
 class RunError(RlpipeError):
     """A failure while running the pipeline.  Exit 1."""
 
