@@ -399,6 +399,10 @@ def _platform() -> str:
     return jax.devices()[0].platform
 
 
+from rlpipe.cli.report import report_cmd  # noqa: E402 - commands in their own modules register here
+cli.add_command(report_cmd)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point."""
     try:

@@ -1,0 +1,187 @@
+"""``rlpipe report`` on hand-made run directories: plots, report.md, --json, errors."""
+
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from rlpipe.cli.main import cli
+from rlpipe.core.errors import RunDirError
+from rlpipe.core.telemetry import Trace
+from rlpipe.report import loss_keys, read_metrics, smooth, write_report
+
+S = 1e6
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def role(name, devices, colocated=()):
+    return {"name": name, "devices": devices, "mesh": {"shape": [len(devices), 1], "axes": ["fsdp", "tp"]},
+            "colocated_with": list(colocated), "offload": False, "memory_estimate_bytes": None}
+
+
+PLAN = {
+    "devices": list(range(8)), "policy": "default", "mode": "disaggregated",
+    "roles": [role("rollout", [4, 5, 6, 7]), role("reward", [0, 1, 2, 3], ["reference", "trainer"]),
+              role("reference", [0, 1, 2, 3], ["reward", "trainer"]), role("trainer", [0, 1, 2, 3], ["reward", "reference"])],
+    "boundaries": [{"from": "rollout", "to": "reward", "blocking": False}],
+}
+
+
+def metrics_row(step):
+    return {"step": step, "time/step_s": 2.0, "loss": 0.5 - 0.1 * step, "pg_loss": 0.4 - 0.1 * step, "kl": 0.01 * step,
+            "critic/value_loss": 1.0 / (step + 1), "clip_frac_low": 0.1, "reward/mean": 0.1 * step,
+            "tokens_per_s": 1000.0 + step, "policy_version": step + 1}
+
+
+def trace_doc(steps):
+    """Rollout on its own devices generating step s+1 while the trainer trains step s."""
+    trace = Trace()
+    for s in range(steps):
+        t = 2.0 * s
+        trace.complete("rollout", "process", t * S, (t + 1.5) * S, step=s, index=0)
+        trace.complete("rollout", "generate", (t + 0.1) * S, (t + 1.4) * S, step=s, index=0)
+        trace.complete("reward", "process", (t + 1.5) * S, (t + 1.6) * S, step=s, index=0)
+        trace.complete("reference", "process", (t + 1.6) * S, (t + 1.8) * S, step=s, index=0)
+        trace.complete("reference", "logprobs", (t + 1.6) * S, (t + 1.8) * S, step=s, index=0)
+        trace.complete("trainer", "barrier_wait", (t + 1.0) * S, (t + 1.8) * S, step=s)
+        trace.complete("trainer", "barrier", (t + 1.8) * S, (t + 3.0) * S, step=s, policy_version=s)
+        trace.complete("trainer", "train", (t + 1.8) * S, (t + 2.8) * S, step=s, policy_version=s)
+        trace.complete("trainer", "weight_sync", (t + 2.8) * S, (t + 3.0) * S, step=s, policy_version=s)
+        trace.instant("source", "global_batch", step=s)
+    return trace.to_chrome()
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "config.yaml").write_text("algorithm:\n  name: grpo\ntrain:\n  steps: 8\n")
+    (d / "plan.json").write_text(json.dumps(PLAN))
+    (d / "metrics.jsonl").write_text("".join(json.dumps(metrics_row(s)) + "\n" for s in range(8)))
+    (d / "trace.json").write_text(json.dumps(trace_doc(8)))
+    return d
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, ["report", *map(str, args)])
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert data.startswith(PNG) and len(data) > 2000, path
+
+
+def test_write_report_writes_three_plots_and_a_page_into_run_dir_report(run_dir):
+    files = write_report(run_dir)
+    assert [f.name for f in files] == ["reward.png", "losses.png", "timeline.png", "report.md"]
+    assert all(f.parent == run_dir / "report" for f in files)
+    for f in files[:3]:
+        assert_png(f)
+    md = (run_dir / "report" / "report.md").read_text()
+    for name in ("reward.png", "losses.png", "timeline.png"):
+        assert f"]({name})" in md
+    assert "disaggregated" in md and "grpo" in md
+
+
+def test_report_md_gives_each_device_group_an_idle_fraction(run_dir):
+    write_report(run_dir, last_steps=3)
+    md = (run_dir / "report" / "report.md").read_text()
+    rows = {m.group(1): (m.group(2), float(m.group(3))) for m in
+            re.finditer(r"^\| (devices [\d,-]+|host) \| ([^|]+) \| [\d.e+-]+ \| ([\d.]+)% \|", md, re.M)}
+    assert set(rows) == {"devices 0-3", "devices 4-7", "host"}
+    assert rows["devices 0-3"][0].strip() == "reference, trainer"
+    assert rows["host"][0].strip() == "reward"  # the reward role works on the host, whatever devices it is listed on
+    assert "steps 5-7" in md
+    for name in ("rollout", "reward", "reference", "trainer"):
+        assert re.search(rf"^\| {name} \| ", md, re.M)
+
+
+def test_json_prints_the_summary_numbers(run_dir, tmp_path):
+    out = tmp_path / "elsewhere"
+    r = invoke(run_dir, "--out", out, "--last-steps", "2", "--json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["mode"] == "disaggregated" and doc["steps_logged"] == 8 and doc["last_step"] == 7
+    assert doc["first_reward"] == 0.0 and doc["final_reward"] == pytest.approx(0.7)
+    assert doc["tokens_per_s"] == pytest.approx(1006.5)  # mean over the window's steps 6 and 7
+    timeline = doc["timeline"]
+    assert timeline["window"]["steps"] == [6, 7]
+    groups = {g["name"]: g for g in timeline["groups"]}
+    # the window runs from step 6's first work to step 7's last: 12.0-17.0 s; on devices 0-3 the
+    # trainer finishing step 5 (12.0-13.0), then reference and trainer of steps 6 and 7 (1.4 s each)
+    assert timeline["window"]["start_s"] == pytest.approx(12.0) and timeline["window"]["end_s"] == pytest.approx(17.0)
+    assert groups["devices 0-3"]["busy_s"] == pytest.approx(1.0 + 1.4 + 1.4)
+    assert groups["devices 0-3"]["idle_fraction"] == pytest.approx(1 - 3.8 / 5.0)
+    assert groups["devices 0-3"]["overlap_ratio"] == pytest.approx(3.8 / 5.0)
+    assert groups["devices 4-7"]["idle_fraction"] == pytest.approx(1 - 3.0 / 5.0)
+    assert sorted(p.rsplit("/", 1)[-1] for p in doc["files"]) == ["losses.png", "report.md", "reward.png", "timeline.png"]
+    assert (out / "timeline.png").exists() and not (run_dir / "report").exists()
+
+
+def test_plain_output_lists_the_files_written(run_dir):
+    r = invoke(run_dir)
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.splitlines() == [str(run_dir / "report" / n) for n in
+                                     ("reward.png", "losses.png", "timeline.png", "report.md")]
+
+
+def test_a_crashed_run_without_trace_and_with_a_cut_line_is_reported_with_notes(run_dir):
+    (run_dir / "trace.json").unlink()
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 8, "loss": 0.')
+    r = invoke(run_dir)
+    assert r.exit_code == 0, r.stderr
+    assert [p.rsplit("/", 1)[-1] for p in r.stdout.splitlines()] == ["reward.png", "losses.png", "report.md"]
+    assert "skipped 1 unreadable line(s) (line 9)" in r.stderr and "no trace.json" in r.stderr
+    assert "no trace.json" in (run_dir / "report" / "report.md").read_text()
+
+
+def test_a_resumed_run_keeps_the_last_row_of_a_repeated_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": v}) + "\n" for s, v in [(0, 1.0), (1, 2.0), (1, 3.0), (2, 4.0)]))
+    rows, notes = read_metrics(path)
+    assert [(r["step"], r["loss"]) for r in rows] == [(0, 1.0), (1, 3.0), (2, 4.0)]
+    assert "logged more than once" in notes[0]
+
+
+def test_loss_keys_are_the_losses_and_kl_of_every_role():
+    assert loss_keys([metrics_row(0), metrics_row(1)]) == ["loss", "kl", "pg_loss", "critic/value_loss"]
+
+
+def test_smooth_is_a_trailing_mean():
+    assert smooth([0, 2, 4, 6], window=2) == [0, 1, 3, 5]
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda d: d / "absent", "no such run directory"),
+    (lambda d: d, "no metrics.jsonl"),
+    (lambda d: (d / "metrics.jsonl").write_text("garbage\n") and d, "no metrics rows"),
+    (lambda d: [(d / "metrics.jsonl").write_text('{"step": 0}\n'), (d / "trace.json").write_text("{oops")] and d,
+     "trace.json: not JSON at line 1"),
+    (lambda d: [(d / "metrics.jsonl").write_text('{"step": 0}\n'), (d / "plan.json").write_text("[]")] and d,
+     "plan.json: expected a JSON object"),
+    (lambda d: [(d / "metrics.jsonl").write_text('{"step": 0}\n'),
+                (d / "plan.json").write_text('{"roles": [{"name": "trainer"}, {"devices": [0]}]}')] and d,
+     "plan.json: 'roles' must be a list of objects"),
+    (lambda d: (d / "metrics.jsonl").write_text('{"step": 0}\n') and d / "metrics.jsonl", "not a directory"),
+])
+def test_errors_are_one_line_and_exit_2(tmp_path, make, why):
+    r = invoke(make(tmp_path))
+    assert r.exit_code == 2
+    assert r.stdout == ""
+    (line,) = r.stderr.splitlines()
+    assert line.startswith("error: ") and why in line
+
+
+def test_an_output_path_that_cannot_be_a_directory_is_one_error_line(run_dir):
+    (run_dir / "taken").write_text("a file")
+    r = invoke(run_dir, "--out", run_dir / "taken")
+    assert r.exit_code == 2
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"error: {run_dir / 'taken'}: cannot write the report there")
+
+
+def test_write_report_raises_run_dir_error(tmp_path):
+    with pytest.raises(RunDirError, match="no such run directory"):
+        write_report(tmp_path / "absent")
