@@ -28,7 +28,7 @@ padded or batched).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import attrs
@@ -94,7 +94,8 @@ def fit_prompt(ids: list[int], max_prompt_tokens: int | None, overlong: Literal[
     return ids[-max_prompt_tokens:] if overlong == "truncate" else None
 
 
-def _pad(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def pad_prompts(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token-id lists as right-padded ``[rows, longest]`` int32 tokens and mask."""
     width = max(len(i) for i in ids)
     tokens = np.full((len(ids), width), pad_id, np.int32)
     mask = np.zeros((len(ids), width), np.int32)
@@ -168,7 +169,7 @@ def prompt_items(task: Any, tokenizer: Any, *, seed: int, prompts_per_item: int,
         items = []
         for _ in range(items_per_step):
             exs, ids = zip(*(fitting(count=True) for _ in range(prompts_per_item)))
-            tokens, mask = _pad(list(ids), tokenizer.pad_id)
+            tokens, mask = pad_prompts(ids, tokenizer.pad_id)
             items.append(Batch(prompt_tokens=tokens, prompt_mask=mask,
                                group_id=np.arange(example_id, example_id + len(exs), dtype=np.int64),
                                example_id=np.arange(example_id, example_id + len(exs), dtype=np.int64),

@@ -16,7 +16,7 @@ from rlpipe.core.errors import ConfigError, DatasetError, UsageError
 from rlpipe.data import PromptCounters, encode_prompt, fit_prompt, prompt_items
 from rlpipe.defaults import DEFAULT_CONFIG
 from rlpipe.models.tokenizer import CharTokenizer
-from rlpipe.plugins.tasks import DigitTask, DigitTaskConfig, JsonlTask, JsonlTaskConfig, held_out
+from rlpipe.plugins.tasks import DigitTask, DigitTaskConfig, JsonlTaskConfig, held_out
 
 from helpers import EXAMPLES
 
