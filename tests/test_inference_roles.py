@@ -50,8 +50,8 @@ def prompts():
     return Batch(prompt_tokens=toks, prompt_mask=mask)
 
 
-def ctx(role, step=0, index=0):
-    return StageContext(role=role, step=step, index=index, seed=0)
+def ctx(role, step=0, index=0, behavior_version=0):
+    return StageContext(role=role, step=step, index=index, seed=0, behavior_version=behavior_version)
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +99,12 @@ def test_weight_sync_changes_the_policy_and_its_version(colocated, registry_modu
     new = nnx.split(init_sharded(rollout.holder.config, trainer_mesh, seed=99))[1]
     before = rollout.process(prompts(), context=ctx("rollout"))
     rollout.load_weights(new, version=1)
-    after = rollout.process(prompts(), context=ctx("rollout"))
+    assert rollout.holder.versions() == [0, 1]  # a step with behaviour version 0 may still come
+    after = rollout.process(prompts(), context=ctx("rollout", step=1, behavior_version=1))
     np.testing.assert_array_equal(after["policy_version"], [1, 1, 1])
+    assert rollout.holder.versions() == [1]  # no later step needs version 0
+    with pytest.raises(RuntimeError, match="must be generated with policy version 2"):
+        rollout.process(prompts(), context=ctx("rollout", step=2, behavior_version=2))
     assert not np.array_equal(before["rollout_logprobs"], after["rollout_logprobs"])
     for leaf, sh in zip(jax.tree_util.tree_leaves(rollout.holder.state), jax.tree_util.tree_leaves(rollout.holder.shardings)):
         assert leaf.sharding.is_equivalent_to(sh, leaf.ndim)  # re-laid for the rollout's own mesh

@@ -17,7 +17,8 @@ SMALL = ["--set", "train.prompts_per_item=2", "--set", "train.items_per_step=2",
 def finished(tmp_path_factory):
     """One short run shared by the tests that only read its directory."""
     run_dir = tmp_path_factory.mktemp("train") / "run"
-    return run_dir, CliRunner().invoke(cli, ["train", "--steps", "2", "--run-dir", str(run_dir), "-q", *SMALL])
+    return run_dir, CliRunner().invoke(cli, ["train", "--steps", "2", "--run-dir", str(run_dir), "-q", *SMALL,
+                                             "--set", "telemetry.tensorboard=true"])
 
 
 def test_train_writes_config_metrics_and_trace(finished):
@@ -79,3 +80,22 @@ def test_the_seed_placements_train_end_to_end_on_8_devices(tmp_path, seed, max_s
     trace = json.loads((run_dir / "trace.json").read_text())
     names = {e["name"] for e in trace["traceEvents"]}
     assert ("onload" in names) == (seed == "colocated_offload")
+
+
+def test_train_writes_tensorboard_scalars_and_a_final_checkpoint(finished):
+    pytest.importorskip("tensorboardX")
+    from tensorboardX.proto import event_pb2
+
+    run_dir, r = finished
+    assert r.exit_code == 0, r.stderr
+    [events] = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    import struct
+
+    data, tags, pos = events.read_bytes(), set(), 0
+    while pos < len(data):
+        (n,) = struct.unpack("<Q", data[pos:pos + 8])
+        event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+        tags |= {v.tag for v in event.summary.value}
+        pos += 12 + n + 4
+    assert {"reward/mean", "loss"} <= tags
+    assert (run_dir / "checkpoints" / "1").is_dir()  # after the last step

@@ -270,42 +270,82 @@ def config_validate(ctx: click.Context, files: tuple[str, ...], overrides: tuple
 @config_options
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Shortcut for --set train.steps=N.")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None,
-              help="Where config.yaml, metrics.jsonl and trace.json go (default: runs/<date-time>).")
+              help="Where config.yaml, metrics.jsonl, checkpoints/ and trace.json go (default: runs/<date-time>).")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Continue the run in --run-dir from its latest checkpoint (its config.yaml is the base config).")
+@click.option("--force", is_flag=True, help="With --no-resume: delete the existing run in --run-dir and start over.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @click.pass_context
 def train_cmd(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str, ...], steps: int | None,
-              run_dir: str | None, quiet: bool) -> None:
+              run_dir: str | None, resume: bool, force: bool, quiet: bool) -> None:
     """Train: with no arguments, the embedded default (a tiny model learning a
-    built-in task on the CPU)."""
-    import time as _time
+    built-in task on the CPU).
 
-    from rlpipe.train import train
+    On an existing --run-dir the run resumes from its latest checkpoint;
+    SIGTERM or Ctrl-C finish the current step, write a checkpoint and exit
+    with status 143 or 130.
+    """
+    import time as _time
+    from pathlib import Path
+
+    from rlpipe.cli.progress import progress_reporter
+    from rlpipe.cli.signals import graceful_stop
+    from rlpipe.train import RunControl, train
 
     if steps is not None:
         overrides = (*overrides, f"train.steps={steps}")
     reg = _registry(ctx)
-    cfg = _load_config(ctx, files, overrides)
-    run_dir = run_dir or f"runs/{_time.strftime('%Y%m%d-%H%M%S')}"
-    show = not quiet and sys.stderr.isatty()
-    total = cfg.train.steps
-    start = _time.perf_counter()
+    path = Path(run_dir or f"runs/{_time.strftime('%Y%m%d-%H%M%S')}")
+    _prepare_run_dir(path, resume=resume, force=force)
+    cfg = _load_run_config(ctx, path, files, overrides) if resume else _load_config(ctx, files, overrides)
+    log = lambda message: click.echo(f"rlpipe: {message}", err=True)  # noqa: E731
+    log(f"training {cfg.train.steps} steps; run directory {path}")
+    control = RunControl()
+    with progress_reporter(cfg.train.steps, enabled=not quiet and sys.stderr.isatty()) as report, \
+            graceful_stop(control, grace_s=cfg.checkpoint.grace_period_s, log=log) as stop:
+        summary = train(cfg, reg, run_dir=path, report=report, resume=resume, control=control, log=log)
+    if stop.signal is not None:
+        log(f"stopped by {stop.name} after step {summary.steps - 1}; resume with: rlpipe train --run-dir {path}")
+        ctx.exit(stop.exit_code)
+    log(f"finished {summary.steps} steps (policy version {summary.policy_version}); see {path}")
 
-    def report(row: dict[str, Any]) -> None:
-        if not show:
-            return
-        done = row["step"] + 1
-        eta = (_time.perf_counter() - start) / done * (total - done)
-        parts = [f"step {done}/{total}", f"reward {row.get('reward/mean', float('nan')):.3f}"]
-        if "kl" in row:
-            parts.append(f"kl {row['kl']:.4f}")
-        if "tokens_per_s" in row:
-            parts.append(f"{row['tokens_per_s']:.0f} tok/s")
-        parts.append(f"ETA {eta:.0f}s")
-        click.echo("  ".join(parts), err=True)
 
-    click.echo(f"rlpipe: training {total} steps; run directory {run_dir}", err=True)
-    summary = train(cfg, reg, run_dir=run_dir, report=report)
-    click.echo(f"rlpipe: finished {summary.steps} steps (policy version {summary.policy_version}); see {run_dir}", err=True)
+def _prepare_run_dir(path, *, resume: bool, force: bool) -> None:
+    """Checks --resume/--no-resume/--force against what ``path`` holds."""
+    import shutil
+
+    from rlpipe.core.errors import UsageError
+
+    if not path.exists() or resume or not any(path.iterdir()):
+        if force and resume:
+            raise UsageError("--force only makes sense with --no-resume")
+        return
+    if not force:
+        raise UsageError(f"{path}: run directory exists and is not empty; resume it (drop --no-resume), "
+                         "add --force to delete it and start over, or choose another --run-dir")
+    if not any((path / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints")):
+        raise UsageError(f"{path}: does not look like an rlpipe run directory (no config.yaml, metrics.jsonl or "
+                         "checkpoints/); refusing to delete it")
+    shutil.rmtree(path)
+
+
+def _load_run_config(ctx: click.Context, path, files: Sequence[str], overrides: Sequence[str]):
+    """A resumed run's config: its own ``config.yaml``, then files and --set."""
+    import yaml
+
+    from rlpipe.core.checkpoint import CheckpointError
+    from rlpipe.core.config import load_config
+
+    saved = path / "config.yaml"
+    if not saved.exists():
+        return _load_config(ctx, files, overrides)
+    try:
+        base = yaml.safe_load(saved.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"{saved}: cannot read the run's config: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(base, dict):
+        raise CheckpointError(f"{saved}: not a config mapping")
+    return load_config(_registry(ctx), defaults=base, files=files, overrides=overrides)
 
 
 # -- plan ----------------------------------------------------------------------------

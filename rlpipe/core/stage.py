@@ -118,6 +118,10 @@ class StageContext:
         index: micro-batch index within the global batch; ``None`` at the barrier.
         policy_version: number of policy updates published so far when the
             stage was invoked.
+        behavior_version: the policy version this step's rollouts must be
+            generated with: ``max(0, step - lag)`` for the plan's fixed lag
+            (DESIGN §4), so an asynchronous run is as reproducible as an
+            on-policy one whatever the thread timing.
         seed: the run's seed; use :meth:`key` for randomness.
         trace: the run's timeline, for stages that want finer spans.
     """
@@ -126,6 +130,7 @@ class StageContext:
     step: int
     index: int | None = None
     policy_version: int = 0
+    behavior_version: int = 0
     seed: int = 0
     trace: Trace | None = attrs.field(default=None, repr=False, eq=False)
 
@@ -194,8 +199,14 @@ class OffloadableStage(Protocol):
 
 @runtime_checkable
 class StatefulStage(Protocol):
-    """A stage with state to checkpoint: ``state()`` returns a pytree that
-    ``restore(state)`` accepts and that reproduces the stage exactly."""
+    """A stage with state to checkpoint.
+
+    ``state()`` is called right after the stage's barrier of a checkpointed
+    step; it returns a pytree of arrays and scalars that stays valid after
+    the stage's later updates (copy to host memory what the updates donate).
+    ``restore(state)`` accepts the same structure, its arrays possibly on the
+    host, and must reproduce the stage exactly.
+    """
 
     def state(self) -> Any: ...
 

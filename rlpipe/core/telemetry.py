@@ -55,6 +55,25 @@ class Trace:
         finally:
             self.complete(track, name, start, self.now_us(), **args)
 
+    def continue_from(self, path: str | Path) -> None:
+        """Keeps the events of an earlier ``trace.json`` (a resumed run) and
+        places this run's events after them on the same tracks."""
+        try:
+            data = json.loads(Path(path).read_text())
+            events = data["traceEvents"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # no usable earlier trace: this run's timeline starts afresh
+        names = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
+        end = 0.0
+        with self._lock:
+            for e in events:
+                if e.get("ph") == "M" or e.get("tid") not in names:
+                    continue
+                self._events.append({**e, "pid": self.pid, "tid": self._tid(names[e["tid"]])})
+                end = max(end, float(e.get("ts", 0)) + float(e.get("dur", 0)))
+            # A visible gap of one second marks the restart.
+            self._t0 = time.perf_counter() - (end + 1e6) / 1e6
+
     def events(self, track: str | None = None) -> list[dict[str, Any]]:
         """Recorded events (optionally of one track), in the order they ended."""
         with self._lock:

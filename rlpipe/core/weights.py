@@ -67,6 +67,12 @@ def onload(tree: Any) -> Any:
     return with_memory_kind(tree, DEVICE_MEMORY)
 
 
+def place_like(tree: Any, like: Any) -> Any:
+    """``tree``'s arrays (host or device, any layout) put where the matching
+    arrays of ``like`` live: the same shardings and memory kinds."""
+    return jax.device_put(tree, jax.tree_util.tree_map(lambda x: x.sharding, like))
+
+
 def device_bytes(tree: Any) -> int:
     """Bytes of ``tree``'s arrays that sit in device memory."""
     total = 0

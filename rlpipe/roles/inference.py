@@ -8,6 +8,7 @@ that mesh.  Items carry completions grouped per prompt: ``completion_tokens``,
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -17,6 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rlpipe.core import weights
+from rlpipe.core.devices import on_devices
 from rlpipe.core.placement import RolePlacement, make_mesh
 from rlpipe.core.specs import BuildContext
 from rlpipe.core.stage import Batch, StageContext
@@ -28,7 +30,12 @@ from rlpipe.roles.rollout import sampling_temperature
 
 
 class _ModelHolder:
-    """A decoder split into graphdef and state on a role's mesh, with offload."""
+    """A decoder split into graphdef and parameters on a role's mesh, with offload.
+
+    It can hold several policy versions at once (the rollout of an asynchronous
+    run keeps the versions its upcoming steps still need); ``state`` is the
+    newest.
+    """
 
     def __init__(self, model: Decoder, placement: RolePlacement, mesh: jax.sharding.Mesh):
         self.placement = placement
@@ -39,38 +46,53 @@ class _ModelHolder:
         self.shardings = shardings_for(state, mesh)
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self._lock = threading.Lock()
-        self._state = state
+        self._states: dict[int, Any] = {0: state}
         self._on_device = True
 
     @property
     def state(self) -> Any:
         with self._lock:
-            return self._state
+            return self._states[max(self._states)]
+
+    def versions(self) -> list[int]:
+        with self._lock:
+            return sorted(self._states)
+
+    def version_state(self, version: int) -> Any:
+        """The parameters of ``version``, dropping every older version (no later
+        step needs them: steps ask for non-decreasing versions)."""
+        with self._lock:
+            for v in [v for v in self._states if v < version]:
+                del self._states[v]
+            return self._states[version]
 
     def offload(self) -> None:
         with self._lock:
             if self._on_device:
-                self._state = weights.offload(self._state)
+                self._states = weights.offload(self._states)
                 self._on_device = False
 
     def onload(self) -> None:
         with self._lock:
             if not self._on_device:
-                self._state = weights.onload(self._state)
+                self._states = weights.onload(self._states)
                 self._on_device = True
 
-    def replace(self, state: Any) -> None:
-        """Installs new parameters (already laid out for this role)."""
+    def put(self, version: int, state: Any) -> None:
+        """Installs the parameters of ``version`` (already laid out for this role)."""
         with self._lock:
-            self._state = state if self._on_device else weights.offload(state)
+            self._states[version] = state if self._on_device else weights.offload(state)
 
 
 class RolloutStage:
-    """Generates ``num_generations`` completions per prompt with the current policy.
+    """Generates ``num_generations`` completions per prompt.
 
     New weights arrive through :meth:`load_weights` (from the trainer, at its
-    barrier); a generation takes one snapshot of (weights, version) when it
-    starts, so it never mixes two policy versions.
+    barrier).  Step ``s`` is generated with exactly policy version
+    ``context.behavior_version`` (``s - lag``), whatever the thread timing, so
+    asynchronous runs are reproducible; the stage keeps each published version
+    until no upcoming step needs it (at most ``lag + 1`` versions).  A
+    generation uses one version from start to end.
     """
 
     def __init__(self, config: Any, placement: RolePlacement, *, context: BuildContext):
@@ -86,33 +108,44 @@ class RolloutStage:
         self.params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                      top_k=config.top_k, top_p=config.top_p, stop_tokens=stops,
                                      pad_id=self.tokenizer.pad_id)
-        self._version = 0
-        self._version_lock = threading.Lock()
+        self._published = False  # no trainer publishes: generate with the initial weights
         if placement.offload:
             self.holder.offload()
 
     @property
     def policy_version(self) -> int:
-        with self._version_lock:
-            return self._version
+        """The newest policy version held."""
+        return self.holder.versions()[-1]
 
     def load_weights(self, state: Any, version: int) -> None:
         """Weight sync (DESIGN §4): shares, re-lays/casts in one jitted step, or
         reshards across meshes, depending on where ``state`` lives."""
-        new = weights.sync(state, self.holder.shardings, dtype=self.holder.dtype)
-        with self._version_lock:
-            self.holder.replace(new)
-            self._version = version
+        shared = weights._devices(state) & set(self.holder.mesh.devices.flat)  # noqa: SLF001
+        # Re-laying out on shared devices runs a program with collectives there.
+        with on_devices(self.holder.mesh) if shared else contextlib.nullcontext():
+            self.holder.put(version, weights.sync(state, self.holder.shardings, dtype=self.holder.dtype))
+        self._published = True
+
+    def _weights_for(self, version: int) -> tuple[Any, int]:
+        held = self.holder.versions()
+        if version in held:
+            return self.holder.version_state(version), version
+        if not self._published:
+            return self.holder.state, held[-1]
+        # The executor emits step s only after version s - lag was published,
+        # so this is a wiring bug (e.g. a resumed run without its pending rollouts).
+        raise RuntimeError(f"this step must be generated with policy version {version}, "
+                           f"but the rollout holds versions {held}")
 
     def process(self, batch: Batch, *, context: StageContext) -> Batch:
-        with self._version_lock:
-            state, version = self.holder.state, self._version
+        state, version = self._weights_for(context.behavior_version)
         prompts = np.asarray(batch["prompt_tokens"])
         mask = np.asarray(batch["prompt_mask"])
         g = self.config.num_generations
         with context.span("generate", policy_version=version):
-            out = self.engine.generate(state, np.repeat(prompts, g, axis=0), np.repeat(mask, g, axis=0), context.key(),
-                                       self.params, sharding=self.holder.replicated)
+            with on_devices(self.holder.mesh):
+                out = self.engine.generate(state, np.repeat(prompts, g, axis=0), np.repeat(mask, g, axis=0), context.key(),
+                                           self.params, sharding=self.holder.replicated)
         rows, n = prompts.shape[0], self.params.max_new_tokens
         return batch.add(
             completion_tokens=out.tokens.reshape(rows, g, n),
@@ -174,9 +207,10 @@ class ReferenceStage:
                                            for a in (prompts, pmask, comp, cmask))
         # Dispatch every micro-batch, then fetch once: no host round trip between them.
         with context.span("logprobs"):
-            outs = [self._fn(state, *jax.device_put([a[s:s + mb] for a in (prompts, pmask, comp, cmask)], self.holder.replicated))
-                    for s in range(0, padded, mb)]
-            logprobs = np.concatenate(jax.device_get(outs))[:total]
+            with on_devices(self.holder.mesh):
+                outs = [self._fn(state, *jax.device_put([a[s:s + mb] for a in (prompts, pmask, comp, cmask)], self.holder.replicated))
+                        for s in range(0, padded, mb)]
+                logprobs = np.concatenate(jax.device_get(outs))[:total]
         return batch.add(ref_logprobs=logprobs.reshape(rows, g, n).astype(np.float32))
 
     def offload(self) -> None:

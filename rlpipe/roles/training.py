@@ -31,6 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rlpipe.core import weights
+from rlpipe.core.devices import on_devices
 from rlpipe.core.placement import RolePlacement, make_mesh
 from rlpipe.core.specs import BuildContext
 from rlpipe.core.stage import Batch, StageContext
@@ -114,6 +115,16 @@ class _OptimizedState:
         if not self._on_device:
             self.params, self.opt_state = weights.onload((self.params, self.opt_state))
             self._on_device = True
+
+    def state(self) -> Any:
+        """Parameters and optimizer state as copies in host memory: later
+        updates donate the device buffers, the snapshot stays valid."""
+        return {"params": weights.offload(self.params), "opt_state": weights.offload(self.opt_state)}
+
+    def restore(self, state: Any) -> None:
+        """Installs ``state`` (host or device arrays) on this stage's shardings."""
+        self.params, self.opt_state = weights.place_like((state["params"], state["opt_state"]),
+                                                         (self.params, self.opt_state))
 
 
 class TrainerStage(_OptimizedState):
@@ -212,44 +223,50 @@ class TrainerStage(_OptimizedState):
         def chunk(lo, hi):
             return jax.device_put({k: v[lo:hi] for k, v in device_rows.items()}, self.row_sharding)
 
-        # The "old" policy: current weights before any update of this global batch.
-        old = [self._logprobs(self.params, chunk(i, i + mb)) for i in range(0, n_rows, mb)]
-        device_rows["old_logprobs"] = np.concatenate(jax.device_get(old))
-        metrics_acc: dict[str, list] = {}
-        grad_norms = []
-        with context.span("train", policy_version=self.version):
-            for _ in range(self.config.num_iterations):
-                for lo in range(0, n_rows, mini):
-                    grads, parts = None, []
-                    for i in range(lo, lo + mini, mb):
-                        g, loss, metrics = self._grad(self.params, chunk(i, i + mb), jnp.float32(mb / mini))
-                        grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
-                        parts.append((loss, metrics))
-                    self.params, self.opt_state, gnorm = self._apply(self.params, self.opt_state, grads)
-                    grad_norms.append(gnorm)
-                    for loss, metrics in parts:
-                        metrics_acc.setdefault("loss", []).append(loss * (mini / mb))
-                        for k, v in metrics.items():
-                            metrics_acc.setdefault(k, []).append(v)
-            fetched = jax.device_get((metrics_acc, grad_norms))  # inside: the span covers the device work
-        self.last_metrics = {k: float(np.mean(v)) for k, v in fetched[0].items()}
-        self.last_metrics["grad_norm"] = float(np.mean(fetched[1]))
-        self.last_metrics["reward/mean"] = self._reward_mean
-        tokens = float(rows["completion_mask"].sum())
-        self.last_metrics["tokens_per_s"] = tokens * self.config.num_iterations / max(time.perf_counter() - start, 1e-9)
-        self.last_metrics["staleness_mean"] = float(np.mean(self.version - versions))
-        self.last_metrics["staleness_max"] = float(np.max(self.version - versions))
-        self.version += 1
-        with context.span("weight_sync", policy_version=self.version):
-            for publish in self.subscribers:
-                publish(self.params, self.version)
-
+        with on_devices(self.mesh):  # colocated roles run device programs one at a time
+            # The "old" policy: current weights before any update of this global batch.
+            old = [self._logprobs(self.params, chunk(i, i + mb)) for i in range(0, n_rows, mb)]
+            device_rows["old_logprobs"] = np.concatenate(jax.device_get(old))
+            metrics_acc: dict[str, list] = {}
+            grad_norms = []
+            with context.span("train", policy_version=self.version):
+                for _ in range(self.config.num_iterations):
+                    for lo in range(0, n_rows, mini):
+                        grads, parts = None, []
+                        for i in range(lo, lo + mini, mb):
+                            g, loss, metrics = self._grad(self.params, chunk(i, i + mb), jnp.float32(mb / mini))
+                            grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
+                            parts.append((loss, metrics))
+                        self.params, self.opt_state, gnorm = self._apply(self.params, self.opt_state, grads)
+                        grad_norms.append(gnorm)
+                        for loss, metrics in parts:
+                            metrics_acc.setdefault("loss", []).append(loss * (mini / mb))
+                            for k, v in metrics.items():
+                                metrics_acc.setdefault(k, []).append(v)
+                fetched = jax.device_get((metrics_acc, grad_norms))  # inside: the span covers the device work
+            self.last_metrics = {k: float(np.mean(v)) for k, v in fetched[0].items()}
+            self.last_metrics["grad_norm"] = float(np.mean(fetched[1]))
+            self.last_metrics["reward/mean"] = self._reward_mean
+            tokens = float(rows["completion_mask"].sum())
+            self.last_metrics["tokens_per_s"] = tokens * self.config.num_iterations / max(time.perf_counter() - start, 1e-9)
+            self.last_metrics["staleness_mean"] = float(np.mean(self.version - versions))
+            self.last_metrics["staleness_max"] = float(np.max(self.version - versions))
+            self.version += 1
+            with context.span("weight_sync", policy_version=self.version):
+                for publish in self.subscribers:
+                    publish(self.params, self.version)
 
     def state(self) -> Any:
-        return {"params": self.params, "opt_state": self.opt_state, "version": self.version}
+        return {**super().state(), "version": self.version}
 
     def restore(self, state: Any) -> None:
-        self.params, self.opt_state, self.version = state["params"], state["opt_state"], int(state["version"])
+        super().restore(state)
+        self.version = int(state["version"])
+
+    def publish(self) -> None:
+        """Sends the current policy to every subscriber (after a restore)."""
+        for callback in self.subscribers:
+            callback(self.params, self.version)
 
 
 
@@ -333,9 +350,10 @@ class CriticStage(_OptimizedState):
         grouped = group_items([batch], self.pad_id)
         rows = flat_rows(grouped)
         keys = ("prompt", "prompt_mask", "completion", "completion_mask")
-        outs = [self._values(self.params, *(c[k] for k in keys)) for c in self._micro_batches({k: rows[k] for k in keys})]
-        p, g, n = grouped["completion"].shape
-        values = np.concatenate(jax.device_get(outs))[: p * g].reshape(p, g, n)
+        with on_devices(self.mesh):
+            outs = [self._values(self.params, *(c[k] for k in keys)) for c in self._micro_batches({k: rows[k] for k in keys})]
+            p, g, n = grouped["completion"].shape
+            values = np.concatenate(jax.device_get(outs))[: p * g].reshape(p, g, n)
         out = batch.add(values=values)
         self.items.append(out)
         return out
@@ -352,10 +370,11 @@ class CriticStage(_OptimizedState):
         rows["returns"] = np.asarray(estimate.returns, np.float32).reshape(rows["completion"].shape)
         n_chunks = -(-len(rows["prompt"]) // self.config.micro_batch_size)
         grads, losses = None, []
-        for chunk in self._micro_batches(rows):
-            loss, g = self._grad(self.params, chunk, jnp.float32(1.0 / n_chunks))
-            grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
-            losses.append(loss)
-        self.params, self.opt_state = self._apply(self.params, self.opt_state, grads)
-        self.last_metrics = {"value_loss": float(np.sum(jax.device_get(losses)))}
+        with on_devices(self.mesh):
+            for chunk in self._micro_batches(rows):
+                loss, g = self._grad(self.params, chunk, jnp.float32(1.0 / n_chunks))
+                grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
+                losses.append(loss)
+            self.params, self.opt_state = self._apply(self.params, self.opt_state, grads)
+            self.last_metrics = {"value_loss": float(np.sum(jax.device_get(losses)))}
 
