@@ -99,3 +99,22 @@ def test_train_writes_tensorboard_scalars_and_a_final_checkpoint(finished):
         pos += 12 + n + 4
     assert {"reward/mean", "loss"} <= tags
     assert (run_dir / "checkpoints" / "1").is_dir()  # after the last step
+
+
+def test_eval_scores_the_latest_checkpoint_on_the_held_out_split(finished):
+    run_dir, _ = finished
+    r = CliRunner().invoke(cli, ["eval", str(run_dir), "-n", "4", "-k", "2", "--json"])
+    assert r.exit_code == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["checkpoint_step"] == 1 and result["split"] == "eval"
+    assert 0.0 <= result["greedy/accuracy"] <= 1.0 and 0.0 <= result["sampled/pass@k"] <= 1.0
+    table = CliRunner().invoke(cli, ["eval", str(run_dir), "-n", "4", "-k", "0", "--initial"])
+    assert table.exit_code == 0 and "initial policy" in table.stdout and "greedy/accuracy" in table.stdout
+
+
+def test_eval_of_a_missing_checkpoint_lists_the_ones_there(finished, tmp_path):
+    run_dir, _ = finished
+    r = CliRunner().invoke(cli, ["eval", str(run_dir), "--step", "7"])
+    assert r.exit_code == 2 and "no checkpoint of step 7 (there are: 1)" in r.stderr
+    r = CliRunner().invoke(cli, ["eval", str(tmp_path)])
+    assert r.exit_code == 2 and "not a run directory" in r.stderr

@@ -442,6 +442,10 @@ def _platform() -> str:
 from rlpipe.cli.report import report_cmd  # noqa: E402 - commands in their own modules register here
 cli.add_command(report_cmd)
 
+from rlpipe.cli.eval import eval_cmd  # noqa: E402 - registered after the group exists
+
+cli.add_command(eval_cmd)
+
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point."""

@@ -45,7 +45,7 @@ def _ocp():
 
 
 def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray))
+    return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
 
 
 def flatten(tree: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -196,6 +196,45 @@ class RunCheckpointer:
         pending = _pending_tree(restored["pending"]) if meta["pending_steps"] else {}
         return states, pending, meta
 
+    def restore_subtree(self, step: int, role: str, prefix: str, template: Any) -> Any:
+        """Reads only the arrays of ``role``'s state under ``prefix`` (e.g. the
+        trainer's ``['params']``, without its optimizer state), shaped and
+        placed like ``template``.
+
+        Raises:
+            CheckpointError: naming the file and the array that is missing or
+                does not match.
+        """
+        ocp = _ocp()
+        self.meta(step)
+        path = self.directory / str(step) / f"stage.{role}"
+        arrays, _ = flatten(template)
+        abstract = {prefix + k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=_restore_sharding(v))
+                    for k, v in arrays.items()}
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: missing from the checkpoint (the run has no {role!r} state)")
+        try:
+            from etils import epath
+
+            saved = dict(ocp.StandardCheckpointHandler().metadata(epath.Path(path)))
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"{path}: cannot read the checkpoint: {_reason(exc)}") from exc
+        for key, want in abstract.items():
+            if key not in saved:
+                raise CheckpointError(f"{path}: no array {key}; the model changed since the checkpoint was written")
+            shape = tuple(getattr(saved[key], "shape", ()))
+            if shape != tuple(want.shape):
+                raise CheckpointError(f"{path}: {key} has shape {list(shape)} in the checkpoint but "
+                                      f"{list(want.shape)} here (did the model config change?)")
+        try:
+            restored = ocp.PyTreeCheckpointer().restore(
+                epath.Path(path), args=ocp.args.PyTreeRestore(
+                    item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                    partial_restore=True))
+        except Exception as exc:  # noqa: BLE001 - named by file
+            raise CheckpointError(f"{path}: cannot restore the checkpoint: {_reason(exc)}") from exc
+        return unflatten(template, {k[len(prefix):]: v for k, v in restored.items()}, {})
+
     def _check_shapes(self, path: Path, step: int, item: str, abstract: Mapping[str, Any]) -> None:
         """Names the first array whose saved shape or dtype differs from the run's."""
         if not path.is_dir():
@@ -223,6 +262,8 @@ def _restore_sharding(x: Any) -> Any:
     """Restore straight into the device layout (never pinned host memory first)."""
     if isinstance(x, jax.Array):
         return x.sharding.with_memory_kind("device")
+    if getattr(x, "sharding", None) is not None:  # an abstract array that says where it goes
+        return x.sharding
     return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 

@@ -1,0 +1,84 @@
+"""``rlpipe eval RUN_DIR``: evaluate a run's policy on its task's held-out split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def load_policy(run_dir: Path, config: Any, step: int | None) -> tuple[Any, int]:
+    """The trainer's parameters from checkpoint ``step`` (the latest when
+    ``None``) of ``run_dir``, as host-placed arrays shaped like the policy.
+
+    Raises:
+        CheckpointError: no checkpoint, or one that does not fit the model.
+    """
+    from flax import nnx
+
+    from rlpipe.core.checkpoint import CheckpointError, RunCheckpointer
+    from rlpipe.models.loading import load_model
+
+    directory = run_dir / "checkpoints"
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: the run has no checkpoints (was it stopped before its first one?)")
+    checkpointer = RunCheckpointer(directory, primary=False)
+    steps = checkpointer.steps()
+    if not steps:
+        raise CheckpointError(f"{directory}: no complete checkpoint")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"{directory}: no checkpoint of step {step} (there are: {', '.join(map(str, steps))})")
+    # Shapes only: nothing is initialised, the restored arrays are the only copy.
+    template = nnx.state(nnx.eval_shape(lambda: load_model(config.model, seed=config.train.seed)))
+    return checkpointer.restore_subtree(step, "trainer", "['params']", template), step
+
+
+@click.command("eval")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--step", type=click.IntRange(min=0), default=None, help="Evaluate this checkpoint (default: the latest).")
+@click.option("--initial", is_flag=True, help="Evaluate the initial policy instead of a checkpoint (a baseline).")
+@click.option("--split", default="eval", show_default=True, help="The task split: eval (held out) or train.")
+@click.option("-n", "--num-examples", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("-k", type=click.IntRange(min=0), default=4, show_default=True, help="pass@k's k (0: greedy only).")
+@click.option("--num-samples", type=click.IntRange(min=1), default=None, help="Samples per example (≥ k; default k).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+@click.pass_context
+def eval_cmd(ctx: click.Context, run_dir: str, step: int | None, initial: bool, split: str, num_examples: int,
+             k: int, num_samples: int | None, as_json: bool) -> None:
+    """Evaluate RUN_DIR's latest (or --step) policy on its task's held-out
+    split: greedy accuracy, sampled pass@k and mean reward."""
+    import yaml
+
+    from rlpipe.cli.main import _registry
+    from rlpipe.core.config import load_config
+    from rlpipe.core.errors import RunDirError
+    from rlpipe.evaluate import evaluate
+
+    path = Path(run_dir)
+    saved = path / "config.yaml"
+    if not saved.is_file():
+        raise RunDirError(f"{path}: not a run directory (no config.yaml)")
+    try:
+        data = yaml.safe_load(saved.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise RunDirError(f"{saved}: cannot read the run's config: {str(exc).splitlines()[0]}") from exc
+    reg = _registry(ctx)
+    config = load_config(reg, defaults=data if isinstance(data, dict) else {})
+    state, used = (None, None) if initial else load_policy(path, config, step)
+    result = evaluate(config, reg, model_state=state, split=split, num_examples=num_examples, k=k,
+                      num_samples=num_samples)
+    result = {"run_dir": str(path), "checkpoint_step": used, **result}
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    which = "initial policy" if used is None else f"checkpoint of step {used}"
+    click.echo(f"{path}: {which}, task {config.task.name!r}, split {split!r}")
+    rows = [(key, value) for key, value in result.items() if isinstance(value, (int, float)) and key != "checkpoint_step"]
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        shown = "-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+        click.echo(f"{key.ljust(width)}  {shown}")
