@@ -115,3 +115,55 @@ def test_offload_moves_params_and_optimizer_state_to_host_and_back(registry):
         np.testing.assert_array_equal(np.asarray(a), b)
     run_step(t, items(1), step=1)  # and it still trains
     assert t.version == 2
+
+
+def test_entropy_metric_is_the_sampled_distributions_mean_token_entropy(registry):
+    t = trainer(registry, [0], (1, 1), num_iterations=1)
+    batch_items = items(0)
+    model = nnx.merge(t.graphdef, t.params)
+    # numpy reference from the full-sequence logits (temperature 1, the default)
+    ents, counts = 0.0, 0
+    for b in batch_items:
+        prompt, pmask = left_pad(b["prompt_tokens"], b["prompt_mask"], 16)
+        comp, cmask = b["completion_tokens"].reshape(P * G, N), b["completion_mask"].reshape(P * G, N)
+        tokens = np.concatenate([np.repeat(prompt, G, 0), comp], 1)
+        mask = np.concatenate([np.repeat(pmask, G, 0), cmask], 1).astype(bool)
+        positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+        logits, _ = model.forward(tokens, positions, mask)
+        z = np.asarray(logits, np.float64)[:, 15:-1]
+        p = np.exp(z - z.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        h = -(p * np.log(p)).sum(-1)
+        ents += (h * cmask).sum()
+        counts += cmask.sum()
+    run_step(t, batch_items)
+    # micro-batches of 4 rows are averaged with equal weight; all but one row are full, so this is close
+    assert t.last_metrics["entropy"] == pytest.approx(ents / counts, rel=2e-3)
+
+
+def test_non_finite_updates_are_skipped_counted_and_abort_the_run_past_the_limit(registry):
+    from rlpipe.roles.training import NonFiniteLossError
+
+    import attrs
+    import jax.numpy as jnp
+
+    t = trainer(registry, [0], (1, 1), max_skipped_updates=1)
+    loss = t.algorithm.loss
+
+    def poisoned(logp, rows):  # a NaN loss whenever a batch holds token 99 (as a diverging model would give)
+        value, metrics = loss(logp, rows)
+        return value + jnp.where(jnp.any(rows["completion"] == 99), jnp.nan, 0.0), metrics
+
+    t.algorithm = attrs.evolve(t.algorithm, loss=poisoned) if attrs.has(type(t.algorithm)) else t.algorithm
+    if t.algorithm.loss is not poisoned:
+        object.__setattr__(t.algorithm, "loss", poisoned)
+    bad = [Batch({**dict(b), "completion_tokens": np.full_like(b["completion_tokens"], 99)}) for b in items(0)]
+    before = [np.asarray(x) for x in jax.tree_util.tree_leaves((t.params, t.opt_state))]
+    run_step(t, bad)
+    assert t.last_metrics["skipped_updates"] == 1 and t.version == 1
+    for a, b in zip(jax.tree_util.tree_leaves((t.params, t.opt_state)), before):
+        np.testing.assert_array_equal(np.asarray(a), b)  # untouched, not poisoned
+    run_step(t, items(1), step=1)  # a good batch trains again
+    assert t.last_metrics["skipped_updates"] == 1 and np.isfinite(t.last_metrics["loss"])
+    with pytest.raises(NonFiniteLossError, match="max_skipped_updates = 1"):
+        run_step(t, bad, step=2)

@@ -219,12 +219,14 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def sequence_logprobs(model: Decoder, prompt: jax.Array, prompt_mask: jax.Array, completion: jax.Array,
-                      completion_mask: jax.Array, temperature: float = 1.0) -> jax.Array:
+                      completion_mask: jax.Array, temperature: float = 1.0, *, with_entropy: bool = False):
     """Per-token log-probs ``[batch, completion_len]`` of ``completion`` given
     ``prompt`` (left-padded), in one full-sequence forward; 0 where masked.
 
     ``temperature`` divides the logits, as the sampler did, so that rollout,
-    reference and trainer log-probs describe the same distribution.
+    reference and trainer log-probs describe the same distribution.  With
+    ``with_entropy``, also returns the entropy of that distribution at each
+    completion position (0 where masked): ``(logprobs, entropy)``.
     """
     tokens = jnp.concatenate([prompt, completion], axis=1)
     mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
@@ -232,5 +234,11 @@ def sequence_logprobs(model: Decoder, prompt: jax.Array, prompt_mask: jax.Array,
     logits, _ = model.forward(tokens, positions, mask)
     p = prompt.shape[1]
     # logits at position t predict token t + 1
-    lp = token_logprobs(logits[:, p - 1:-1] / temperature, completion)
-    return jnp.where(completion_mask.astype(bool), lp, 0.0)
+    scaled = logits[:, p - 1:-1] / temperature
+    lp = jnp.where(completion_mask.astype(bool), token_logprobs(scaled, completion), 0.0)
+    if not with_entropy:
+        return lp
+    z = scaled.astype(jnp.float32)
+    logz = jax.nn.logsumexp(z, axis=-1)
+    entropy = logz - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)  # H = log Z - E[z]
+    return lp, jnp.where(completion_mask.astype(bool), entropy, 0.0)

@@ -44,10 +44,14 @@ class TrainerConfig(OptimizedRoleConfig):
         mini_batch_size: rows per optimizer update; gradients accumulate over
             micro-batches up to it; ``null`` is the whole global batch.
         num_iterations: passes over each global batch.
+        max_skipped_updates: an update whose loss or gradient is not finite is
+            skipped (parameters and optimizer state unchanged) and counted;
+            the run stops with an error once more than this many were skipped.
     """
 
     mini_batch_size: int | None = attrs.field(default=None, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
     num_iterations: int = attrs.field(default=1, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
+    max_skipped_updates: int = attrs.field(default=10, validator=check(lambda v: v >= 0, "must be at least 0, got {value}"))
 
 
 def optimized_memory(config: OptimizedRoleConfig, run_config, mesh, *, rows: int, value_head: bool = False) -> memory.MemoryEstimate | None:

@@ -127,6 +127,10 @@ class _OptimizedState:
                                                          (self.params, self.opt_state))
 
 
+class NonFiniteLossError(RuntimeError):
+    """Too many updates had a non-finite loss or gradient."""
+
+
 class TrainerStage(_OptimizedState):
     """The policy update.  See the module docstring for what happens when."""
 
@@ -144,6 +148,7 @@ class TrainerStage(_OptimizedState):
         self.params = params
         self.opt_state = on_mesh(jax.jit(self.optimizer.init)(params), self.mesh)
         self.version = 0
+        self.skipped_updates = 0
         self.items: list[Batch] = []
         self.subscribers: list[Callable[[Any, int], None]] = []
         self.last_metrics: dict[str, float] = {}
@@ -171,16 +176,27 @@ class TrainerStage(_OptimizedState):
 
     def _grad_fn(self, params, rows, scale):
         def loss_fn(p):
-            logp = self._policy_logprobs(p, rows)
+            logp, entropy = sequence_logprobs(nnx.merge(self.graphdef, p), rows["prompt"], rows["prompt_mask"],
+                                              rows["completion"], rows["completion_mask"], self.temperature,
+                                              with_entropy=True)
             loss, metrics = self.algorithm.loss(logp, rows)
+            mask = rows["completion_mask"].astype(jnp.float32)
+            # The sampled distribution's entropy per completion token (a diagnostic: no gradient).
+            metrics = {**metrics, "entropy": jax.lax.stop_gradient((entropy * mask).sum() / jnp.maximum(mask.sum(), 1.0))}
             return loss * scale, metrics
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return grads, loss, metrics
 
-    def _apply_fn(self, params, opt_state, grads):
-        updates, opt_state = self.optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, optax.tree.norm(grads)
+    def _apply_fn(self, params, opt_state, grads, loss):
+        """One optimizer update; skipped (state unchanged) when the loss or the
+        gradient is not finite, so one bad batch cannot poison the policy."""
+        gnorm = optax.tree.norm(grads)
+        ok = jnp.isfinite(gnorm) & jnp.isfinite(loss)
+        updates, new_opt = self.optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        return keep(new_params, params), keep(new_opt, opt_state), gnorm, ~ok
 
     # -- stage protocol --------------------------------------------------------------
 
@@ -228,40 +244,52 @@ class TrainerStage(_OptimizedState):
             old = [self._logprobs(self.params, chunk(i, i + mb)) for i in range(0, n_rows, mb)]
             device_rows["old_logprobs"] = np.concatenate(jax.device_get(old))
             metrics_acc: dict[str, list] = {}
-            grad_norms = []
+            grad_norms, skips = [], []
             with context.span("train", policy_version=self.version):
                 for _ in range(self.config.num_iterations):
                     for lo in range(0, n_rows, mini):
-                        grads, parts = None, []
+                        grads, parts, total = None, [], 0.0
                         for i in range(lo, lo + mini, mb):
                             g, loss, metrics = self._grad(self.params, chunk(i, i + mb), jnp.float32(mb / mini))
                             grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
+                            total = total + loss
                             parts.append((loss, metrics))
-                        self.params, self.opt_state, gnorm = self._apply(self.params, self.opt_state, grads)
+                        self.params, self.opt_state, gnorm, skipped = self._apply(self.params, self.opt_state, grads, total)
                         grad_norms.append(gnorm)
+                        skips.append(skipped)
                         for loss, metrics in parts:
                             metrics_acc.setdefault("loss", []).append(loss * (mini / mb))
                             for k, v in metrics.items():
                                 metrics_acc.setdefault(k, []).append(v)
-                fetched = jax.device_get((metrics_acc, grad_norms))  # inside: the span covers the device work
-            self.last_metrics = {k: float(np.mean(v)) for k, v in fetched[0].items()}
-            self.last_metrics["grad_norm"] = float(np.mean(fetched[1]))
+                fetched = jax.device_get((metrics_acc, grad_norms, skips))  # inside: the span covers the device work
+            finite = [x for x in fetched[1] if np.isfinite(x)]
+            self.last_metrics = {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+                                 for k, v in fetched[0].items()}
+            self.last_metrics["grad_norm"] = float(np.mean(finite)) if finite else float("nan")
+            self.skipped_updates += int(np.sum(fetched[2]))
+            self.last_metrics["skipped_updates"] = self.skipped_updates
             self.last_metrics["reward/mean"] = self._reward_mean
             tokens = float(rows["completion_mask"].sum())
             self.last_metrics["tokens_per_s"] = tokens * self.config.num_iterations / max(time.perf_counter() - start, 1e-9)
             self.last_metrics["staleness_mean"] = float(np.mean(self.version - versions))
             self.last_metrics["staleness_max"] = float(np.max(self.version - versions))
+            if self.skipped_updates > self.config.max_skipped_updates:
+                raise NonFiniteLossError(
+                    f"{self.skipped_updates} updates were skipped because the loss or gradient was not finite "
+                    f"(more than roles.trainer.max_skipped_updates = {self.config.max_skipped_updates}); "
+                    "lower the learning rate or check the rewards")
             self.version += 1
             with context.span("weight_sync", policy_version=self.version):
                 for publish in self.subscribers:
                     publish(self.params, self.version)
 
     def state(self) -> Any:
-        return {**super().state(), "version": self.version}
+        return {**super().state(), "version": self.version, "skipped_updates": self.skipped_updates}
 
     def restore(self, state: Any) -> None:
         super().restore(state)
         self.version = int(state["version"])
+        self.skipped_updates = int(state["skipped_updates"])
 
     def publish(self) -> None:
         """Sends the current policy to every subscriber (after a restore)."""
