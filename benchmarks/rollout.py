@@ -48,18 +48,20 @@ Measurements:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from results import Sink, log, record, stdout_sink
 
 from rlpipe.models.config import PRESETS, DecoderConfig
 from rlpipe.models.decoder import init_cache
@@ -70,17 +72,14 @@ GB = 1e9
 MIB = 1 << 20
 
 
-def log(*args: Any) -> None:
-    print(*args, file=sys.stderr, flush=True)
-
-
-def emit(record: dict[str, Any]) -> dict[str, Any]:
-    if record.get("ceiling") and record["value"] is not None:
-        record["ratio"] = record["value"] / record["ceiling"]
-    if record.get("ceiling_nominal") and record["value"] is not None:
-        record["ratio_nominal"] = record["value"] / record["ceiling_nominal"]
-    print(json.dumps(record), flush=True)
-    return record
+def _rec(rec: dict[str, Any]) -> dict[str, Any]:
+    """A record with the schema's keys (:func:`results.record`) and, where
+    a nominal ceiling is given, ``ratio_nominal``."""
+    rec = dict(rec)
+    out = record(rec.pop("name"), rec.pop("value"), rec.pop("unit"), ceiling=rec.pop("ceiling", None), **rec)
+    if out.get("ceiling_nominal") and out["value"] is not None:
+        out["ratio_nominal"] = out["value"] / out["ceiling_nominal"]
+    return out
 
 
 def tree_bytes(tree: Any) -> int:
@@ -250,49 +249,63 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    config = PRESETS[args.preset]
-    dtype = jnp.dtype(args.dtype)
+def measure(*, preset: str = "tiny", dtype: str = "float32", batches: Sequence[int] = (8, 32), prompt_len: int = 32,
+            new_tokens: int = 64, repeats: int | None = None, copy_mib: int | None = None,
+            nominal_bandwidth: float | None = None, inspect_hlo: bool = False, seed: int = 0,
+            bandwidth: float | None = None, emit: Sink | None = None) -> list[dict[str, Any]]:
+    """Runs the rollout measurements (see the module docstring) and returns their records.
+
+    Args:
+        bandwidth: the copy bandwidth in bytes/s if already measured in this
+            process (``benchmarks/run_all.py``); otherwise it is measured and
+            reported as ``copy_bandwidth``.
+        emit: receives each record as it is made (default: JSON lines on stdout).
+    """
+    emit = emit or stdout_sink()
+    config = PRESETS[preset]
+    jdtype = jnp.dtype(dtype)
     dev = jax.devices()[0]
-    if args.repeats is None:
-        args.repeats = 10 if dev.platform == "cpu" else 3
-    base = {"preset": args.preset, "dtype": args.dtype, "platform": dev.platform, "device_kind": dev.device_kind,
+    if repeats is None:
+        repeats = 10 if dev.platform == "cpu" else 3
+    base = {"preset": preset, "dtype": dtype, "platform": dev.platform, "device_kind": dev.device_kind,
             "jax": jax.__version__}
     if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
         log("note: a persistent compilation cache is configured; first_call may not include compilation")
 
-    copy_mib = args.copy_mib or (256 if dev.platform == "cpu" else 4096)
-    log(f"measuring copy bandwidth ({copy_mib} MiB) on {dev.platform} ({dev.device_kind}) ...")
-    bw = copy_bandwidth(copy_mib, args.repeats)
-    records = [emit({"name": "copy_bandwidth", "value": bw / GB, "unit": "GB/s", **base, "bytes": 2 * copy_mib * MIB,
-                     "host_load_1m": os.getloadavg()[0]})]
+    records = []
+    if bandwidth is None:
+        copy_mib = copy_mib or (256 if dev.platform == "cpu" else 4096)
+        log(f"measuring copy bandwidth ({copy_mib} MiB) on {dev.platform} ({dev.device_kind}) ...")
+        bandwidth = copy_bandwidth(copy_mib, repeats)
+        records.append(emit(_rec({"name": "copy_bandwidth", "value": bandwidth / GB, "unit": "GB/s", **base,
+                                  "bytes": 2 * copy_mib * MIB, "host_load_1m": os.getloadavg()[0]})))
+    bw = bandwidth
 
-    log(f"building {args.preset} ({args.dtype}, random weights) ...")
-    model = init_sharded(config, None, seed=args.seed, dtype=dtype)
+    log(f"building {preset} ({dtype}, random weights) ...")
+    model = init_sharded(config, None, seed=seed, dtype=jdtype)
     graphdef, state = nnx.split(model)
     state = jax.block_until_ready(state)
     param_bytes = tree_bytes(state)
-    engine = Engine(graphdef, cache_dtype=dtype)
+    engine = Engine(graphdef, cache_dtype=jdtype)
     prefill = jax.jit(_prefill, static_argnums=(0, 4, 5))
 
-    bucket = bucket_length(args.prompt_len, engine.min_bucket)
-    cache_len = bucket + args.new_tokens
-    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0)  # no stop tokens: never stops early
-    rng = np.random.default_rng(args.seed)
-    key = jax.random.key(args.seed)
+    bucket = bucket_length(prompt_len, engine.min_bucket)
+    cache_len = bucket + new_tokens
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0)  # no stop tokens: never stops early
+    rng = np.random.default_rng(seed)
+    key = jax.random.key(seed)
 
-    for batch in args.batch:
-        shape = {**base, "batch": batch, "prompt_len": args.prompt_len, "prompt_bucket": bucket,
-                 "new_tokens": args.new_tokens, "cache_len": cache_len}
-        kv_bytes = kv_cache_bytes(config, batch, cache_len, dtype)
+    for batch in batches:
+        shape = {**base, "batch": batch, "prompt_len": prompt_len, "prompt_bucket": bucket,
+                 "new_tokens": new_tokens, "cache_len": cache_len}
+        kv_bytes = kv_cache_bytes(config, batch, cache_len, jdtype)
         step_bytes = param_bytes + kv_bytes
         roof_step = step_bytes / bw
         roof_tps = batch / roof_step
         roof = {"param_bytes": param_bytes, "kv_cache_bytes": kv_bytes, "bandwidth_GBps": bw / GB}
-        nominal = args.nominal_bandwidth * GB if args.nominal_bandwidth else None
+        nominal = nominal_bandwidth * GB if nominal_bandwidth else None
 
-        prompts = rng.integers(1, config.vocab_size, size=(batch, args.prompt_len), dtype=np.int32)
+        prompts = rng.integers(1, config.vocab_size, size=(batch, prompt_len), dtype=np.int32)
         mask = np.ones_like(prompts, dtype=bool)
 
         log(f"batch {batch}: first generate call (compile) ...")
@@ -301,59 +314,66 @@ def main(argv: list[str] | None = None) -> int:
         first = time.perf_counter() - t
         if not out.mask.all():
             raise RuntimeError(f"{int((~out.mask).sum())} tokens were not generated; the run would be too fast")
-        records.append(emit({"name": "first_call", "value": first, "unit": "s", **shape}))
+        records.append(emit(_rec({"name": "first_call", "value": first, "unit": "s", **shape})))
 
         times = []
-        for r in range(args.repeats):
+        for r in range(repeats):
             k = jax.random.fold_in(key, r + 1)
             t = time.perf_counter()
             out = engine.generate(state, prompts, mask, k, params)  # returns host numpy: fully synchronised
             times.append(time.perf_counter() - t)
             assert out.mask.all()
         t_gen = statistics.median(times)
-        extra = {"times_s": [round(x, 6) for x in times], "repeats": args.repeats}
-        rec = {"name": "generate_throughput", "value": batch * args.new_tokens / t_gen, "unit": "tokens/s",
+        extra = {"times_s": [round(x, 6) for x in times], "repeats": repeats}
+        rec = {"name": "generate_throughput", "value": batch * new_tokens / t_gen, "unit": "tokens/s",
                "ceiling": roof_tps, **shape, **roof, **extra}
         if nominal:
             rec["ceiling_nominal"] = batch / (step_bytes / nominal)
-        records.append(emit(rec))
+        records.append(emit(_rec(rec)))
 
         # Prefill alone, with the same padding and cache length as inside generate.
         tok_p = np.zeros((batch, bucket), np.int32)
-        tok_p[:, bucket - args.prompt_len:] = prompts
+        tok_p[:, bucket - prompt_len:] = prompts
         mask_p = np.zeros((batch, bucket), bool)
-        mask_p[:, bucket - args.prompt_len:] = True
+        mask_p[:, bucket - prompt_len:] = True
         tok_p, mask_p = jax.device_put((tok_p, mask_p))
-        jax.block_until_ready(prefill(graphdef, state, tok_p, mask_p, cache_len, dtype))
-        t_pre = statistics.median(timed(lambda: jax.block_until_ready(prefill(graphdef, state, tok_p, mask_p, cache_len, dtype)),
-                                        args.repeats))
-        records.append(emit({"name": "prefill_throughput", "value": batch * args.prompt_len / t_pre, "unit": "tokens/s",
-                             **shape, "time_s": t_pre}))
+        jax.block_until_ready(prefill(graphdef, state, tok_p, mask_p, cache_len, jdtype))
+        t_pre = statistics.median(timed(lambda: jax.block_until_ready(prefill(graphdef, state, tok_p, mask_p, cache_len, jdtype)),
+                                        repeats))
+        records.append(emit(_rec({"name": "prefill_throughput", "value": batch * prompt_len / t_pre, "unit": "tokens/s",
+                                  **shape, "time_s": t_pre})))
 
-        step = (t_gen - t_pre) / args.new_tokens
+        step = (t_gen - t_pre) / new_tokens
         if step <= 0:
             log(f"batch {batch}: prefill alone took longer than the whole generate call (noise?); no decode figures")
             step = None
         # A time has a floor, not a ceiling: the roofline step time is a field, the ratio lives on decode_throughput.
-        records.append(emit({"name": "decode_step_time", "value": step and step * 1e3, "unit": "ms",
-                             "roofline_ms": roof_step * 1e3, **shape, **roof}))
+        records.append(emit(_rec({"name": "decode_step_time", "value": step and step * 1e3, "unit": "ms",
+                                  "roofline_ms": roof_step * 1e3, **shape, **roof})))
         rec = {"name": "decode_throughput", "value": step and batch / step, "unit": "tokens/s", "ceiling": roof_tps,
                **shape, **roof}
         if nominal:
             rec["ceiling_nominal"] = batch / (step_bytes / nominal)
-        records.append(emit(rec))
+        records.append(emit(_rec(rec)))
 
-        if args.inspect_hlo:
+        if inspect_hlo:
             log(f"batch {batch}: inspecting the compiled program ...")
             facts = inspect_generate_hlo(engine, state, tok_p, mask_p, key, params,
                                          cache_shape=jax.eval_shape(lambda: init_cache(config, batch, cache_len))[0].k.shape,
                                          logits_shape=(batch, bucket, config.vocab_size))
             layer_bytes = kv_bytes // (2 * config.num_layers)
             per_step = facts.pop("cache_relayouts_per_step")
-            records.append(emit({"name": "cache_relayouts_per_step", "value": per_step, "unit": "count", **shape, **facts,
-                                 "relayout_bytes_per_step": None if per_step is None else 2 * per_step * layer_bytes,
-                                 "note": "whole-cache copies/transposes per decode step (K and V of each layer count one each); 0 is ideal"}))
+            records.append(emit(_rec({"name": "cache_relayouts_per_step", "value": per_step, "unit": "count", **shape, **facts,
+                                      "relayout_bytes_per_step": None if per_step is None else 2 * per_step * layer_bytes,
+                                      "note": "whole-cache copies/transposes per decode step (K and V of each layer count one each); 0 is ideal"})))
+    return records
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    records = measure(preset=args.preset, dtype=args.dtype, batches=args.batch, prompt_len=args.prompt_len,
+                      new_tokens=args.new_tokens, repeats=args.repeats, copy_mib=args.copy_mib,
+                      nominal_bandwidth=args.nominal_bandwidth, inspect_hlo=args.inspect_hlo, seed=args.seed)
     table(records)
     return 0
 

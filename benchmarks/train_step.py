@@ -17,16 +17,17 @@ The ceiling is a square matmul of the same dtype timed in the same process.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+
+from results import Sink, record, stdout_sink, table
 
 from rlpipe.models import PRESETS
 from rlpipe.models.loading import init_sharded
@@ -49,27 +50,22 @@ def matmul_rate(dtype, n: int, repeats: int) -> float:
     return 2 * n**3 / seconds
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--matmul-size", type=int, default=None, help="default: 2048 on CPU, 8192 on accelerators")
-    args = ap.parse_args(argv)
-
+def measure(*, preset: str = "tiny", dtype: str = "float32", batch: int = 8, seq: int = 128, repeats: int = 5,
+            matmul_size: int | None = None, emit: Sink | None = None) -> list[dict[str, Any]]:
+    """The matmul rate, the first (compiling) step, and the steady train step's
+    tokens/s and model FLOP/s against the matmul rate; returns the records."""
+    emit = emit or stdout_sink()
     platform = jax.devices()[0].platform
-    dtype = jnp.dtype(args.dtype)
-    cfg = PRESETS[args.preset]
-    common = {"preset": args.preset, "dtype": args.dtype, "platform": platform,
+    jdtype = jnp.dtype(dtype)
+    cfg = PRESETS[preset]
+    common = {"preset": preset, "dtype": dtype, "platform": platform,
               "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__}
 
-    n = args.matmul_size or (2048 if platform == "cpu" else 8192)
-    peak = matmul_rate(dtype, n, args.repeats)
-    records = [{"name": "matmul_rate", "value": peak / 1e12, "unit": "TFLOP/s", "matmul_size": n, **common}]
+    n = matmul_size or (2048 if platform == "cpu" else 8192)
+    peak = matmul_rate(jdtype, n, repeats)
+    records = [emit(record("matmul_rate", peak / 1e12, "TFLOP/s", matmul_size=n, **common))]
 
-    model = init_sharded(cfg, None, seed=0, dtype=dtype)
+    model = init_sharded(cfg, None, seed=0, dtype=jdtype)
     graphdef, params = nnx.split(model)
     opt = optax.adamw(1e-5)
     opt_state = opt.init(params)
@@ -85,7 +81,7 @@ def main(argv=None) -> int:
         return optax.apply_updates(p, updates), s, loss
 
     step = jax.jit(train_step, donate_argnums=(0, 1))
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq + 1)), jnp.int32)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq + 1)), jnp.int32)
     state = {"p": params, "s": opt_state}
 
     def run():
@@ -94,21 +90,28 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     run()
-    records.append({"name": "first_call", "value": time.perf_counter() - start, "unit": "s", **common})
-    seconds = _time(run, args.repeats)
-    n_tokens = args.batch * args.seq
-    flops = 6 * cfg.num_params() * n_tokens + 12 * cfg.num_layers * args.seq * cfg.num_heads * cfg.dim_per_head * n_tokens
-    shape = {"batch": args.batch, "seq": args.seq, "params": cfg.num_params(), **common}
-    records.append({"name": "train_tokens_per_s", "value": n_tokens / seconds, "unit": "tokens/s", **shape})
-    records.append({"name": "train_model_flops", "value": flops / seconds / 1e12, "unit": "TFLOP/s",
-                    "ceiling": peak / 1e12, "ratio": flops / seconds / peak, **shape})
-    for r in records:
-        print(json.dumps(r))
-    print(f"{'name':22s} {'value':>12s} {'unit':10s} {'ceiling':>10s} {'ratio':>7s}", file=sys.stderr)
-    for r in records:
-        ceiling = f"{r['ceiling']:.4g}" if "ceiling" in r else "-"
-        ratio = f"{100 * r['ratio']:.1f}%" if "ratio" in r else "-"
-        print(f"{r['name']:22s} {r['value']:12.4g} {r['unit']:10s} {ceiling:>10s} {ratio:>7s}", file=sys.stderr)
+    records.append(emit(record("first_call", time.perf_counter() - start, "s", **common)))
+    seconds = _time(run, repeats)
+    n_tokens = batch * seq
+    flops = 6 * cfg.num_params() * n_tokens + 12 * cfg.num_layers * seq * cfg.num_heads * cfg.dim_per_head * n_tokens
+    shape = {"batch": batch, "seq": seq, "params": cfg.num_params(), **common}
+    records.append(emit(record("train_tokens_per_s", n_tokens / seconds, "tokens/s", step_s=seconds, **shape)))
+    records.append(emit(record("train_model_flops", flops / seconds / 1e12, "TFLOP/s", ceiling=peak / 1e12, **shape)))
+    return records
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--matmul-size", type=int, default=None, help="default: 2048 on CPU, 8192 on accelerators")
+    args = ap.parse_args(argv)
+    records = measure(preset=args.preset, dtype=args.dtype, batch=args.batch, seq=args.seq, repeats=args.repeats,
+                      matmul_size=args.matmul_size)
+    table(records)
     return 0
 
 
