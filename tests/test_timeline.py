@@ -208,3 +208,14 @@ def test_a_resumed_trace_is_windowed_on_the_resumed_part_only():
     assert tl.step_window(spans, last_steps=2) == tl.Window(9, 13, (2, 3))
     assert tl.restart_time(spans_of(first)) is None
     assert tl.step_window(spans_of(first), last_steps=2) == tl.Window(4, 7, (2, 3))
+
+
+def test_a_roles_device_wait_inside_its_process_span_is_not_busy_but_another_roles_work_is():
+    from rlpipe.core.timeline import Span, Window, busy_intervals
+
+    spans = [Span(role="rollout", name="process", start=0.0, end=10.0),
+             Span(role="rollout", name="device_wait", start=2.0, end=6.0),
+             Span(role="trainer", name="train", start=2.0, end=5.0)]
+    assert busy_intervals(spans, ["rollout"]) == [(0.0, 2.0), (6.0, 10.0)]
+    # the group is busy while the trainer works, even though the rollout waits
+    assert busy_intervals(spans, ["rollout", "trainer"], window=Window(0.0, 10.0)) == [(0.0, 5.0), (6.0, 10.0)]

@@ -41,7 +41,7 @@ from rlpipe.core.errors import TraceError
 Interval = tuple[float, float]
 
 #: Span names that are not busy time (see the module docstring).
-NOT_BUSY = frozenset({"barrier_wait"})
+NOT_BUSY = frozenset({"barrier_wait", "device_wait"})
 #: Span names that wrap a stage's whole call; finer spans nest inside them.
 OUTER = frozenset({"process", "barrier"})
 HOST = "host"
@@ -372,9 +372,34 @@ def full_window(spans: Sequence[Span]) -> Window | None:
 def busy_intervals(spans: Iterable[Span], roles: Iterable[str] | None = None, *,
                    window: Window | None = None) -> list[Interval]:
     """The union of the busy spans of ``roles`` (all roles when ``None``), clipped to ``window``."""
-    wanted = None if roles is None else set(roles)
-    out = union((s.start, s.end) for s in spans if s.busy and (wanted is None or s.role in wanted))
+    spans = list(spans)
+    wanted = {s.role for s in spans} if roles is None else set(roles)
+    # Per role, waits nested in its busy spans (device_wait inside process) are
+    # cut out before the roles are merged: one role's wait is not idle time
+    # while another role of the group works.
+    per_role = []
+    for role in wanted:
+        busy = union((s.start, s.end) for s in spans if s.role == role and s.busy)
+        waits = union((s.start, s.end) for s in spans if s.role == role and not s.busy)
+        per_role.extend(_subtract(busy, waits))
+    out = union(per_role)
     return out if window is None else clip(out, window.start, window.end)
+
+
+def _subtract(intervals: list[Interval], holes: list[Interval]) -> list[Interval]:
+    """``intervals`` minus ``holes`` (both sorted and disjoint)."""
+    out = []
+    for start, end in intervals:
+        cur = start
+        for hs, he in holes:
+            if he <= cur or hs >= end:
+                continue
+            if hs > cur:
+                out.append((cur, hs))
+            cur = max(cur, he)
+        if cur < end:
+            out.append((cur, end))
+    return out
 
 
 def idle_fraction(spans: Sequence[Span], roles: Iterable[str], window: Window) -> float:
