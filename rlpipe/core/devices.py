@@ -23,6 +23,14 @@ from typing import Any
 
 _LOCKS: dict[tuple[str, int], threading.RLock] = {}
 _REGISTRY = threading.Lock()
+_ORDER: Any = None  # rlpipe.distributed.RegionOrder in a multi-process run
+
+
+def set_region_order(order: Any) -> None:
+    """Installs the order in which regions over several processes' devices are
+    entered (``order.region(devices, acquire)``); ``None`` removes it."""
+    global _ORDER
+    _ORDER = order
 
 
 def _lock(device: Any) -> threading.RLock:
@@ -53,8 +61,16 @@ def on_devices(where: Any) -> Iterator[None]:
         yield  # a single-device program has no collective to deadlock on
         return
     with contextlib.ExitStack() as stack:
-        for d in devices:
-            stack.enter_context(_lock(d))
+        def acquire() -> None:
+            for d in devices:
+                stack.enter_context(_lock(d))
+
+        if _ORDER is not None and not held_devices(devices):
+            # A multi-process run: devices of several processes are entered in
+            # one order on every process (rlpipe.distributed.RegionOrder).
+            stack.enter_context(_ORDER.region(devices, acquire))
+        else:
+            acquire()
         yield
 
 

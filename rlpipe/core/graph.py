@@ -347,21 +347,32 @@ class Executor:
         return self.plan is not None and upstream != SOURCE and self.plan.is_blocking(upstream, role)
 
     @property
+    def failure(self) -> StageError | None:
+        """The first stage failure as soon as it happens (:meth:`run` raises it
+        only once every thread has stopped)."""
+        return self._error
+
+    @property
     def policy_version(self) -> int:
         with self._version_cond:
             return self._version
 
-    def request_stop(self) -> int:
+    def request_stop(self, at: int | None = None, *, extra_steps: int = 0) -> int:
         """Stops the run at the next consistent point: every stage finishes the
         steps that some stateful stage has already started, a snapshot is
         taken after the last of them, and the run returns.  Thread-safe and
-        idempotent (e.g. from a signal handler); returns the last step."""
+        idempotent (e.g. from a signal handler); returns the last step.
+
+        A multi-process run stops every process after the same step: process
+        0 asks for ``extra_steps=1`` (no other process can have decided that
+        step's barrier yet) and the others for ``at`` that step.
+        """
         with self._version_cond:
             if not self._stop_requested:
                 # _decided[r]: the first step whose barrier r has not yet decided
                 # on (snapshot or not); every such barrier will see the new _final.
                 started = max((self._decided[r] for r in (*self._stateful, *self.graph.terminals)), default=0)
-                self._final = min(self._final, started)
+                self._final = min(self._final, started + extra_steps if at is None else at)
                 self._stop_requested = True
             self._version_cond.notify_all()
             return self._final
