@@ -115,6 +115,7 @@ class RunCheckpointer:
         scalars: dict[str, dict[str, Any]] = {}
         for role, state in states.items():
             arrays, scalars[role] = flatten(state)
+            arrays = {k: _saveable(f"stage.{role}", k, v) for k, v in arrays.items()}
             items[f"stage.{role}"] = ocp.args.StandardSave(arrays)
         flat_pending = _pending_arrays(pending)
         if flat_pending:
@@ -181,7 +182,8 @@ class RunCheckpointer:
         abstract_by_role = {}
         for role, template in templates.items():
             arrays, _ = flatten(template)
-            abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=_restore_sharding(v)) for k, v in arrays.items()}
+            abstract = {k: np.empty(v.shape, v.dtype) if single_process(v) is not None  # saved as numpy: see _saveable
+                        else jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=_restore_sharding(v)) for k, v in arrays.items()}
             self._check_shapes(base / f"stage.{role}", step, f"stage.{role}", abstract)
             abstract_by_role[role] = abstract
             items[f"stage.{role}"] = ocp.args.StandardRestore(abstract)
@@ -258,13 +260,41 @@ class RunCheckpointer:
             raise CheckpointError(f"{path}: array {unknown[0]} is not part of this run's state (did the model or optimizer change?)")
 
 
+def single_process(x: Any) -> int | None:
+    """In a multi-process run, the one process whose devices hold all of array
+    ``x`` (a role placed on one process's devices), else ``None``."""
+    if not isinstance(x, jax.Array) or jax.process_count() == 1:
+        return None
+    procs = {d.process_index for d in x.sharding.device_set}
+    return next(iter(procs)) if len(procs) == 1 else None
+
+
+def _saveable(item: str, key: str, x: Any) -> Any:
+    """What orbax can write for ``x`` in a multi-process run.
+
+    orbax writes arrays spread over several processes collectively, but takes
+    an array held by a single process for a per-host array and refuses it.
+    Process 0's such arrays are written as numpy instead (orbax writes numpy
+    from process 0; the others pass a placeholder of the same shape, unused).
+    An array on another single process has no such route.
+    """
+    owner = single_process(x)
+    if owner is None:
+        return x
+    if owner != 0:
+        raise CheckpointError(f"{item}: {key} lives on the devices of process {owner} only; a multi-process checkpoint "
+                              "can hold such arrays only from process 0 (place the role on devices of process 0 or of "
+                              "several processes)")
+    return np.asarray(jax.device_get(x)) if jax.process_index() == 0 else np.zeros(x.shape, x.dtype)
+
+
 def _restore_sharding(x: Any) -> Any:
     """Restore straight into the device layout (never pinned host memory first)."""
     if isinstance(x, jax.Array):
         return x.sharding.with_memory_kind("device")
     if getattr(x, "sharding", None) is not None:  # an abstract array that says where it goes
         return x.sharding
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # jax.devices()[0] is process 0's
 
 
 def _reason(exc: BaseException) -> str:

@@ -5,7 +5,9 @@ Weight sync is a function of (source placement, target placement):
 * same shardings and dtype: the target *shares* the source's buffers (no copy);
 * same devices, other layout or dtype: one jitted program re-lays and casts;
 * disjoint devices: ``jax.device_put`` to the target shardings (a device to
-  device transfer), then the cast, if any, on the target.
+  device transfer), then the cast, if any, on the target;
+* disjoint devices of several processes (a multi-process run): a transfer
+  every process takes part in (:func:`rlpipe.distributed.transfer`).
 
 Host offload moves arrays to the ``pinned_host`` memory kind with
 ``jax.device_put``, device to host directly, never through numpy (which is
@@ -45,7 +47,14 @@ def sync(source: Any, target_shardings: Any, dtype: Any = None) -> Any:
     if same_layout and same_dtype:
         return source
     cast = (lambda x: x) if dtype is None else (lambda x: x.astype(dtype))
-    if _devices(source) == frozenset(d for s in shards for d in s.device_set):
+    target_devices = frozenset(d for s in shards for d in s.device_set)
+    if _devices(source) != target_devices:
+        from rlpipe import distributed
+
+        if distributed.current() is not None:
+            # A multi-process run: no device_put between processes; every process takes part.
+            return distributed.transfer(source, target_shardings, dtype)
+    if _devices(source) == target_devices:
         return jax.jit(lambda t: jax.tree_util.tree_map(cast, t), out_shardings=target_shardings)(source)
     moved = jax.device_put(source, target_shardings)
     return moved if same_dtype else jax.jit(lambda t: jax.tree_util.tree_map(cast, t), out_shardings=target_shardings)(moved)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rlpipe import distributed
 from rlpipe.models.decoder import init_cache
 
 
@@ -188,7 +189,8 @@ class Engine:
         length = bucket_length(int(prompt_mask.sum(axis=1).max(initial=1)), self.min_bucket)
         tokens, mask = left_pad(prompt_tokens, prompt_mask, length, params.pad_id)
         if sharding is not None:
-            tokens, mask = jax.device_put((tokens, mask), sharding)
+            # Not jax.device_put: on a mesh spanning processes it would compare the prompts across them.
+            tokens, mask = distributed.put((tokens, mask), sharding)
         out = self._fn(state, tokens, mask, key, params=params, cache_dtype=self.cache_dtype)
-        toks, m, lp = jax.device_get(out)
+        toks, m, lp = distributed.to_host(out)
         return Generation(tokens=np.asarray(toks), mask=np.asarray(m), logprobs=np.asarray(lp))

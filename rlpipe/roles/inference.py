@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from rlpipe import distributed
 from rlpipe.core import weights
 from rlpipe.core.devices import on_devices
 from rlpipe.core.placement import RolePlacement, make_mesh
@@ -142,15 +143,21 @@ class RolloutStage:
         prompts = np.asarray(batch["prompt_tokens"])
         mask = np.asarray(batch["prompt_mask"])
         g = self.config.num_generations
-        with context.span("generate", policy_version=version):
+
+        def generate() -> dict[str, np.ndarray]:
             with on_devices(self.holder.mesh):
                 out = self.engine.generate(state, np.repeat(prompts, g, axis=0), np.repeat(mask, g, axis=0), context.key(),
                                            self.params, sharding=self.holder.replicated)
+            return {"tokens": out.tokens, "mask": out.mask, "logprobs": out.logprobs}
+
+        with context.span("generate", policy_version=version):
+            # Multi-process runs: processes without the rollout's devices receive its completions.
+            out = distributed.share(self.holder.mesh, generate)
         rows, n = prompts.shape[0], self.params.max_new_tokens
         return batch.add(
-            completion_tokens=out.tokens.reshape(rows, g, n),
-            completion_mask=out.mask.reshape(rows, g, n),
-            rollout_logprobs=out.logprobs.reshape(rows, g, n),
+            completion_tokens=out["tokens"].reshape(rows, g, n),
+            completion_mask=out["mask"].reshape(rows, g, n),
+            rollout_logprobs=out["logprobs"].reshape(rows, g, n),
             policy_version=np.full((rows,), version, np.int32),
         )
 
@@ -206,11 +213,15 @@ class ReferenceStage:
             prompts, pmask, comp, cmask = (np.concatenate([a, np.zeros((padded - total, *a.shape[1:]), a.dtype)])
                                            for a in (prompts, pmask, comp, cmask))
         # Dispatch every micro-batch, then fetch once: no host round trip between them.
-        with context.span("logprobs"):
+        def score() -> dict[str, np.ndarray]:
             with on_devices(self.holder.mesh):
-                outs = [self._fn(state, *jax.device_put([a[s:s + mb] for a in (prompts, pmask, comp, cmask)], self.holder.replicated))
+                outs = [self._fn(state, *distributed.put([a[s:s + mb] for a in (prompts, pmask, comp, cmask)], self.holder.replicated))
                         for s in range(0, padded, mb)]
-                logprobs = np.concatenate(jax.device_get(outs))[:total]
+                return {"logprobs": np.concatenate(distributed.to_host(outs))[:total]}
+
+        with context.span("logprobs"):
+            # Multi-process runs: processes without the reference's devices receive its log-probs.
+            logprobs = distributed.share(self.holder.mesh, score)["logprobs"]
         return batch.add(ref_logprobs=logprobs.reshape(rows, g, n).astype(np.float32))
 
     def offload(self) -> None:

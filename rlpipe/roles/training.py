@@ -30,6 +30,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from rlpipe import distributed
 from rlpipe.core import weights
 from rlpipe.core.devices import on_devices
 from rlpipe.core.placement import RolePlacement, make_mesh
@@ -223,6 +224,16 @@ class TrainerStage(_OptimizedState):
         return rows
 
     def on_barrier(self, *, context: StageContext) -> None:
+        if not distributed.owns(self.mesh):
+            # A multi-process run whose trainer is on other processes' devices:
+            # they train; this process only advances the version and takes part
+            # in the weight sync (a transfer every process joins).
+            self.items = []
+            self.version += 1
+            with context.span("weight_sync", policy_version=self.version):
+                for publish in self.subscribers:
+                    publish(self.params, self.version)
+            return
         start = time.perf_counter()
         rows = self._rows()
         self.items = []
@@ -237,12 +248,12 @@ class TrainerStage(_OptimizedState):
         device_rows = {k: v for k, v in rows.items()}
 
         def chunk(lo, hi):
-            return jax.device_put({k: v[lo:hi] for k, v in device_rows.items()}, self.row_sharding)
+            return distributed.put({k: v[lo:hi] for k, v in device_rows.items()}, self.row_sharding)
 
         with on_devices(self.mesh):  # colocated roles run device programs one at a time
             # The "old" policy: current weights before any update of this global batch.
             old = [self._logprobs(self.params, chunk(i, i + mb)) for i in range(0, n_rows, mb)]
-            device_rows["old_logprobs"] = np.concatenate(jax.device_get(old))
+            device_rows["old_logprobs"] = np.concatenate(distributed.to_host(old))
             metrics_acc: dict[str, list] = {}
             grad_norms, skips = [], []
             with context.span("train", policy_version=self.version):
@@ -261,7 +272,7 @@ class TrainerStage(_OptimizedState):
                             metrics_acc.setdefault("loss", []).append(loss * (mini / mb))
                             for k, v in metrics.items():
                                 metrics_acc.setdefault(k, []).append(v)
-                fetched = jax.device_get((metrics_acc, grad_norms, skips))  # inside: the span covers the device work
+                fetched = distributed.to_host((metrics_acc, grad_norms, skips))  # inside: the span covers the device work
             finite = [x for x in fetched[1] if np.isfinite(x)]
             self.last_metrics = {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
                                  for k, v in fetched[0].items()}
@@ -278,10 +289,12 @@ class TrainerStage(_OptimizedState):
                     f"{self.skipped_updates} updates were skipped because the loss or gradient was not finite "
                     f"(more than roles.trainer.max_skipped_updates = {self.config.max_skipped_updates}); "
                     "lower the learning rate or check the rewards")
-            self.version += 1
-            with context.span("weight_sync", policy_version=self.version):
-                for publish in self.subscribers:
-                    publish(self.params, self.version)
+        self.version += 1
+        # Outside on_devices: a weight sync to another process's devices waits
+        # for its turn (rlpipe.distributed.RegionOrder), never holding devices.
+        with context.span("weight_sync", policy_version=self.version):
+            for publish in self.subscribers:
+                publish(self.params, self.version)
 
     def state(self) -> Any:
         return {**super().state(), "version": self.version, "skipped_updates": self.skipped_updates}
@@ -372,16 +385,20 @@ class CriticStage(_OptimizedState):
         if padded != n:  # zero rows (mask 0) so every call has one shape
             rows = {k: np.concatenate([v, np.zeros((padded - n, *v.shape[1:]), v.dtype)]) for k, v in rows.items()}
         for lo in range(0, padded, mb):
-            yield jax.device_put({k: v[lo:lo + mb] for k, v in rows.items()}, self.replicated)
+            yield distributed.put({k: v[lo:lo + mb] for k, v in rows.items()}, self.replicated)
 
     def process(self, batch: Batch, *, context: StageContext) -> Batch:
         grouped = group_items([batch], self.pad_id)
         rows = flat_rows(grouped)
         keys = ("prompt", "prompt_mask", "completion", "completion_mask")
-        with on_devices(self.mesh):
-            outs = [self._values(self.params, *(c[k] for k in keys)) for c in self._micro_batches({k: rows[k] for k in keys})]
-            p, g, n = grouped["completion"].shape
-            values = np.concatenate(jax.device_get(outs))[: p * g].reshape(p, g, n)
+        p, g, n = grouped["completion"].shape
+
+        def compute() -> dict[str, np.ndarray]:
+            with on_devices(self.mesh):
+                outs = [self._values(self.params, *(c[k] for k in keys)) for c in self._micro_batches({k: rows[k] for k in keys})]
+                return {"values": np.concatenate(distributed.to_host(outs))[: p * g].reshape(p, g, n)}
+
+        values = distributed.share(self.mesh, compute)["values"]  # every process gets them (multi-process runs)
         out = batch.add(values=values)
         self.items.append(out)
         return out
@@ -389,6 +406,8 @@ class CriticStage(_OptimizedState):
     def on_barrier(self, *, context: StageContext) -> None:
         grouped = group_items(self.items, self.pad_id)
         self.items = []
+        if not distributed.owns(self.mesh):
+            return  # trained by the processes that hold its devices (multi-process runs)
         estimate = self.algorithm.estimate(jnp.asarray(grouped["rewards"]), jnp.asarray(grouped["completion_mask"]),
                                            jnp.asarray(grouped["values"]))
         if estimate.returns is None:
@@ -404,5 +423,5 @@ class CriticStage(_OptimizedState):
                 grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
                 losses.append(loss)
             self.params, self.opt_state = self._apply(self.params, self.opt_state, grads)
-            self.last_metrics = {"value_loss": float(np.sum(jax.device_get(losses)))}
+            self.last_metrics = {"value_loss": float(np.sum(distributed.to_host(losses)))}
 
