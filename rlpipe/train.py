@@ -11,11 +11,19 @@ The run directory (docs/runs.md) holds ``config.yaml`` (resolved),
 ``plan.json``, ``metrics.jsonl`` (one object per step, written as each step
 ends), ``checkpoints/`` (orbax, :mod:`rlpipe.core.checkpoint`) and
 ``trace.json`` (Chrome trace events, written at the end, also after a failure).
+
+In a multi-process run (:mod:`rlpipe.distributed`, docs/scaling.md) every
+process calls :func:`train` with the same config: process 0 alone writes
+``config.yaml``, ``plan.json``, ``metrics.jsonl`` and TensorBoard; every
+process writes its own timeline (``trace.json`` for process 0,
+``trace.<i>.json`` for process ``i``) and its part of each checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -24,10 +32,10 @@ from typing import Any
 
 import attrs
 
-from rlpipe import __version__
+from rlpipe import __version__, distributed
 from rlpipe.core.checkpoint import CheckpointError, RunCheckpointer
 from rlpipe.core.config import RunConfig, dump_yaml
-from rlpipe.core.errors import UsageError
+from rlpipe.core.errors import RunError, UsageError
 from rlpipe.core.graph import Executor, RunSummary, Snapshot
 from rlpipe.core.planning import build_stages, plan_run
 from rlpipe.core.plugins import Registry
@@ -89,6 +97,8 @@ class RunControl:
 
     :meth:`request_stop` asks the run to finish the steps already started,
     write a checkpoint and return; it may be called before the run starts.
+    In a multi-process run the request goes to process 0, which picks the
+    step every process stops after (see :func:`_coordinate`).
     """
 
     def __init__(self) -> None:
@@ -100,13 +110,138 @@ class RunControl:
         with self._lock:
             self._executor = executor
             if self.stop_requested:
-                executor.request_stop()
+                self._stop(executor)
 
     def request_stop(self) -> None:
         with self._lock:
             self.stop_requested = True
             if self._executor is not None:
-                self._executor.request_stop()
+                self._stop(self._executor)
+
+    @staticmethod
+    def _stop(executor: Executor) -> None:
+        session = distributed.current()
+        if session is None:
+            executor.request_stop()
+        else:
+            session.request_stop()
+
+
+def trace_file(run_dir: Path, process_index: int = 0) -> Path:
+    """The timeline a process writes: ``trace.json`` for process 0 (the one
+    ``rlpipe report`` reads), ``trace.<i>.json`` for process ``i``."""
+    return run_dir / ("trace.json" if process_index == 0 else f"trace.{process_index}.json")
+
+
+def _check_multiprocess_plan(planned: Any, session: distributed.Session | None, stateful: Any = ()) -> None:
+    """What a multi-process run needs of the plan: process 0 writes the
+    metrics, so it holds some of the sink's devices (the built-in policies give
+    the trainer device 0 first); and a stateful role on a single process must
+    be on process 0 (see :func:`rlpipe.core.checkpoint.single_process`)."""
+    if session is None:
+        return
+    import jax
+
+    by_id = {d.id: d for d in jax.devices()}
+    processes = {r.name: {by_id[i].process_index for i in r.devices} for r in planned.plan.roles}
+    sink = planned.graph.sink
+    if sink is not None and 0 not in processes[sink]:
+        raise UsageError(f"roles.{sink}: in a multi-process run the {sink} must have a device of process 0 "
+                         f"(it writes the metrics); it has devices {list(planned.plan.role(sink).devices)}")
+    for role in stateful:
+        if len(processes[role]) == 1 and processes[role] != {0}:
+            raise UsageError(f"roles.{role}: its state lives on process {min(processes[role])} alone, which a "
+                             "multi-process checkpoint cannot hold; give it devices of process 0 or of several processes")
+
+
+def _same_config(config: RunConfig, session: distributed.Session) -> None:
+    """Every process must run the same config (the same command): compares
+    each process's resolved config with process 0's, naming the first key
+    that differs."""
+    mine = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    theirs = session.exchange("config", mine)
+    if theirs != mine:
+        a, b = _flat(json.loads(theirs)), _flat(json.loads(mine))
+        key = next((k for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")), "?")
+        raise UsageError(f"process {session.process_index} runs another config than process 0 ({key}: "
+                         f"{a.get(key, '<absent>')!r} there, {b.get(key, '<absent>')!r} here); every process must "
+                         "run the same command")
+
+
+class _SamePrompts:
+    """Checks that this process made the same prompts as process 0: arrays fed to
+    programs that span processes are assembled from each process's own copy
+    (:func:`rlpipe.distributed.put`), so data that differs between processes
+    would silently mix.  The check never makes the data source wait for
+    process 0; steps not yet comparable are compared later, the rest at the
+    end of the run (:meth:`finish`)."""
+
+    def __init__(self, session: distributed.Session):
+        self.session = session
+        self.unchecked: list[tuple[int, str]] = []
+
+    def wrap(self, source: Any, start_step: int) -> Any:
+        import hashlib
+
+        import numpy as np
+
+        for step, items in enumerate(source, start_step):
+            digest = hashlib.sha256()
+            for item in items:
+                for name in ("prompt_tokens", "prompt_mask"):
+                    digest.update(np.ascontiguousarray(item[name]).tobytes())
+            self.unchecked.append((step, digest.hexdigest()))
+            self.check()
+            yield items
+
+    def check(self, wait_s: float = 0) -> None:
+        for step, value in list(self.unchecked):
+            same = self.session.agree(f"prompts/{step}", value, wait_s=wait_s)
+            if same is False:
+                raise RuntimeError(f"the prompts of step {step} differ from process 0's; every process must build "
+                                   "the same data (same task, files and seed)")
+            if same:
+                self.unchecked.remove((step, value))
+
+    def finish(self) -> None:
+        try:
+            self.check(wait_s=10)
+        except RuntimeError as exc:
+            raise RunError(str(exc)) from None
+
+
+def _coordinate(executor: Executor, session: distributed.Session) -> threading.Event:
+    """What the processes of a multi-process run must agree on while it runs;
+    until the returned event is set.
+
+    * A stage failure ends the run on every process: the others may be
+      waiting in a collective for this one, and a thread of this one for them.
+    * A stop (a signal to any process) ends every process after the same
+      step: process 0 picks it one step past what it has started, which no
+      process can have passed (each barrier's device work needs them all),
+      and the others stop there too.
+    """
+    done = threading.Event()
+
+    def watch() -> None:
+        stopping = False
+        while not done.wait(0.2):
+            failure = executor.failure
+            if failure is not None:
+                session.fail(failure.exit_code, failure.lines()[0])
+                return
+            if stopping:
+                continue
+            with contextlib.suppress(Exception):  # the coordinator going away is the watchdog's business
+                if session.is_primary and session.stop_requested():
+                    session.announce_stop(executor.request_stop(extra_steps=1))
+                    stopping = True
+                elif not session.is_primary and (step := session.stop_step()) is not None:
+                    executor.request_stop(at=step)
+                    stopping = True
+
+    threading.Thread(target=watch, name="rlpipe-coordinate", daemon=True).start()
+    return done
 
 
 def train(config: RunConfig, registry: Registry, *, run_dir: str | Path,
@@ -127,12 +262,17 @@ def train(config: RunConfig, registry: Registry, *, run_dir: str | Path,
     """
     log = log or (lambda message: None)
     run_dir = Path(run_dir)
+    session = distributed.current()
+    primary = session is None or session.is_primary
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"{run_dir}: cannot create the run directory: {exc.strerror or exc}") from exc
     planned = plan_run(config, registry)
     config = planned.config
+    if session is not None:
+        _same_config(config, session)
+    _check_multiprocess_plan(planned, session)
     checkpointer = RunCheckpointer(run_dir / "checkpoints", keep=config.checkpoint.keep,
                                    asynchronous=config.checkpoint.asynchronous)
     latest = checkpointer.latest_step()
@@ -154,6 +294,7 @@ def train(config: RunConfig, registry: Registry, *, run_dir: str | Path,
     if trainer is not None and rollout is not None and hasattr(trainer, "subscribe") and hasattr(rollout, "load_weights"):
         trainer.subscribe(rollout.load_weights)
     stateful = {r: s for r, s in stages.items() if isinstance(s, StatefulStage)}
+    _check_multiprocess_plan(planned, session, stateful)
 
     start_step, replay = 0, {}
     if meta is not None:
@@ -165,7 +306,8 @@ def train(config: RunConfig, registry: Registry, *, run_dir: str | Path,
         start_step = latest + 1
         log(f"resuming from the checkpoint of step {latest} (policy version {meta['policy_version']})")
     metrics_path = run_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start_step - 1)
+    if primary:
+        _truncate_metrics(metrics_path, start_step - 1)
 
     from rlpipe.models.loading import load_tokenizer
 
@@ -174,18 +316,27 @@ def train(config: RunConfig, registry: Registry, *, run_dir: str | Path,
                           prompts_per_item=config.train.prompts_per_item, items_per_step=config.train.items_per_step,
                           start_step=start_step, max_prompt_tokens=config.task.max_prompt_tokens,
                           overlong=config.task.overlong_prompts, counters=counters)
+    prompts_check = _SamePrompts(session) if session is not None else None
+    if prompts_check is not None:
+        source = prompts_check.wrap(source, start_step)
 
-    (run_dir / "config.yaml").write_text(dump_yaml(config))
-    (run_dir / "plan.json").write_text(json.dumps(planned.plan.to_json(), indent=2) + "\n")
+    if session is not None:
+        session.barrier("read-run-dir")  # every process has read config.yaml before process 0 rewrites it
+    if primary:
+        (run_dir / "config.yaml").write_text(dump_yaml(config))
+        (run_dir / "plan.json").write_text(json.dumps(planned.plan.to_json(), indent=2) + "\n")
     sink = None
-    if config.telemetry.tensorboard:  # created up front: a missing extra is a config error, not a stage failure
+    if config.telemetry.tensorboard and primary:  # created up front: a missing extra is a config error, not a stage failure
         from rlpipe.tensorboard import TensorBoardSink
 
         sink = TensorBoardSink(run_dir / "tensorboard")
-    trace = Trace()
+    trace = Trace(process_index=distributed.process_index())
+    trace_path = trace_file(run_dir, distributed.process_index())
     if start_step:
-        trace.continue_from(run_dir / "trace.json")
+        trace.continue_from(trace_path)
         trace.instant("source", "resumed", step=start_step)
+    if session is not None:  # a process stopped by the watchdog still leaves its timeline
+        session.on_abort(lambda: trace.write(trace_path))
     last = [time.perf_counter()]
 
     def on_snapshot(snap: Snapshot) -> None:
@@ -195,7 +346,7 @@ def train(config: RunConfig, registry: Registry, *, run_dir: str | Path,
             "prompt_counters": attrs.asdict(counters)})
         log(f"checkpoint of step {snap.step} started")
 
-    with metrics_path.open("a") as metrics_file:
+    with metrics_path.open("a") if primary else open(os.devnull, "w") as metrics_file:
         def on_step(step: int) -> None:
             now = time.perf_counter()
             row: dict[str, Any] = {"step": step, "time/step_s": now - last[0]}
@@ -218,19 +369,25 @@ def train(config: RunConfig, registry: Registry, *, run_dir: str | Path,
                 report(row)
 
         executor = Executor(planned.graph, stages, planned.plan, max_staleness=config.train.max_staleness,
-                            seed=config.train.seed, hooks=registry.hook, trace=trace, on_step=on_step,
+                            seed=config.train.seed, hooks=registry.hook, trace=trace,
+                            on_step=on_step if primary else None,  # process 0 writes metrics and progress
                             snapshot_every=config.checkpoint.every, on_snapshot=on_snapshot)
         if control is not None:
             control.attach(executor)
+        watching = _coordinate(executor, session) if session is not None else threading.Event()
         try:
             if start_step >= config.train.steps:
                 log(f"the run already completed step {start_step - 1}; raise --steps to continue it")
                 return RunSummary(steps=start_step, policy_version=start_step, items={})
-            return executor.run(source, steps=config.train.steps, start_step=start_step, replay=replay)
+            summary = executor.run(source, steps=config.train.steps, start_step=start_step, replay=replay)
+            if prompts_check is not None:
+                prompts_check.finish()
+            return summary
         finally:
+            watching.set()
             try:
                 checkpointer.close()  # an asynchronous save finishes before the process may exit
             finally:
-                trace.write(run_dir / "trace.json")
+                trace.write(trace_path)
                 if sink is not None:
                     sink.close()

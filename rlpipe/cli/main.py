@@ -7,6 +7,7 @@ Exit status: 0 success, 1 run failure, 2 usage or config error, 130 interrupted.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import attrs
 import click
 
-from rlpipe.core.errors import RlpipeError
+from rlpipe.core.errors import RlpipeError, RunError, UsageError
 
 
 class _Group(click.Group):
@@ -275,16 +276,71 @@ def config_validate(ctx: click.Context, files: tuple[str, ...], overrides: tuple
               help="Continue the run in --run-dir from its latest checkpoint (its config.yaml is the base config).")
 @click.option("--force", is_flag=True, help="With --no-resume: delete the existing run in --run-dir and start over.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@click.option("--coordinator", metavar="HOST:PORT", envvar="RLPIPE_COORDINATOR", show_envvar=True,
+              help="Multi-process run: process 0's address and a free port; the same on every process (docs/scaling.md).")
+@click.option("--num-processes", type=click.IntRange(min=1), envvar="RLPIPE_NUM_PROCESSES", show_envvar=True,
+              help="Multi-process run: how many processes run this command.")
+@click.option("--process-id", type=click.IntRange(min=0), envvar="RLPIPE_PROCESS_ID", show_envvar=True,
+              help="Multi-process run: this process, 0 .. N-1.")
+@click.option("--distributed", "distributed_mode", type=click.Choice(["auto", "off"]), default="off",
+              envvar="RLPIPE_DISTRIBUTED", show_envvar=True, show_default=True,
+              help="auto: detect the processes from SLURM, Open MPI or a TPU pod slice (explicit options win).")
+@click.option("--heartbeat-timeout", type=click.IntRange(min=2), default=60, show_default=True, metavar="SECONDS",
+              help="Multi-process run: a process silent this long is lost and every other process stops.")
+@click.option("--init-timeout", type=click.IntRange(min=1), default=300, show_default=True, metavar="SECONDS",
+              help="Multi-process run: how long processes wait for each other (and the coordinator) at start-up.")
 @click.pass_context
 def train_cmd(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str, ...], steps: int | None,
-              run_dir: str | None, resume: bool, force: bool, quiet: bool) -> None:
+              run_dir: str | None, resume: bool, force: bool, quiet: bool, coordinator: str | None,
+              num_processes: int | None, process_id: int | None, distributed_mode: str, heartbeat_timeout: int,
+              init_timeout: int) -> None:
     """Train: with no arguments, the embedded default (a tiny model learning a
     built-in task on the CPU).
 
     On an existing --run-dir the run resumes from its latest checkpoint;
     SIGTERM or Ctrl-C finish the current step, write a checkpoint and exit
     with status 143 or 130.
+
+    With --coordinator, --num-processes and --process-id (or --distributed
+    auto) every process of a multi-process run executes this same command;
+    the placement spans all their devices (docs/scaling.md).
     """
+    from rlpipe import distributed
+
+    # Before anything touches JAX: the distributed runtime must start first.
+    session = distributed.initialize(distributed.DistributedOptions(
+        coordinator=coordinator, num_processes=num_processes, process_id=process_id,
+        auto=distributed_mode == "auto", heartbeat_timeout_s=heartbeat_timeout, init_timeout_s=init_timeout))
+    if session is not None:
+        # gloo reports its connections on the C-level stdout; `rlpipe train`
+        # prints no data there, so this process's stdout goes to stderr.
+        sys.stdout.flush()
+        os.dup2(2, 1)
+    stopped = None
+    try:
+        _train(ctx, files, overrides, steps, run_dir, resume, force, quiet, session)
+    except click.exceptions.Exit as exc:
+        stopped = exc  # by a signal: every process stopped after the same step
+    except RlpipeError as exc:
+        if session is not None:
+            session.fail(exc.exit_code, exc.lines()[0])
+        raise
+    except BaseException as exc:
+        if session is not None:
+            session.fail(130 if isinstance(exc, KeyboardInterrupt) else 1, f"{type(exc).__name__}: {exc}".splitlines()[0])
+        raise
+    if session is not None:
+        try:
+            session.close()  # process 0 hosts the coordination service: everybody leaves together
+        except Exception as exc:  # noqa: BLE001 - a process failed at the very end
+            session.fail(1, f"could not finish together with the other processes: {exc}".splitlines()[0])
+            raise RunError(f"could not finish together with the other processes: {exc}".splitlines()[0]) from exc
+    if stopped is not None:
+        raise stopped
+
+
+def _train(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str, ...], steps: int | None,
+           run_dir: str | None, resume: bool, force: bool, quiet: bool, session: Any) -> None:
     import time as _time
     from pathlib import Path
 
@@ -292,16 +348,23 @@ def train_cmd(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str, 
     from rlpipe.cli.signals import graceful_stop
     from rlpipe.train import RunControl, train
 
+    primary = session is None or session.is_primary
     if steps is not None:
         overrides = (*overrides, f"train.steps={steps}")
     reg = _registry(ctx)
+    if run_dir is None and session is not None:
+        raise UsageError("a multi-process run needs --run-dir: every process must name the same directory")
     path = Path(run_dir or f"runs/{_time.strftime('%Y%m%d-%H%M%S')}")
-    _prepare_run_dir(path, resume=resume, force=force)
+    if primary:
+        _prepare_run_dir(path, resume=resume, force=force)
+    if session is not None:
+        session.barrier("prepare-run-dir")  # process 0 may have deleted an old run (--force)
     cfg = _load_run_config(ctx, path, files, overrides) if resume else _load_config(ctx, files, overrides)
-    log = lambda message: click.echo(f"rlpipe: {message}", err=True)  # noqa: E731
+    who = "rlpipe" if session is None else f"rlpipe[{session.process_index}]"
+    log = lambda message: click.echo(f"{who}: {message}", err=True)  # noqa: E731
     log(f"training {cfg.train.steps} steps; run directory {path}")
     control = RunControl()
-    with progress_reporter(cfg.train.steps, enabled=not quiet and sys.stderr.isatty()) as report, \
+    with progress_reporter(cfg.train.steps, enabled=primary and not quiet and sys.stderr.isatty()) as report, \
             graceful_stop(control, grace_s=cfg.checkpoint.grace_period_s, log=log) as stop:
         summary = train(cfg, reg, run_dir=path, report=report, resume=resume, control=control, log=log)
     if stop.signal is not None:
