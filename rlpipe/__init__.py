@@ -39,12 +39,15 @@ from rlpipe.core.specs import (
     AdvantageEstimatorSpec,
     AlgorithmSpec,
     BuildContext,
+    EnvironmentSpec,
     PolicyLossSpec,
     PolicySpec,
     RewardFunctionSpec,
     RoleSpec,
     RolloutEngineSpec,
     TaskSpec,
+    ToolParserSpec,
+    ToolSpec,
 )
 from rlpipe.core.stage import Batch, BarrierStage, OffloadableStage, Stage, StageContext, StatefulStage
 from rlpipe.core.telemetry import Trace
@@ -56,10 +59,10 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
 
 __all__ = [
     "AdvantageEstimatorSpec", "AlgorithmSpec", "BarrierStage", "Batch", "Boundary", "BuildContext", "ConfigError",
-    "DeviceInfo", "Executor", "GraphError", "MemoryEstimate", "MeshConfig", "MeshSpec", "OffloadableStage", "Placement",
+    "DeviceInfo", "EnvironmentSpec", "Executor", "GraphError", "MemoryEstimate", "MeshConfig", "MeshSpec", "OffloadableStage", "Placement",
     "PlacementConfig", "PlacementError", "PlacementPlan", "PlanContext", "Planned", "PluginError", "PolicyLossSpec",
     "PolicySpec", "Problem", "Registry", "RewardFunctionSpec", "RlpipeError", "RoleConfig", "RoleNotRunnableError",
     "RolePlacement", "RoleRequest", "RoleSpec", "RolloutEngineSpec", "RunConfig", "Stage", "StageContext",
-    "StageError", "StageGraph", "StatefulStage", "TaskSpec", "Trace", "TrainConfig", "__version__", "build_graph",
+    "StageError", "StageGraph", "StatefulStage", "TaskSpec", "ToolParserSpec", "ToolSpec", "Trace", "TrainConfig", "__version__", "build_graph",
     "build_stages", "check", "finish_plan", "hookimpl", "load_config", "load_registry", "make_mesh", "plan_run",
 ]

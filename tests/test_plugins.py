@@ -148,7 +148,7 @@ def test_builtins_are_registered_through_rlpipes_own_entry_points(registry):
     assert eps["rewards"].value == "rlpipe.plugins.rewards" and eps["algorithms"].value == "rlpipe.plugins.algorithms"
     assert eps["roles"].dist.metadata["Name"] == "rlpipe"
     builtins = {p.source.name: p for p in registry.plugins if p.source.builtin}
-    assert set(builtins) == {"roles", "placement", "engines", "rewards", "algorithms", "tasks"}
+    assert set(builtins) == {"roles", "placement", "engines", "rewards", "algorithms", "tasks", "environments", "tools"}
     for info in builtins.values():
         assert info.status == "active" and info.errors == []
         assert (info.source.distribution, info.source.version) == ("rlpipe", rlpipe.__version__)
@@ -159,7 +159,10 @@ def test_builtins_are_registered_through_rlpipes_own_entry_points(registry):
         assert (item.plugin.source.name, item.plugin.source.distribution) == ("placement", "rlpipe")
     builtin_kinds = {"rlpipe_rollout_engines": ("engines", {"jax"}),
                      "rlpipe_reward_functions": ("rewards", {"exact-match", "partial-match", "math-answer"}),
-                     "rlpipe_algorithms": ("algorithms", {"grpo", "drgrpo", "dapo", "rloo", "reinforce-pp", "ppo", "gspo"})}
+                     "rlpipe_algorithms": ("algorithms", {"grpo", "drgrpo", "dapo", "rloo", "reinforce-pp", "ppo", "gspo"}),
+                     "rlpipe_environments": ("environments", {"tool", "single-turn"}),
+                     "rlpipe_tools": ("tools", {"calculator"}),
+                     "rlpipe_tool_parsers": ("tools", {"tag", "gsm8k", "hermes"})}
     for hook, (plugin, names) in builtin_kinds.items():
         provided = registry.provided(hook)
         assert names <= set(provided), hook

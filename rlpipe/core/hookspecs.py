@@ -21,12 +21,15 @@ if TYPE_CHECKING:
     from rlpipe.core.specs import (
         AdvantageEstimatorSpec,
         AlgorithmSpec,
+        EnvironmentSpec,
         PolicyLossSpec,
         PolicySpec,
         RewardFunctionSpec,
         RoleSpec,
         RolloutEngineSpec,
         TaskSpec,
+        ToolParserSpec,
+        ToolSpec,
     )
     from rlpipe.core.stage import Batch, StageContext
 
@@ -163,6 +166,85 @@ def rlpipe_rollout_engines() -> Iterable[RolloutEngineSpec]:
     """
 
 
+@hookspec
+def rlpipe_environments() -> Iterable[EnvironmentSpec]:
+    """Environments for agentic rollouts, selected by ``roles.rollout.environment.name``.
+
+    An environment object holds one episode: ``reset(example)`` returns the
+    first observation (text after the prompt), ``step(action)`` takes the
+    policy's turn and returns ``(observation, reward, done)``.
+
+    Example::
+
+        from rlpipe import EnvironmentSpec, hookimpl
+
+        class Echo:
+            max_turns = 2
+
+            def reset(self, example):
+                self.answer = example["answer"]
+                return ""
+
+            def step(self, action):
+                if action.strip() == self.answer:
+                    return "", 1.0, True
+                return f" (want {self.answer}) ", 0.0, False
+
+        @hookimpl
+        def rlpipe_environments():
+            yield EnvironmentSpec(name="echo", description="says the answer after a wrong try",
+                                  factory=lambda options, *, context: Echo())
+    """
+
+
+@hookspec
+def rlpipe_tools() -> Iterable[ToolSpec]:
+    """Tools the ``tool`` environment offers the policy, named in its ``tools`` option.
+
+    Example::
+
+        from rlpipe import ToolSpec, hookimpl
+
+        @hookimpl
+        def rlpipe_tools():
+            yield ToolSpec(name="upper", description="upper-cases text",
+                           parameters={"type": "object", "properties": {"text": {"type": "string"}},
+                                       "required": ["text"]},
+                           fn=lambda arguments: arguments["text"].upper())
+    """
+
+
+@hookspec
+def rlpipe_tool_parsers() -> Iterable[ToolParserSpec]:
+    r"""Tool-call formats (a chat model's native one, ...), named by the ``tool``
+    environment's ``parser`` option.
+
+    Example::
+
+        import re
+        from rlpipe import ToolParserSpec, hookimpl
+        from rlpipe.agentic import ToolCall
+
+        class Bracket:
+            def describe(self, tools):
+                return "Tools: " + ", ".join(t.name for t in tools) + "\n"
+
+            def parse(self, text):
+                m = re.search(r"\[(\w+) (.*?)\]", text)
+                return None if m is None else ToolCall(name=m[1], arguments=m[2], end=m.end())
+
+            def format_call(self, name, arguments):
+                return f"[{name} {next(iter(arguments.values()))}]"
+
+            def format_result(self, text, *, error=False):
+                return f"[{'error' if error else '='} {text}]"
+
+        @hookimpl
+        def rlpipe_tool_parsers():
+            yield ToolParserSpec(name="bracket", description="[tool args]", factory=Bracket)
+    """
+
+
 # -- lifecycle hooks -----------------------------------------------------------
 # Called from the stage's own thread; several stages run at once, so an
 # implementation that keeps state must lock it.
@@ -227,6 +309,9 @@ REGISTRATION_HOOKS: dict[str, tuple[str, str]] = {
     "rlpipe_reward_functions": ("reward function", "RewardFunctionSpec"),
     "rlpipe_tasks": ("task", "TaskSpec"),
     "rlpipe_rollout_engines": ("rollout engine", "RolloutEngineSpec"),
+    "rlpipe_environments": ("environment", "EnvironmentSpec"),
+    "rlpipe_tools": ("tool", "ToolSpec"),
+    "rlpipe_tool_parsers": ("tool parser", "ToolParserSpec"),
 }
 
 LIFECYCLE_HOOKS: tuple[str, ...] = ("rlpipe_before_stage", "rlpipe_after_stage", "rlpipe_on_stage_error")

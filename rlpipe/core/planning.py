@@ -83,10 +83,16 @@ def apply_algorithm(config: RunConfig, registry: Registry) -> tuple[RunConfig, l
 
 
 def role_specs(config: RunConfig, registry: Registry) -> dict[str, RoleSpec]:
-    """The spec of every role in the config, in config order."""
+    """The spec of every role in the config, in config order, as each role's
+    ``configure`` (if it has one) adapts it to the role's section."""
     if not config.roles:
         raise GraphError(Problem("roles", "no roles configured; a run needs at least one (see rlpipe roles list)"))
-    return {name: registry.get("rlpipe_roles", name, path=f"roles.{name}") for name in config.roles}
+    specs = {}
+    for name in config.roles:
+        spec = registry.get("rlpipe_roles", name, path=f"roles.{name}")
+        # A role whose fields depend on its options (the rollout with an environment).
+        specs[name] = spec if spec.configure is None else spec.configure(config.roles[name], run_config=config, registry=registry)
+    return specs
 
 
 def role_requests(config: RunConfig) -> list[RoleRequest]:

@@ -77,6 +77,13 @@ class RoleSpec:
             placed on (``auto`` also for meshes it considers) and shows the
             total as ``memory_estimate_bytes``.  ``None`` (the default), or a
             host role: no estimate, and the role counts 0 against capacity.
+        configure: ``configure(config, *, run_config, registry) -> RoleSpec``:
+            the spec to plan with for this config section, for a role whose
+            fields depend on its options (the rollout with an environment also
+            consumes ``example`` and produces ``episode_rewards`` and
+            ``completion_attention_mask``).  It may raise
+            :class:`rlpipe.core.errors.ConfigError` for options it cannot
+            accept.  ``None`` (the default): the spec as registered.
     """
 
     name: str = attrs.field(validator=_check_name)
@@ -90,6 +97,7 @@ class RoleSpec:
     uses_devices: bool = True
     unavailable: str = ""
     memory_estimate: Callable[[RoleConfig, RunConfig, MeshSpec], MemoryEstimate | None] | None = None
+    configure: Callable[..., RoleSpec] | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -181,3 +189,66 @@ class RolloutEngineSpec:
     description: str
     factory: Callable[..., Any]
     config_type: type | None = None
+
+
+@attrs.frozen(kw_only=True)
+class EnvironmentSpec:
+    """An environment for agentic rollouts, selected by
+    ``roles.rollout.environment.name`` (docs/agentic.md).
+
+    Attributes:
+        factory: ``factory(options, *, context) -> Environment``, called once
+            per episode (an environment object holds one episode's state);
+            ``context`` is a :class:`rlpipe.agentic.EnvironmentContext`.
+        config_type: an attrs class typing
+            ``roles.rollout.environment.options``, or ``None`` for an
+            environment without options.
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    description: str
+    factory: Callable[..., Any]
+    config_type: type | None = None
+
+
+def _schema(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict) or value.get("type", "object") != "object":
+        raise TypeError(f"ToolSpec.parameters must be a JSON schema of an object (a dict with type 'object'), got {value!r}")
+    return value
+
+
+@attrs.frozen(kw_only=True)
+class ToolSpec:
+    """A tool that an environment lets the policy call.
+
+    Attributes:
+        parameters: a JSON schema of the arguments object (``{"type":
+            "object", "properties": {...}, "required": [...]}``), shown to the
+            model in the prompt and checked before ``fn`` runs.
+        fn: ``fn(arguments: dict) -> str``: the result, shown to the model as
+            an observation.  Whatever it raises is shown to the model as a
+            tool error; the episode goes on.
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    description: str
+    fn: Callable[[dict[str, Any]], str]
+    parameters: dict[str, Any] = attrs.field(factory=lambda: {"type": "object", "properties": {}}, converter=_schema)
+
+    def schema(self) -> dict[str, Any]:
+        """The tool as the model sees it: ``{"name", "description", "parameters"}``."""
+        return {"name": self.name, "description": self.description, "parameters": self.parameters}
+
+
+@attrs.frozen(kw_only=True)
+class ToolParserSpec:
+    """A tool-call format (how calls are written, results shown and tools
+    described), selected by the tool environment's ``parser`` option.
+
+    Attributes:
+        factory: ``factory() -> ToolParser`` (:class:`rlpipe.agentic.ToolParser`).
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    description: str
+    factory: Callable[[], Any]

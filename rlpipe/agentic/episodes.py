@@ -1,0 +1,395 @@
+"""Multi-turn episodes: the policy and an environment, many episodes at once.
+
+:class:`EpisodeRunner` runs the episodes of one item (``prompts ×
+num_generations``) to the end:
+
+* up to ``max_concurrency`` episodes are **in flight** at once; each turn,
+  the next tokens of every episode in flight are generated in **one batched
+  call** of the rollout engine (its context — prompt, earlier turns and
+  observations — as the prompt); an episode that ends frees its row for the
+  next waiting one;
+* every turn of every episode is generated with the **same parameters**
+  (the policy version the caller chose), so an episode never mixes versions;
+* environment steps run on the host, between generation calls, episode by
+  episode in a fixed order, so a run is reproducible.
+
+Each episode's completion is laid out as ``reset observation | turn 1 | obs 1
+| turn 2 | ...`` (see :mod:`rlpipe.agentic.environment`): the policy's
+tokens have loss mask 1 and their sampling log-probs, the environment's have
+loss mask 0 (and log-prob 0) but attention mask 1, so the trainer computes
+log-probs in the context the policy saw and trains only on what it chose.
+
+An episode ends as ``done`` (the environment said so), ``truncated`` (out
+of turns or tokens) or ``failed`` (the environment raised, or took longer
+than the time limit: ``timeout_s`` bounds the time an episode spends in its
+environment — ``reset`` and ``step`` together — so a slow episode cannot
+fail the others in flight with it; a call still running at the limit is
+abandoned on its daemon thread).  A failed episode keeps its tokens for inspection but
+gets loss mask 0 everywhere and reward 0; it is counted, never dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, ContextManager
+
+import attrs
+import numpy as np
+
+from rlpipe.agentic.environment import EnvironmentContext
+
+#: Rows of a generation call are padded up to a power of two, at least this
+#: many, so a handful of programs are compiled however many episodes remain.
+MIN_ROWS = 8
+
+
+class Tracer:
+    """Where the runner records its spans: ``span(name, **args)`` (a context
+    manager) and ``mark(name, **args)`` (an instant event).  This one records
+    nothing."""
+
+    def span(self, name: str, **args: Any) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
+    def mark(self, name: str, **args: Any) -> None:
+        return None
+
+
+class StageTracer(Tracer):
+    """Spans and instants on a stage's track of the run's timeline."""
+
+    def __init__(self, context: Any):
+        self.context = context
+
+    def span(self, name: str, **args: Any) -> ContextManager[None]:
+        return self.context.span(name, **args)
+
+    def mark(self, name: str, **args: Any) -> None:
+        trace = getattr(self.context, "trace", None)
+        if trace is not None:
+            trace.instant(self.context.role, name, step=self.context.step, index=self.context.index, **args)
+
+
+@attrs.define
+class Episode:
+    """One episode's record; the runner fills it in as the episode goes."""
+
+    index: int
+    prompt: list[int]
+    example: Any
+    env: Any = None
+    tokens: list[int] = attrs.field(factory=list)
+    policy: list[bool] = attrs.field(factory=list)
+    logprobs: list[float] = attrs.field(factory=list)
+    actions: list[str] = attrs.field(factory=list)
+    observations: list[str] = attrs.field(factory=list)
+    turns: int = 0
+    reward: float = 0.0
+    status: str = "running"
+    error: str = ""
+    max_turns: int = 1
+    max_tokens: int = 0
+    started: float = 0.0
+    seconds: float = 0.0
+    env_seconds: float = 0.0
+    metrics: dict[str, float] = attrs.field(factory=dict)
+
+    @property
+    def policy_tokens(self) -> int:
+        return int(sum(self.policy))
+
+    @property
+    def env_tokens(self) -> int:
+        return len(self.tokens) - self.policy_tokens
+
+
+@attrs.frozen
+class EpisodeBatch:
+    """The episodes of one :meth:`EpisodeRunner.run`, in input order, and their
+    fields ``[episodes, max_tokens]`` (numpy, host)."""
+
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    attention_mask: np.ndarray
+    logprobs: np.ndarray
+    rewards: np.ndarray
+    episodes: list[Episode]
+
+
+class _Failure(Exception):
+    """Ends an episode as failed, with the reason."""
+
+
+class EpisodeRunner:
+    """Runs episodes of an environment against the policy.
+
+    Args:
+        spec: the environment's :class:`rlpipe.core.specs.EnvironmentSpec`.
+        options: its options (already structured).
+        section: the :class:`~rlpipe.agentic.environment.EnvironmentSection`
+            (turn limit, per-turn tokens, timeout).
+        engine: a rollout engine (``generate(state, tokens, mask, key, params,
+            *, sharding)``).
+        params: the sampling parameters of one turn (``max_new_tokens`` is the
+            per-turn budget).
+        max_tokens: each episode's completion budget, policy and environment
+            tokens together (the width of the output fields).
+        max_concurrency: episodes in flight at once; ``None``: all of them.
+    """
+
+    def __init__(self, *, spec: Any, options: Any, section: Any, run_config: Any, registry: Any, tokenizer: Any,
+                 engine: Any, params: Any, max_tokens: int, max_concurrency: int | None = None):
+        self.spec, self.options, self.section = spec, options, section
+        self.run_config, self.registry, self.tokenizer = run_config, registry, tokenizer
+        self.engine, self.params = engine, params
+        self.max_tokens = int(max_tokens)
+        self.max_concurrency = max_concurrency
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def run(self, state: Any, prompts: Sequence[Sequence[int]], examples: Sequence[Any], key: Any, *,
+            tracer: Tracer | None = None, device: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
+            sharding: Any = None, seed: int = 0, policy_version: int | None = None) -> EpisodeBatch:
+        """Runs one episode per prompt (``prompts[i]`` a list of token ids,
+        ``examples[i]`` its task example) and returns them laid out as fields.
+
+        Args:
+            state: the policy's parameters, used for every turn.
+            key: PRNG key; the first generation call samples with it, call
+                ``t > 0`` with ``fold_in(key, t)``.
+            device: a context manager around each generation call (the
+                rollout's ``on_devices(mesh)``).
+            seed: mixed into each episode's environment seed.
+        """
+        import jax
+
+        tracer = tracer or Tracer()
+        episodes = [Episode(index=i, prompt=list(map(int, p)), example=ex) for i, (p, ex) in enumerate(zip(prompts, examples))]
+        cap = len(episodes) if self.max_concurrency is None else min(self.max_concurrency, len(episodes))
+        waiting, active = deque(episodes), []
+        batch_no = 0
+        while waiting or active:
+            while waiting and len(active) < cap:
+                ep = waiting.popleft()
+                self._start(ep, seed, tracer)
+                if ep.status == "running":
+                    active.append(ep)
+                else:
+                    self._finish(ep, tracer)
+            if not active:
+                continue
+            with tracer.span("turn", turn_batch=batch_no, episodes=len(active), policy_version=policy_version):
+                rows = _row_bucket(len(active), cap)
+                contexts = [ep.prompt + ep.tokens for ep in active]
+                contexts += [contexts[0]] * (rows - len(contexts))
+                tokens, mask = _right_padded(contexts, self.tokenizer.pad_id)
+                with tracer.span("generate", rows=rows, episodes=len(active), policy_version=policy_version):
+                    with device():
+                        # The first call samples with ``key`` itself: a single-turn episode is then
+                        # exactly the plain rollout's completion.
+                        turn_key = key if batch_no == 0 else jax.random.fold_in(key, batch_no)
+                        gen = self.engine.generate(state, tokens, mask, turn_key, self.params, sharding=sharding)
+                with tracer.span("environment", episodes=len(active)):
+                    still = []
+                    for r, ep in enumerate(active):
+                        keep = np.asarray(gen.mask[r]).astype(bool)
+                        self._turn(ep, np.asarray(gen.tokens[r])[keep].tolist(), np.asarray(gen.logprobs[r])[keep].tolist())
+                        if ep.status == "running":
+                            still.append(ep)
+                        else:
+                            self._finish(ep, tracer)
+                    active = still
+            batch_no += 1
+        return self._fields(episodes)
+
+    # -- one episode ------------------------------------------------------------------
+
+    def _start(self, ep: Episode, seed: int, tracer: Tracer) -> None:
+        ep.started = time.monotonic()
+        ep_seed = int(np.random.SeedSequence([abs(int(seed)), ep.index]).generate_state(1)[0])
+        context = EnvironmentContext(run_config=self.run_config, registry=self.registry, tokenizer=self.tokenizer,
+                                     seed=ep_seed, episode=ep.index,
+                                     span=lambda name, **args: tracer.span(name, episode=ep.index, **args))
+        try:
+            ep.env = self.spec.factory(self.options, context=context)
+            ep.max_turns = _limit(self.section.max_turns, getattr(ep.env, "max_turns", None))
+            ep.max_tokens = _limit(self.max_tokens, getattr(ep.env, "max_tokens", None))
+            observation = self._call(ep, ep.env.reset, ep.example)
+            if not isinstance(observation, str):
+                raise _Failure(f"reset returned {type(observation).__name__}, not the observation text")
+            if not self._observe(ep, observation):
+                ep.status = "truncated"
+        except Exception as exc:  # noqa: BLE001 - an environment may raise anything; the episode fails, the run goes on
+            self._fail(ep, exc)
+
+    def _turn(self, ep: Episode, tokens: list[int], logprobs: list[float]) -> None:
+        ep.turns += 1
+        try:
+            text = self.tokenizer.decode(tokens)
+            end_of = getattr(ep.env, "action_end", None)
+            end = end_of(text) if end_of is not None else None
+            if end is not None and end < len(text):
+                n = _tokens_for(self.tokenizer, tokens, end)
+                tokens, logprobs = tokens[:n], logprobs[:n]
+            room = ep.max_tokens - len(ep.tokens)
+            tokens, logprobs = tokens[:room], logprobs[:room]
+            text = self.tokenizer.decode(tokens)
+            ep.tokens += tokens
+            ep.policy += [True] * len(tokens)
+            ep.logprobs += [float(x) for x in logprobs]
+            ep.actions.append(text)
+            out = self._call(ep, ep.env.step, text)
+            try:
+                observation, reward, done = out
+            except (TypeError, ValueError):
+                raise _Failure(f"step returned {out!r}, not (observation, reward, done)") from None
+            ep.reward += float(reward)
+            fits = self._observe(ep, str(observation or ""))
+        except Exception as exc:  # noqa: BLE001 - see _start
+            self._fail(ep, exc)
+            return
+        if done:
+            ep.status = "done"
+        elif not fits or ep.turns >= ep.max_turns or len(ep.tokens) >= ep.max_tokens:
+            ep.status = "truncated"
+
+    def _observe(self, ep: Episode, observation: str) -> bool:
+        """Appends an observation's tokens (loss mask 0); False when it did not fit."""
+        if not observation:
+            return True
+        ep.observations.append(observation)
+        full = self.tokenizer.encode(observation)
+        ids = full[:ep.max_tokens - len(ep.tokens)]
+        ep.tokens += ids
+        ep.policy += [False] * len(ids)
+        ep.logprobs += [0.0] * len(ids)
+        return len(ids) == len(full)
+
+    def _call(self, ep: Episode, fn: Callable[[Any], Any], arg: Any) -> Any:
+        """``fn(arg)``, within what is left of the episode's time limit (its
+        environment time so far, not the time it waited for others)."""
+        timeout = self.section.timeout_s
+        start = time.monotonic()
+        try:
+            if timeout is None:
+                return fn(arg)
+            return self._call_within(ep, fn, arg, timeout - ep.env_seconds, timeout)
+        finally:
+            ep.env_seconds += time.monotonic() - start
+
+    def _call_within(self, ep: Episode, fn: Callable[[Any], Any], arg: Any, left: float, timeout: float) -> Any:
+        if left <= 0:
+            raise _Failure(f"timed out after {timeout:g} s in the environment")
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["out"] = fn(arg)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                box["error"] = exc
+
+        worker = threading.Thread(target=target, name=f"episode-{ep.index}", daemon=True)
+        worker.start()
+        worker.join(left)
+        if worker.is_alive():
+            raise _Failure(f"timed out after {timeout:g} s in the environment")
+        if "error" in box:
+            raise box["error"]
+        return box["out"]
+
+    def _fail(self, ep: Episode, exc: BaseException) -> None:
+        ep.status = "failed"
+        ep.error = str(exc) if isinstance(exc, _Failure) else f"{type(exc).__name__}: {exc}"
+
+    def _finish(self, ep: Episode, tracer: Tracer) -> None:
+        ep.seconds = time.monotonic() - ep.started
+        metrics = getattr(ep.env, "metrics", None)
+        if callable(metrics):
+            try:
+                ep.metrics = {str(k): float(v) for k, v in dict(metrics()).items()}
+            except Exception:  # noqa: BLE001 - diagnostics only; a broken one is left out
+                ep.metrics = {}
+        if ep.status == "failed":
+            ep.reward = 0.0
+        tracer.mark("episode", episode=ep.index, status=ep.status, turns=ep.turns, reward=ep.reward,
+                    tokens=len(ep.tokens), policy_tokens=ep.policy_tokens, seconds=round(ep.seconds, 6),
+                    **({"error": ep.error} if ep.error else {}), **ep.metrics)
+        ep.env = None  # an environment may hold resources; nothing needs it after the end
+
+    # -- output -----------------------------------------------------------------------
+
+    def _fields(self, episodes: list[Episode]) -> EpisodeBatch:
+        n, t = len(episodes), self.max_tokens
+        tokens = np.full((n, t), self.tokenizer.pad_id, np.int32)
+        loss = np.zeros((n, t), bool)
+        attention = np.zeros((n, t), bool)
+        logprobs = np.zeros((n, t), np.float32)
+        for i, ep in enumerate(episodes):
+            k = len(ep.tokens)
+            tokens[i, :k] = ep.tokens
+            attention[i, :k] = True
+            if ep.status != "failed":
+                loss[i, :k] = ep.policy
+                logprobs[i, :k] = ep.logprobs
+        rewards = np.array([ep.reward for ep in episodes], np.float32)
+        return EpisodeBatch(tokens=tokens, loss_mask=loss, attention_mask=attention, logprobs=logprobs,
+                            rewards=rewards, episodes=episodes)
+
+
+def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
+    """Counts and per-episode means of a set of episodes: ``episodes``,
+    ``episodes_failed``, ``episodes_truncated``, and ``episode/turns``,
+    ``episode/reward``, ``episode/policy_tokens``, ``episode/env_tokens``,
+    ``episode/seconds`` and each environment metric (``episode/tool_calls``,
+    ...) averaged over the episodes that report it."""
+    n = len(episodes)
+    out: dict[str, float] = {
+        "episodes": n,
+        "episodes_failed": sum(ep.status == "failed" for ep in episodes),
+        "episodes_truncated": sum(ep.status == "truncated" for ep in episodes),
+    }
+    if not n:
+        return out
+    out["episode/turns"] = float(np.mean([ep.turns for ep in episodes]))
+    out["episode/reward"] = float(np.mean([ep.reward for ep in episodes]))
+    out["episode/policy_tokens"] = float(np.mean([ep.policy_tokens for ep in episodes]))
+    out["episode/env_tokens"] = float(np.mean([ep.env_tokens for ep in episodes]))
+    out["episode/seconds"] = float(np.mean([ep.seconds for ep in episodes]))
+    keys = dict.fromkeys(k for ep in episodes for k in ep.metrics)
+    for k in keys:
+        values = [ep.metrics[k] for ep in episodes if k in ep.metrics]
+        out[f"episode/{k}"] = float(np.mean(values))
+    return out
+
+
+def _limit(configured: int, own: Any) -> int:
+    return int(configured) if own is None else int(min(configured, own))
+
+
+def _row_bucket(n: int, cap: int) -> int:
+    return min(max(1 << max(n - 1, 0).bit_length(), MIN_ROWS), max(cap, n))
+
+
+def _right_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(r) for r in rows)
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = r
+        mask[i, :len(r)] = 1
+    return tokens, mask
+
+
+def _tokens_for(tokenizer: Any, tokens: Sequence[int], chars: int) -> int:
+    """The fewest leading ``tokens`` whose text is at least ``chars`` long."""
+    for n in range(1, len(tokens) + 1):
+        if len(tokenizer.decode(tokens[:n])) >= chars:
+            return n
+    return len(tokens)
+
+
+__all__ = ["Episode", "EpisodeBatch", "EpisodeRunner", "StageTracer", "Tracer", "episode_metrics"]
