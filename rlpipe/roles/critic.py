@@ -44,6 +44,7 @@ SPEC = RoleSpec(
     description="per-token values from a value model (PPO/GAE); trains on returns at the global-batch barrier",
     config_type=CriticConfig,
     consumes={"prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask", "rewards"},
+    optional_consumes={"completion_attention_mask"},
     produces={"values"},
     factory=_factory,
     memory_estimate=estimate_memory,

@@ -199,7 +199,9 @@ class ReferenceStage:
     def process(self, batch: Batch, *, context: StageContext) -> Batch:
         prompts, pmask = np.asarray(batch["prompt_tokens"]), np.asarray(batch["prompt_mask"])
         comp = np.asarray(batch["completion_tokens"])
-        cmask = np.asarray(batch["completion_mask"])
+        loss_mask = np.asarray(batch["completion_mask"]).astype(bool)
+        # Agentic episodes: environment tokens are context (attended) but not scored.
+        cmask = np.asarray(batch.get("completion_attention_mask", batch["completion_mask"]))
         rows, g, n = comp.shape
         length = bucket_length(int(pmask.sum(axis=1).max(initial=1)))
         prompts, pmask = left_pad(prompts, pmask, length, self.pad_id)
@@ -222,7 +224,8 @@ class ReferenceStage:
         with context.span("logprobs"):
             # Multi-process runs: processes without the reference's devices receive its log-probs.
             logprobs = distributed.share(self.holder.mesh, score)["logprobs"]
-        return batch.add(ref_logprobs=logprobs.reshape(rows, g, n).astype(np.float32))
+        logprobs = np.where(loss_mask, logprobs.reshape(rows, g, n), 0.0)
+        return batch.add(ref_logprobs=logprobs.astype(np.float32))
 
     def offload(self) -> None:
         self.holder.offload()

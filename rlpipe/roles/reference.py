@@ -51,6 +51,7 @@ SPEC = RoleSpec(
     description="per-token log-probs of the completions under the frozen initial policy (for the KL term)",
     config_type=ReferenceConfig,
     consumes={"prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask"},
+    optional_consumes={"completion_attention_mask"},
     produces={"ref_logprobs"},
     factory=_factory,
     memory_estimate=estimate_memory,

@@ -4,6 +4,13 @@ A host role (``uses_devices=False``): it never holds device state, so its
 edges never block, and it scores item *k* while the devices generate item
 *k + 1*.  ``rewards`` is ``[prompts, num_generations]``: the weighted sum of
 the configured reward functions.
+
+After an agentic rollout (docs/agentic.md) the environment has scored each
+episode (``episode_rewards``, with the task's reward functions by default):
+``rewards`` is that plus the functions configured in ``functions`` — none
+when it is empty, so the task's are not counted twice — which see the whole
+episode's text (``completion_attention_mask``), tool calls and observations
+included.
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ class RewardConfig(RoleConfig):
 
     Attributes:
         functions: ``[{name, weight}]``; the reward is the weighted sum.  Empty
-            (the default): the task's own reward functions, weight 1.
+            (the default): the task's own reward functions, weight 1 — or,
+            after an agentic rollout, none: the environment's episode reward.
         on_error: ``fail`` stops the run naming the function and the sample;
             ``zero`` scores that term 0 and counts the failure.
     """
@@ -61,22 +69,28 @@ class RewardStage:
             where = f"task {task!r}: reward function {{i}}"
         self.terms = [(t.name, t.weight, context.registry.get("rlpipe_reward_functions", t.name, path=where.format(i=i)).fn)
                       for i, t in enumerate(terms)]
+        self.explicit = bool(config.functions)
         self.failures = 0
         self.scored = 0
 
     def process(self, batch: Any, *, context: Any) -> Any:
         tokens = np.asarray(batch["completion_tokens"])
-        mask = np.asarray(batch["completion_mask"]).astype(bool)
+        # An agentic episode's text is every token of it, the environment's included.
+        mask = np.asarray(batch["completion_attention_mask" if "completion_attention_mask" in batch else "completion_mask"]).astype(bool)
         prompts = np.asarray(batch["prompt_tokens"])
         pmask = np.asarray(batch["prompt_mask"]).astype(bool)
         examples = batch["example"]
         p, g, _ = tokens.shape
         rewards = np.zeros((p, g), np.float32)
-        for i in range(p):
+        terms = self.terms
+        if "episode_rewards" in batch:
+            rewards += np.asarray(batch["episode_rewards"], np.float32)
+            terms = self.terms if self.explicit else []
+        for i in range(p if terms else 0):
             prompt = self.tokenizer.decode(prompts[i][pmask[i]].tolist())
             for j in range(g):
                 completion = self.tokenizer.decode(tokens[i, j][mask[i, j]].tolist())
-                for name, weight, fn in self.terms:
+                for name, weight, fn in terms:
                     try:
                         value = float(fn(prompt, completion, examples[i]))
                     except Exception as exc:  # noqa: BLE001 - a user's function may raise anything
@@ -100,6 +114,7 @@ SPEC = RoleSpec(
     description="scores completions on the host with reward-function plugins, off the device's critical path",
     config_type=RewardConfig,
     consumes={"prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask", "example"},
+    optional_consumes={"episode_rewards", "completion_attention_mask"},
     produces={"rewards"},
     uses_devices=False,
     factory=_factory,

@@ -3,15 +3,26 @@
 Produces, per item of ``P`` prompts: ``completion_tokens``, ``completion_mask``
 and ``rollout_logprobs`` shaped ``[P, num_generations, max_new_tokens]``, and
 ``policy_version`` ``[P]``: the weights every completion was sampled with.
+
+With ``environment`` set the rollout is *agentic* (docs/agentic.md): each
+completion is a multi-turn episode with an environment plugin.  It then also
+consumes ``example`` and produces ``completion_attention_mask`` (1 on every
+token of the episode, the environment's included; ``completion_mask`` is 1
+on the policy's tokens only) and ``episode_rewards`` ``[P,
+num_generations]``, which the reward role adds to ``rewards``.
 """
 
 from __future__ import annotations
 
 import attrs
 
+from rlpipe.agentic.environment import EnvironmentSection
 from rlpipe.core import memory
 from rlpipe.core.config import RoleConfig, check
 from rlpipe.core.specs import RoleSpec
+
+#: What an agentic rollout adds to the rollout's fields.
+AGENTIC_FIELDS = frozenset({"completion_attention_mask", "episode_rewards"})
 
 
 @attrs.frozen(kw_only=True)
@@ -27,6 +38,13 @@ class RolloutConfig(RoleConfig):
         top_p: nucleus sampling mass; 1.0 keeps all.
         stop_tokens: token ids that end a completion, besides the tokenizer's
             end-of-sequence token.
+        environment: makes the rollout agentic: multi-turn episodes with this
+            environment (:class:`rlpipe.agentic.environment.EnvironmentSection`);
+            ``max_new_tokens`` is then each episode's budget, policy and
+            environment tokens together.  ``null``: one completion per row.
+        max_concurrency: agentic rollouts: the most episodes in flight at
+            once (rows of one generation call); ``null``: every episode of an
+            item.
     """
 
     engine: str = "jax"
@@ -36,6 +54,16 @@ class RolloutConfig(RoleConfig):
     top_k: int = attrs.field(default=0, validator=check(lambda v: v >= 0, "must be at least 0 (0 keeps all tokens), got {value}"))
     top_p: float = attrs.field(default=1.0, validator=check(lambda v: 0 < v <= 1, "must be in (0, 1], got {value}"))
     stop_tokens: tuple[int, ...] = ()
+    environment: EnvironmentSection | None = None
+    max_concurrency: int | None = attrs.field(default=None, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
+
+    def __attrs_post_init__(self) -> None:
+        turn = self.environment.max_turn_tokens if self.environment is not None else None
+        if turn is not None and turn > self.max_new_tokens:
+            from rlpipe.core.config import ConfigValueError
+
+            raise ConfigValueError(f"must be at most roles.rollout.max_new_tokens ({self.max_new_tokens}), the "
+                                   f"episode's budget; got {turn}", ("environment", "max_turn_tokens"))
 
 
 def sampling_temperature(run_config) -> float:
@@ -69,6 +97,12 @@ def estimate_memory(config: RolloutConfig, run_config, mesh) -> memory.MemoryEst
     b = memory.dtype_bytes(run_config.model.dtype)
     prompt, new = sequence_shape(run_config)
     rows = run_config.train.prompts_per_item * config.num_generations
+    if config.environment is not None:
+        # A turn's context is the prompt and the episode so far (up to a whole
+        # episode, in its bucket), plus the turn's own tokens; at most
+        # max_concurrency episodes are in flight.
+        rows = min(rows, config.max_concurrency or rows)
+        prompt, new = memory.prompt_bucket(prompt + new), config.environment.max_turn_tokens or new
     return memory.MemoryEstimate(
         parameters=memory.decoder_parameter_bytes(shape, mesh, b),
         kv_cache=memory.kv_cache_bytes(shape, rows, prompt + new, b),
@@ -78,9 +112,32 @@ def estimate_memory(config: RolloutConfig, run_config, mesh) -> memory.MemoryEst
 
 def _factory(config: RolloutConfig, placement, *, context):
     # Imported here so that listing roles does not load flax.
+    if config.environment is not None:
+        from rlpipe.agentic.rollout import AgenticRolloutStage
+
+        return AgenticRolloutStage(config, placement, context=context)
     from rlpipe.roles.inference import RolloutStage
 
     return RolloutStage(config, placement, context=context)
+
+
+def _configure(config: RolloutConfig, *, run_config, registry) -> RoleSpec:
+    """The plain rollout's spec, or with an environment the agentic one: it
+    also consumes ``example`` and produces :data:`AGENTIC_FIELDS`.
+
+    The environment is checked here, when the run is planned: its name, its
+    options, and one environment built from them, so that what its factory
+    looks up (tools, tool parser, reward functions) is a config error of
+    ``rlpipe plan`` and ``rlpipe config validate``, not a failure mid-run."""
+    if config.environment is None:
+        return SPEC
+    from rlpipe.agentic.environment import EnvironmentContext, environment_options
+
+    spec, options = environment_options(config.environment, registry)
+    spec.factory(options, context=EnvironmentContext(run_config=run_config, registry=registry))
+    return attrs.evolve(SPEC, consumes=SPEC.consumes | {"example"}, produces=SPEC.produces | AGENTIC_FIELDS,
+                        description="runs multi-turn episodes with an environment (and tools) with the current policy",
+                        configure=None)
 
 
 SPEC = RoleSpec(
@@ -91,4 +148,5 @@ SPEC = RoleSpec(
     produces={"completion_tokens", "completion_mask", "rollout_logprobs", "policy_version"},
     factory=_factory,
     memory_estimate=estimate_memory,
+    configure=_configure,
 )

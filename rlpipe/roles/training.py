@@ -56,6 +56,8 @@ def group_items(items: list[Batch], pad_id: int) -> dict[str, np.ndarray]:
                   "rewards": np.asarray(b["rewards"], np.float32)}
         if "policy_version" in b:
             fields["policy_version"] = np.asarray(b["policy_version"])
+        if "completion_attention_mask" in b:
+            fields["completion_attention_mask"] = np.asarray(b["completion_attention_mask"]).astype(np.float32)
         for name in ("rollout_logprobs", "ref_logprobs", "values"):
             if name in b:
                 fields[name] = np.asarray(b[name], np.float32)
@@ -70,10 +72,17 @@ def flat_rows(grouped: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     rows = {"prompt": np.repeat(grouped["prompt"], g, 0), "prompt_mask": np.repeat(grouped["prompt_mask"], g, 0)}
     if "policy_version" in grouped:
         rows["policy_version"] = np.repeat(grouped["policy_version"], g)
-    for k in ("completion", "completion_mask", "rollout_logprobs", "ref_logprobs", "values"):
+    for k in ("completion", "completion_mask", "completion_attention_mask", "rollout_logprobs", "ref_logprobs", "values"):
         if k in grouped:
             rows[k] = grouped[k].reshape(p * g, n)
     return rows
+
+
+def attention_mask(rows: Any) -> Any:
+    """The completion tokens a forward pass attends to: every token of an
+    agentic episode, the environment's included (``completion_attention_mask``);
+    otherwise the scored ones (``completion_mask``)."""
+    return rows["completion_attention_mask"] if "completion_attention_mask" in rows else rows["completion_mask"]
 
 
 def make_optimizer(config: Any, total_steps: int) -> optax.GradientTransformation:
@@ -169,8 +178,9 @@ class TrainerStage(_OptimizedState):
 
     def _policy_logprobs(self, params, rows):
         # Sampling used logits / T; the ratio must compare the same distribution.
-        return sequence_logprobs(nnx.merge(self.graphdef, params), rows["prompt"], rows["prompt_mask"],
-                                 rows["completion"], rows["completion_mask"], self.temperature)
+        lp = sequence_logprobs(nnx.merge(self.graphdef, params), rows["prompt"], rows["prompt_mask"],
+                               rows["completion"], attention_mask(rows), self.temperature)
+        return jnp.where(rows["completion_mask"].astype(bool), lp, 0.0)  # environment tokens are not scored
 
     def _logprobs_fn(self, params, rows):
         return self._policy_logprobs(params, rows)
@@ -178,8 +188,9 @@ class TrainerStage(_OptimizedState):
     def _grad_fn(self, params, rows, scale):
         def loss_fn(p):
             logp, entropy = sequence_logprobs(nnx.merge(self.graphdef, p), rows["prompt"], rows["prompt_mask"],
-                                              rows["completion"], rows["completion_mask"], self.temperature,
+                                              rows["completion"], attention_mask(rows), self.temperature,
                                               with_entropy=True)
+            logp = jnp.where(rows["completion_mask"].astype(bool), logp, 0.0)  # environment tokens are not scored
             loss, metrics = self.algorithm.loss(logp, rows)
             mask = rows["completion_mask"].astype(jnp.float32)
             # The sampled distribution's entropy per completion token (a diagnostic: no gradient).
@@ -322,10 +333,13 @@ class ValueModel(nnx.Module):
         self.value_head = Linear(trunk.config.hidden_size, 1, bias=True, param_dtype=trunk.dtype, rngs=nnx.Rngs(params=seed))
         self.value_head.kernel[...] = jnp.zeros_like(self.value_head.kernel[...])
 
-    def values(self, prompt, prompt_mask, completion, completion_mask):
-        """``[rows, completion_len]``: the value of the state before each completion token."""
+    def values(self, prompt, prompt_mask, completion, completion_mask, completion_attention=None):
+        """``[rows, completion_len]``: the value of the state before each completion
+        token (0 where ``completion_mask`` is 0); the forward pass attends to
+        ``completion_attention`` (default: ``completion_mask``)."""
         tokens = jnp.concatenate([prompt, completion], axis=1)
-        mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
+        attend = completion_mask if completion_attention is None else completion_attention
+        mask = jnp.concatenate([prompt_mask, attend], axis=1).astype(bool)
         positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
         h, _ = self.trunk.hidden(tokens, positions, mask)
         p = prompt.shape[1]
@@ -369,7 +383,8 @@ class CriticStage(_OptimizedState):
 
     def _grad_fn(self, params, rows, scale):
         def loss_fn(p):
-            v = nnx.merge(self.graphdef, p).values(rows["prompt"], rows["prompt_mask"], rows["completion"], rows["completion_mask"])
+            v = nnx.merge(self.graphdef, p).values(rows["prompt"], rows["prompt_mask"], rows["completion"], rows["completion_mask"],
+                                                   attention_mask(rows))
             return clipped_value_loss(v, rows["values"], rows["returns"], rows["completion_mask"], self.config.value_clip) * scale
 
         return jax.value_and_grad(loss_fn)(params)
@@ -390,7 +405,7 @@ class CriticStage(_OptimizedState):
     def process(self, batch: Batch, *, context: StageContext) -> Batch:
         grouped = group_items([batch], self.pad_id)
         rows = flat_rows(grouped)
-        keys = ("prompt", "prompt_mask", "completion", "completion_mask")
+        keys = ("prompt", "prompt_mask", "completion", "completion_mask", *(["completion_attention_mask"] if "completion_attention_mask" in rows else []))
         p, g, n = grouped["completion"].shape
 
         def compute() -> dict[str, np.ndarray]:
@@ -413,7 +428,8 @@ class CriticStage(_OptimizedState):
         if estimate.returns is None:
             raise ValueError(f"advantage estimator {self.algorithm.config.advantage!r} gives no returns to train a critic on")
         rows = flat_rows(grouped)
-        rows = {k: rows[k] for k in ("prompt", "prompt_mask", "completion", "completion_mask", "values")}
+        rows = {k: rows[k] for k in ("prompt", "prompt_mask", "completion", "completion_mask", "completion_attention_mask", "values")
+                if k in rows}
         rows["returns"] = np.asarray(estimate.returns, np.float32).reshape(rows["completion"].shape)
         n_chunks = -(-len(rows["prompt"]) // self.config.micro_batch_size)
         grads, losses = None, []
