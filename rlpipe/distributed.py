@@ -50,12 +50,6 @@ import numpy as np
 
 from rlpipe.core.errors import UsageError
 
-#: Environment variables read when the corresponding option is not given.
-ENV_COORDINATOR = "RLPIPE_COORDINATOR"
-ENV_NUM_PROCESSES = "RLPIPE_NUM_PROCESSES"
-ENV_PROCESS_ID = "RLPIPE_PROCESS_ID"
-ENV_DISTRIBUTED = "RLPIPE_DISTRIBUTED"
-
 #: Key-value store prefix for everything rlpipe keeps in the coordination service.
 _KV = "rlpipe"
 
@@ -92,34 +86,6 @@ class DistributedOptions:
         return self.auto or any(v is not None for v in (self.coordinator, self.num_processes, self.process_id))
 
 
-def options_from_env(options: DistributedOptions, env: Mapping[str, str] | None = None) -> DistributedOptions:
-    """Fills options not given from ``RLPIPE_COORDINATOR``, ``RLPIPE_NUM_PROCESSES``,
-    ``RLPIPE_PROCESS_ID`` and ``RLPIPE_DISTRIBUTED=auto``."""
-    env = os.environ if env is None else env
-
-    def number(name: str) -> int | None:
-        text = env.get(name)
-        if text in (None, ""):
-            return None
-        try:
-            return int(text)
-        except ValueError:
-            raise DistributedError(f"{name}={text!r}: not an integer") from None
-
-    mode = env.get(ENV_DISTRIBUTED, "").strip().lower()
-    if mode not in ("", "auto", "off"):
-        raise DistributedError(f"{ENV_DISTRIBUTED}={mode!r}: must be 'auto' or 'off'")
-    if mode == "off" and not options.requested:
-        return options
-    return attrs.evolve(
-        options,
-        coordinator=options.coordinator or env.get(ENV_COORDINATOR) or None,
-        num_processes=options.num_processes if options.num_processes is not None else number(ENV_NUM_PROCESSES),
-        process_id=options.process_id if options.process_id is not None else number(ENV_PROCESS_ID),
-        auto=options.auto or mode == "auto",
-    )
-
-
 def _split_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     host = host.strip("[]")
@@ -140,6 +106,8 @@ def _check_coordinator(address: str, process_id: int, timeout_s: float) -> None:
         # Process 0 runs the coordination service on every interface of that port.
         for family, _, _, _, sockaddr in infos[:1]:
             with socket.socket(family, socket.SOCK_STREAM) as s:
+                # As gRPC does: a port left in TIME_WAIT by an earlier run is free.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     s.bind(sockaddr)
                 except OSError as exc:
@@ -566,18 +534,12 @@ class RegionOrder:
         self._log: list[str] = []  # labels read so far (followers)
         self._reading = False
         self._cancelled = False
-        self._local = threading.local()
 
     def cancel(self) -> None:
         """Makes every waiting and later turn raise (the run is stopping)."""
         with self._cond:
             self._cancelled = True
             self._cond.notify_all()
-
-    def current(self) -> int | None:
-        """The log position of the global region this thread is in, if any."""
-        stack = getattr(self._local, "stack", None)
-        return stack[-1] if stack else None
 
     def _label(self) -> str:
         name = threading.current_thread().name
@@ -611,12 +573,7 @@ class RegionOrder:
                 with self._cond:
                     self._next = position + 1
                     self._cond.notify_all()
-        stack = self._local.__dict__.setdefault("stack", [])
-        stack.append(position)
-        try:
-            yield
-        finally:
-            stack.pop()
+        yield
 
     def _wait_turn(self, label: str) -> int:
         with self._cond:
@@ -749,9 +706,8 @@ def broadcast(value: Mapping[str, np.ndarray] | None, source: int, *,
     from rlpipe.core.devices import on_devices
 
     with on_devices(mesh.devices.flat):
-        position = s.order.current()
         if like is None:
-            key = f"{_KV}/broadcast/{position}"
+            key = f"{_KV}/broadcast/{_per_thread('broadcast')}"
             if me == source:
                 layout = [[k, list(np.shape(v)), np.asarray(v).dtype.str] for k, v in value.items()]
                 s.client.key_value_set(key, json.dumps(layout))
@@ -780,6 +736,20 @@ def broadcast(value: Mapping[str, np.ndarray] | None, source: int, *,
                 shape, dtype = specs[k]
                 out[k] = np.asarray(summed[k].addressable_data(0)).view(dtype).reshape(shape).copy()
         return out
+
+
+_COUNTS: dict[tuple[str, str], int] = {}
+_COUNTS_LOCK = threading.Lock()
+
+
+def _per_thread(kind: str) -> str:
+    """``<thread name>#<n>``: the n-th ``kind`` of this thread, which names the
+    same call on every process (the same threads make the same calls)."""
+    name = threading.current_thread().name
+    with _COUNTS_LOCK:
+        n = _COUNTS.get((kind, name), 0)
+        _COUNTS[(kind, name)] = n + 1
+    return f"{name}#{n}"
 
 
 def _batches(words: Mapping[str, np.ndarray], limit: int) -> list[list[str]]:
