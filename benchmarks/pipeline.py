@@ -216,9 +216,9 @@ class _Probe:
         probe = self
 
         @contextlib.contextmanager
-        def on_devices(where: Any) -> Iterator[None]:
+        def on_devices(where: Any, *args: Any, **kwargs: Any) -> Iterator[None]:
             asked = time.perf_counter()
-            with original(where):
+            with original(where, *args, **kwargs):
                 got = time.perf_counter()
                 try:
                     yield

@@ -94,8 +94,6 @@ def test_run_all_memory_and_transfer_parts(suite_records):
     assert resident["reference"]["value"] == resident["reference"]["estimate_bytes"]
 
 
-@pytest.mark.xfail(strict=True, reason="the trainer's AdamW moments are created replicated (P()), not sharded like "
-                                       "its parameters, so until the first update each of 8 devices holds all of them")
 def test_trainer_state_per_device_matches_the_estimate(suite_records):
     trainer = next(r for r in suite_records[0] if r["name"] == "memory_resident" and r["role"] == "trainer")
     assert trainer["over_estimate"] == pytest.approx(1.0, rel=1e-3)

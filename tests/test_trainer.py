@@ -167,3 +167,14 @@ def test_non_finite_updates_are_skipped_counted_and_abort_the_run_past_the_limit
     assert t.last_metrics["skipped_updates"] == 1 and np.isfinite(t.last_metrics["loss"])
     with pytest.raises(NonFiniteLossError, match="max_skipped_updates = 1"):
         run_step(t, bad, step=2)
+
+
+def test_optimizer_moments_are_sharded_like_the_parameters_from_the_start(registry):
+    t = trainer(registry, list(range(8)), (8, 1))
+    params = {jax.tree_util.keystr(p): x.sharding for p, x in jax.tree_util.tree_leaves_with_path(t.params)}
+    moments = [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(t.opt_state) if x.ndim]
+    assert moments
+    for key, x in moments:
+        suffix = next(k for k in params if key.endswith(k))
+        assert x.sharding.is_equivalent_to(params[suffix], x.ndim), key
+    assert any(not x.sharding.is_fully_replicated for _, x in moments)

@@ -74,3 +74,17 @@ def test_offload_then_onload_restores_parameters_and_frees_device_buffers():
     assert all(x.sharding.memory_kind == "device" for x in leaves(back))
     for a, b in zip(leaves(back), expected):
         np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_a_repeated_cast_sync_compiles_once():
+    import jax.numpy as jnp
+
+    from rlpipe.core import weights
+
+    tree = {"w": jnp.ones((8, 8), jnp.float32), "b": jnp.zeros((8,), jnp.float32)}
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, tree)
+    weights.sync(tree, shardings, dtype=jnp.bfloat16)
+    before = len(weights._CAST_PROGRAMS)
+    for _ in range(3):
+        out = weights.sync(jax.tree_util.tree_map(lambda x: x + 1, tree), shardings, dtype=jnp.bfloat16)
+    assert len(weights._CAST_PROGRAMS) == before and out["w"].dtype == jnp.bfloat16

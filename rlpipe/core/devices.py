@@ -48,9 +48,12 @@ def _devices(where: Any) -> list[Any]:
 
 
 @contextlib.contextmanager
-def on_devices(where: Any) -> Iterator[None]:
+def on_devices(where: Any, context: Any = None) -> Iterator[None]:
     """Holds the execution lock of every device of ``where`` (a mesh or an
     iterable of devices) for the block.
+
+    With a stage's ``context``, time spent waiting for the locks is recorded
+    as a ``device_wait`` span on the role's track (not busy time in reports).
 
     Example:
         >>> with on_devices(mesh):                       # doctest: +SKIP
@@ -65,12 +68,16 @@ def on_devices(where: Any) -> Iterator[None]:
             for d in devices:
                 stack.enter_context(_lock(d))
 
+        trace = getattr(context, "trace", None)
+        start = trace.now_us() if trace is not None else 0.0
         if _ORDER is not None and not held_devices(devices):
             # A multi-process run: devices of several processes are entered in
             # one order on every process (rlpipe.distributed.RegionOrder).
             stack.enter_context(_ORDER.region(devices, acquire))
         else:
             acquire()
+        if trace is not None and trace.now_us() - start > 100.0:  # ignore uncontended acquisitions
+            trace.complete(context.role, "device_wait", start, trace.now_us(), step=context.step, index=context.index)
         yield
 
 

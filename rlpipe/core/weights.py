@@ -55,9 +55,26 @@ def sync(source: Any, target_shardings: Any, dtype: Any = None) -> Any:
             # A multi-process run: no device_put between processes; every process takes part.
             return distributed.transfer(source, target_shardings, dtype)
     if _devices(source) == target_devices:
-        return jax.jit(lambda t: jax.tree_util.tree_map(cast, t), out_shardings=target_shardings)(source)
+        return _cast_program(dtype, target_shardings)(source)
     moved = jax.device_put(source, target_shardings)
-    return moved if same_dtype else jax.jit(lambda t: jax.tree_util.tree_map(cast, t), out_shardings=target_shardings)(moved)
+    return moved if same_dtype else _cast_program(dtype, target_shardings)(moved)
+
+
+_CAST_PROGRAMS: dict[Any, Any] = {}
+
+
+def _cast_program(dtype: Any, target_shardings: Any) -> Any:
+    """The jitted re-layout-and-cast to ``target_shardings``, built once per
+    (dtype, tree structure, shardings): a weight sync every step must not
+    trace and compile again (it did, and it dominated colocated steps)."""
+    leaves, treedef = jax.tree_util.tree_flatten(target_shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+    key = (None if dtype is None else jnp.dtype(dtype).name, treedef, tuple(leaves))
+    program = _CAST_PROGRAMS.get(key)
+    if program is None:
+        cast = (lambda x: x) if dtype is None else (lambda x: x.astype(dtype))
+        program = jax.jit(lambda t: jax.tree_util.tree_map(cast, t), out_shardings=target_shardings)
+        _CAST_PROGRAMS[key] = program
+    return program
 
 
 def with_memory_kind(tree: Any, kind: str) -> Any:

@@ -145,7 +145,7 @@ class RolloutStage:
         g = self.config.num_generations
 
         def generate() -> dict[str, np.ndarray]:
-            with on_devices(self.holder.mesh):
+            with on_devices(self.holder.mesh, context):
                 out = self.engine.generate(state, np.repeat(prompts, g, axis=0), np.repeat(mask, g, axis=0), context.key(),
                                            self.params, sharding=self.holder.replicated)
             return {"tokens": out.tokens, "mask": out.mask, "logprobs": out.logprobs}
@@ -216,7 +216,7 @@ class ReferenceStage:
                                            for a in (prompts, pmask, comp, cmask))
         # Dispatch every micro-batch, then fetch once: no host round trip between them.
         def score() -> dict[str, np.ndarray]:
-            with on_devices(self.holder.mesh):
+            with on_devices(self.holder.mesh, context):
                 outs = [self._fn(state, *distributed.put([a[s:s + mb] for a in (prompts, pmask, comp, cmask)], self.holder.replicated))
                         for s in range(0, padded, mb)]
                 return {"logprobs": np.concatenate(distributed.to_host(outs))[:total]}

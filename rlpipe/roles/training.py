@@ -109,6 +109,26 @@ def on_mesh(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     return jax.tree_util.tree_map(lambda x: x if set(x.sharding.device_set) == devices else jax.device_put(x, replicated), tree)
 
 
+def init_optimizer_state(optimizer: optax.GradientTransformation, params: Any, mesh: jax.sharding.Mesh) -> Any:
+    """``optimizer.init(params)`` with every per-parameter leaf (AdamW's
+    moments) sharded like its parameter and the rest (step counts)
+    replicated.  Left to itself, ``jit(init)`` returns the zero moments
+    replicated on every device: ``fsdp`` times the memory until the first
+    update re-shards them."""
+    by_path = [(jax.tree_util.keystr(p), x.shape, x.sharding) for p, x in jax.tree_util.tree_leaves_with_path(params)]
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        key = jax.tree_util.keystr(path)
+        for suffix, shape, sharding in by_path:
+            if key.endswith(suffix) and leaf.shape == shape:
+                return sharding
+        return replicated
+
+    shardings = jax.tree_util.tree_map_with_path(pick, jax.eval_shape(optimizer.init, params))
+    return jax.jit(optimizer.init, out_shardings=shardings)(params)
+
+
 class _OptimizedState:
     """Parameters and optimizer state that move to host memory between uses."""
 
@@ -156,7 +176,7 @@ class TrainerStage(_OptimizedState):
         self.temperature = sampling_temperature(run)
         self.optimizer = make_optimizer(config, run.train.steps * config.num_iterations)
         self.params = params
-        self.opt_state = on_mesh(jax.jit(self.optimizer.init)(params), self.mesh)
+        self.opt_state = init_optimizer_state(self.optimizer, params, self.mesh)
         self.version = 0
         self.skipped_updates = 0
         self.items: list[Batch] = []
@@ -261,10 +281,11 @@ class TrainerStage(_OptimizedState):
         def chunk(lo, hi):
             return distributed.put({k: v[lo:hi] for k, v in device_rows.items()}, self.row_sharding)
 
-        with on_devices(self.mesh):  # colocated roles run device programs one at a time
+        with on_devices(self.mesh, context):  # colocated roles run device programs one at a time
             # The "old" policy: current weights before any update of this global batch.
-            old = [self._logprobs(self.params, chunk(i, i + mb)) for i in range(0, n_rows, mb)]
-            device_rows["old_logprobs"] = np.concatenate(distributed.to_host(old))
+            with context.span("logprobs", policy_version=self.version):
+                old = [self._logprobs(self.params, chunk(i, i + mb)) for i in range(0, n_rows, mb)]
+                device_rows["old_logprobs"] = np.concatenate(distributed.to_host(old))
             metrics_acc: dict[str, list] = {}
             grad_norms, skips = [], []
             with context.span("train", policy_version=self.version):
@@ -371,7 +392,7 @@ class CriticStage(_OptimizedState):
         self.graphdef, params = nnx.split(model)
         self.params = on_mesh(params, self.mesh)  # the trunk keeps its sharding, the head is replicated
         self.optimizer = make_optimizer(config, run.train.steps)
-        self.opt_state = on_mesh(jax.jit(self.optimizer.init)(self.params), self.mesh)
+        self.opt_state = init_optimizer_state(self.optimizer, self.params, self.mesh)
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.items: list[Batch] = []
         self.last_metrics: dict[str, float] = {}
@@ -409,7 +430,7 @@ class CriticStage(_OptimizedState):
         p, g, n = grouped["completion"].shape
 
         def compute() -> dict[str, np.ndarray]:
-            with on_devices(self.mesh):
+            with on_devices(self.mesh, context):
                 outs = [self._values(self.params, *(c[k] for k in keys)) for c in self._micro_batches({k: rows[k] for k in keys})]
                 return {"values": np.concatenate(distributed.to_host(outs))[: p * g].reshape(p, g, n)}
 
@@ -433,7 +454,7 @@ class CriticStage(_OptimizedState):
         rows["returns"] = np.asarray(estimate.returns, np.float32).reshape(rows["completion"].shape)
         n_chunks = -(-len(rows["prompt"]) // self.config.micro_batch_size)
         grads, losses = None, []
-        with on_devices(self.mesh):
+        with on_devices(self.mesh, context):
             for chunk in self._micro_batches(rows):
                 loss, g = self._grad(self.params, chunk, jnp.float32(1.0 / n_chunks))
                 grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
