@@ -161,6 +161,31 @@ def _distinct(stream: Iterator[dict[str, Any]], count: int) -> Iterator[dict[str
         yield ex
 
 
+def evaluation_examples(config: RunConfig, registry: Registry, *, split: str, num_examples: int,
+                        data_seed: int) -> tuple[list[dict[str, Any]], list[list[int]], int, int]:
+    """The examples evaluation uses (see the module docstring) and their
+    encoded, length-limited prompts: ``(examples, prompts, rejected,
+    truncated)``."""
+    from rlpipe.models.loading import load_tokenizer
+
+    task = registry.get("rlpipe_tasks", config.task.name, path="task.name").factory(config.task.options)
+    size = getattr(task, "size", None)
+    count = min(num_examples, size(split)) if callable(size) else num_examples
+    tokenizer = load_tokenizer(config.model)
+    examples, prompts = [], []
+    rejected = truncated = 0
+    for ex in _distinct(task.examples(seed=data_seed, split=split), count):
+        ids = encode_prompt(tokenizer, ex["prompt"])
+        fitted = fit_prompt(ids, config.task.max_prompt_tokens, config.task.overlong_prompts)
+        if fitted is None:
+            rejected += 1
+            continue
+        truncated += len(fitted) < len(ids)
+        examples.append(ex)
+        prompts.append(fitted)
+    return examples, prompts, rejected, truncated
+
+
 def evaluate(config: RunConfig, registry: Registry, *, model_state: Any = None, split: str = "eval",
              num_examples: int = 128, k: int = 4, num_samples: int | None = None, batch_size: int = 64,
              seed: int | None = None, data_seed: int = 0, correct_threshold: float = 1.0,
@@ -193,7 +218,10 @@ def evaluate(config: RunConfig, registry: Registry, *, model_state: Any = None, 
     Returns:
         Plain JSON-serialisable data: the metrics (``greedy/accuracy``,
         ``sampled/pass@k``, ...), counts and the settings they were measured with.
-        A metric over no examples is ``None``.
+        A metric over no examples is ``None``.  A config whose rollout has an
+        environment is evaluated by episodes instead
+        (:func:`rlpipe.agentic.evaluation.evaluate_agentic`: success rate and
+        tool-use statistics).
     """
     import jax
     from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -208,6 +236,13 @@ def evaluate(config: RunConfig, registry: Registry, *, model_state: Any = None, 
         raise ValueError(f"need k >= 0, num_samples >= k, num_examples >= 0 and batch_size >= 1; got k={k}, "
                          f"num_samples={num_samples}, num_examples={num_examples}, batch_size={batch_size}")
     seed = config.train.seed if seed is None else seed
+    rollout_config = config.roles.get("rollout")
+    if getattr(rollout_config, "environment", None) is not None:
+        from rlpipe.agentic.evaluation import evaluate_agentic
+
+        return evaluate_agentic(config, registry, model_state=model_state, split=split, num_examples=num_examples, k=k,
+                                num_samples=n, batch_size=batch_size, seed=seed, data_seed=data_seed,
+                                correct_threshold=correct_threshold, mesh=mesh, details=details)
 
     if mesh is None:
         planned = plan_run(config, registry)
@@ -217,22 +252,9 @@ def evaluate(config: RunConfig, registry: Registry, *, model_state: Any = None, 
     rollout = config.roles.get("rollout") or registry.get("rlpipe_roles", "rollout", path="roles.rollout").config_type()
     terms, (primary, primary_fn), on_error = _reward_terms(config, registry)
 
-    # -- the examples ---------------------------------------------------------------
-    task = registry.get("rlpipe_tasks", config.task.name, path="task.name").factory(config.task.options)
-    size = getattr(task, "size", None)
-    count = min(num_examples, size(split)) if callable(size) else num_examples
+    examples, prompts, rejected, truncated = evaluation_examples(config, registry, split=split, num_examples=num_examples,
+                                                                 data_seed=data_seed)
     tokenizer = load_tokenizer(config.model)
-    examples, prompts = [], []
-    rejected = truncated = 0
-    for ex in _distinct(task.examples(seed=data_seed, split=split), count):
-        ids = encode_prompt(tokenizer, ex["prompt"])
-        fitted = fit_prompt(ids, config.task.max_prompt_tokens, config.task.overlong_prompts)
-        if fitted is None:
-            rejected += 1
-            continue
-        truncated += len(fitted) < len(ids)
-        examples.append(ex)
-        prompts.append(fitted)
 
     # -- the policy, as the rollout role builds it ----------------------------------
     if mesh is None:

@@ -13,6 +13,7 @@ from rlpipe import (
     AdvantageEstimatorSpec,
     AlgorithmSpec,
     Batch,
+    EnvironmentSpec,
     Executor,
     PolicyLossSpec,
     PolicySpec,
@@ -21,6 +22,8 @@ from rlpipe import (
     RoleSpec,
     RolloutEngineSpec,
     TaskSpec,
+    ToolParserSpec,
+    ToolSpec,
     build_graph,
     hookimpl,
 )
@@ -75,6 +78,15 @@ def config_keys():
     for name, spec in reg.roles.items():
         base = {f.name for f in attrs.fields(Base)}
         out += [(f"roles.{name}.{f.name}", f.default) for f in attrs.fields(spec.config_type) if f.name not in base]
+    from rlpipe.agentic import EnvironmentSection
+    from rlpipe.plugins.environments import SingleTurnOptions, ToolEnvironmentOptions
+    from rlpipe.plugins.tasks import CalculatorTaskConfig
+
+    out += [(f"task.options.{f.name}", f.default) for f in attrs.fields(CalculatorTaskConfig)]
+    out += [(f"roles.rollout.environment.{f.name}", None if f.default is attrs.NOTHING else f.default)
+            for f in attrs.fields(EnvironmentSection)]
+    for options in (ToolEnvironmentOptions, SingleTurnOptions):
+        out += [(f"roles.rollout.environment.options.{f.name}", f.default) for f in attrs.fields(options)]
     out += [(f"placement.options.{f.name}", None) for f in attrs.fields(DisaggregatedOptions)]
     out += [(f"placement.options.groups[i].{f.name}", None) for f in attrs.fields(DeviceGroup)]
     return out
@@ -128,6 +140,9 @@ def test_hook_rlpipe_placement_policies():
     ("rlpipe_reward_functions", RewardFunctionSpec(name="short", description="d", fn=lambda p, c, e: 1.0 / (1 + len(c)))),
     ("rlpipe_tasks", TaskSpec(name="my-jsonl", description="d", factory=object)),
     ("rlpipe_rollout_engines", RolloutEngineSpec(name="my-server", description="d", factory=object)),
+    ("rlpipe_environments", EnvironmentSpec(name="my-env", description="d", factory=object)),
+    ("rlpipe_tools", ToolSpec(name="my-tool", description="d", fn=str)),
+    ("rlpipe_tool_parsers", ToolParserSpec(name="my-format", description="d", factory=object)),
 ])
 def test_registration_hook_records_are_filed_by_name(hook, record):
     reg = registry_with("kinds", **{hook: lambda: [record]})
@@ -169,6 +184,84 @@ def test_hook_rlpipe_tasks():
 def test_hook_rlpipe_rollout_engines():
     spec = RolloutEngineSpec(name="my-server", description="d", factory=dict)
     assert "my-server" in registry_with("a", rlpipe_rollout_engines=lambda: [spec]).specs("rlpipe_rollout_engines")
+
+
+class _Echo:
+    max_turns = 2
+
+    def reset(self, example):
+        self.answer = example["answer"]
+        return ""
+
+    def step(self, action):
+        if action.strip() == self.answer:
+            return "", 1.0, True
+        return f" (want {self.answer}) ", 0.0, False
+
+
+def test_hook_rlpipe_environments():
+    from rlpipe.agentic.environment import EnvironmentSection, environment_options
+
+    spec = EnvironmentSpec(name="echo", description="d", factory=lambda options, *, context: _Echo())
+    reg = registry_with("env", rlpipe_environments=lambda: [spec])
+    assert reg.specs("rlpipe_environments")["echo"] is spec
+    found, options = environment_options(EnvironmentSection(name="echo"), reg)
+    env = found.factory(options, context=None)
+    env.reset({"answer": "4"})
+    assert env.step("5") == (" (want 4) ", 0.0, False) and env.step("4") == ("", 1.0, True)
+    p = plan(reg, {"roles": {"rollout": {"environment": {"name": "echo"}}}})
+    assert ("rollout", "reward") in {(b.upstream, b.downstream) for b in p.boundaries}
+
+
+def _tool_environment(reg, **options):
+    from contextlib import nullcontext
+
+    from rlpipe.plugins.environments import ToolEnvironment, ToolEnvironmentOptions
+
+    ctx = types.SimpleNamespace(run_config=config(reg, {"task": {"name": "calculator", "options": None}}), registry=reg,
+                                span=lambda name, **a: nullcontext())
+    env = ToolEnvironment(ToolEnvironmentOptions(**options), context=ctx)
+    env.reset({"prompt": "p", "answer": "ABC"})
+    return env
+
+
+def test_hook_rlpipe_tools():
+    spec = ToolSpec(name="upper", description="upper-cases text",
+                    parameters={"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+                    fn=lambda arguments: arguments["text"].upper())
+    reg = registry_with("t", rlpipe_tools=lambda: [spec])
+    assert reg.specs("rlpipe_tools")["upper"] is spec
+    env = _tool_environment(reg, tools=("upper",), parser="tag")
+    assert env.step("<tool>upper: abc</tool>").observation == "<result>ABC</result>"
+
+
+def test_hook_rlpipe_tool_parsers():
+    import re
+
+    from rlpipe.agentic import ToolCall
+
+    class Bracket:
+        def describe(self, tools):
+            return "Tools: " + ", ".join(t.name for t in tools) + "\n"
+
+        def parse(self, text):
+            m = re.search(r"\[(\w+) (.*?)\]", text)
+            return None if m is None else ToolCall(name=m[1], arguments=m[2], end=m.end())
+
+        def format_call(self, name, arguments):
+            return f"[{name} {next(iter(arguments.values()))}]"
+
+        def format_result(self, text, *, error=False):
+            return f"[{'error' if error else '='} {text}]"
+
+    spec = ToolParserSpec(name="bracket", description="[tool args]", factory=Bracket)
+    reg = registry_with("p", rlpipe_tool_parsers=lambda: [spec])
+    assert reg.specs("rlpipe_tool_parsers")["bracket"] is spec
+    env = _tool_environment(reg, tools=("calculator",), parser="bracket")
+    assert env.reset({"prompt": "p", "answer": "84"}) == "Tools: calculator\n"
+    assert env.step("[calculator 12*7] tail").observation == "[= 84]"
+    assert env.action_end("[calculator 12*7] tail") == len("[calculator 12*7]")
+    assert env.step("[calculator 1/0]").observation == "[error division by zero]"
 
 
 # -- lifecycle hooks --------------------------------------------------------------------------

@@ -35,6 +35,22 @@ def partial_match(prompt: str, completion: str, example: Mapping) -> float:
     return max(0.0, (hits - extra) / len(answer))
 
 
+def prefix_match(prompt: str, completion: str, example: Mapping) -> float:
+    """How much of the answer the completion begins with: the length of their
+    common prefix over the answer's length, whatever follows; in [0, 1].
+    Unlike :func:`partial_match` a character counts only when every one
+    before it is right, so credit grows from the left, one character at a time."""
+    answer, got = str(example["answer"]).strip(), completion.strip()
+    if not answer:
+        return 1.0
+    n = 0
+    for a, b in zip(answer, got):
+        if a != b:
+            break
+        n += 1
+    return n / len(answer)
+
+
 def digits(prompt: str, completion: str, example: Mapping) -> float:
     """Format credit: the share of the completion's characters that are digits;
     0.0 for an empty completion.  A dense signal for the digit tasks, where a
@@ -61,9 +77,28 @@ def math_answer(prompt: str, completion: str, example: Mapping) -> float:
     return float(want is not None and final_number(completion) == want)
 
 
+def tool_call_match(prompt: str, completion: str, example: Mapping) -> float:
+    """Tool-use credit, for tasks whose examples give a reference
+    ``tool_call``: half for making a call in the first turn (any call, even
+    one that fails), half for how much of the reference call — as the tool
+    environment's parser writes it, ``example["episode"]["expected_call"]`` —
+    the first turn begins with (:func:`prefix_match`); in [0, 1].  0.0 when
+    there is no reference (outside the tool environment, or a task without
+    reference calls)."""
+    episode = example.get("episode") if isinstance(example, Mapping) else None
+    if not isinstance(episode, Mapping) or not episode.get("expected_call") or not episode.get("actions"):
+        return 0.0
+    called = bool(episode.get("tool_calls")) and len(episode["actions"]) > 1
+    return 0.5 * called + 0.5 * prefix_match(prompt, str(episode["actions"][0]), {"answer": episode["expected_call"]})
+
+
 @hookimpl
 def rlpipe_reward_functions():
     yield RewardFunctionSpec(name="exact-match", description="1 if the completion equals the answer", fn=exact_match)
     yield RewardFunctionSpec(name="partial-match", description="share of answer characters in place (partial credit)", fn=partial_match)
+    yield RewardFunctionSpec(name="prefix-match", description="share of the answer the completion begins with",
+                             fn=prefix_match)
     yield RewardFunctionSpec(name="digits", description="share of completion characters that are digits (format)", fn=digits)
     yield RewardFunctionSpec(name="math-answer", description="final-number match, GSM8K style", fn=math_answer)
+    yield RewardFunctionSpec(name="tool-call-match", description="first turn vs the example's reference tool call (partial credit)",
+                             fn=tool_call_match)

@@ -8,7 +8,10 @@ items and global batches; reward functions score completions against
 
 * ``reverse``: ``"123>"`` -> ``"321"``;
 * ``sort``: ``"3142>"`` -> ``"1234"``;
-* ``add``: ``"12+7="`` -> ``"19"``.
+* ``add``: ``"12+7="`` -> ``"19"``;
+* ``calculator``: ``"37*49="`` -> ``"1813"``, with a reference calculator
+  call in each example (``tool_call``), for the ``tool`` environment
+  (docs/agentic.md).
 
 Each scores with its match reward plus ``digits`` (the share of the
 completion's characters that are digits), a dense format signal: a randomly
@@ -102,6 +105,59 @@ def held_out(text: str, fraction: float) -> bool:
 
 def _factory(kind: str):
     return lambda options: DigitTask(kind, options)
+
+
+# -- the agentic demo: arithmetic with a calculator ---------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class CalculatorTaskConfig:
+    """``task.options`` of the ``calculator`` task.
+
+    Attributes:
+        digits: each operand's length in digits (no leading zeros).
+        operators: the operators to draw from, a non-empty subset of ``+-*``.
+        eval_fraction: share of all possible prompts kept for evaluation only.
+    """
+
+    digits: int = attrs.field(default=2, validator=check(lambda v: 1 <= v <= 9, "must be in [1, 9], got {value}"))
+    operators: str = attrs.field(default="*", validator=check(lambda v: v and set(v) <= set("+-*"),
+                                                              "must be a non-empty string of + - *, got {value}"))
+    eval_fraction: float = attrs.field(default=0.1, validator=check(lambda v: 0 <= v < 1, "must be in [0, 1), got {value}"))
+
+
+class CalculatorTask:
+    """``37*49=`` -> ``1813``: arithmetic a small model cannot do in its head.
+
+    Each example also holds ``tool_call``, the reference call
+    (``{"name": "calculator", "arguments": {"expression": "37*49"}}``), which
+    the ``tool`` environment writes in its format for ``tool-call-match``.
+    """
+
+    def __init__(self, config: CalculatorTaskConfig | None = None):
+        self.config = config or CalculatorTaskConfig()
+
+    def _make(self, rng: np.random.Generator) -> dict[str, Any]:
+        c = self.config
+
+        def operand() -> int:
+            return int(rng.integers(10 ** (c.digits - 1) if c.digits > 1 else 0, 10**c.digits))
+
+        a, b = operand(), operand()
+        op = c.operators[int(rng.integers(len(c.operators)))]
+        value = {"+": a + b, "-": a - b, "*": a * b}[op]
+        expression = f"{a}{op}{b}"
+        return {"prompt": f"{expression}=", "answer": str(value),
+                "tool_call": {"name": "calculator", "arguments": {"expression": expression}}}
+
+    def examples(self, *, seed: int, split: str = "train") -> Iterator[dict[str, Any]]:
+        """An endless, seeded stream of examples of ``split`` (``train`` or ``eval``)."""
+        rng = np.random.default_rng(seed)
+        want_eval = split == "eval"
+        while True:
+            ex = self._make(rng)
+            if held_out(ex["prompt"], self.config.eval_fraction) == want_eval:
+                yield ex
 
 
 # -- JSONL datasets ------------------------------------------------------------------
@@ -267,5 +323,8 @@ def rlpipe_tasks():
                    config_type=DigitTaskConfig, rewards=("partial-match", "digits"))
     yield TaskSpec(name="add", description="add two numbers: 12+7= -> 19", factory=_factory("add"),
                    config_type=DigitTaskConfig, rewards=("exact-match", "digits"))
+    yield TaskSpec(name="calculator", description="arithmetic with a calculator tool: 37*49= -> 1813 (agentic demo)",
+                   factory=lambda options: CalculatorTask(options), config_type=CalculatorTaskConfig,
+                   rewards=("exact-match", "prefix-match", "tool-call-match"))
     yield TaskSpec(name="jsonl", description="a JSONL dataset of {prompt, answer} objects, held-out split by hash",
                    factory=JsonlTask, config_type=JsonlTaskConfig, rewards=("math-answer",))
