@@ -191,7 +191,7 @@ def test_placements_list_table_and_json():
 def test_plugins_list_json_shows_builtins_from_entry_points():
     entries = json.loads(run("plugins", "list", "--json").stdout)
     builtin = {e["name"]: e for e in entries if e["builtin"]}
-    assert set(builtin) == {"roles", "placement", "engines", "rewards", "algorithms", "tasks"}
+    assert set(builtin) == {"roles", "placement", "engines", "rewards", "algorithms", "tasks", "environments", "tools"}
     assert all(e["status"] == "active" and e["distribution"] == "rlpipe" for e in builtin.values())
 
 
