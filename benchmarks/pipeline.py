@@ -77,6 +77,8 @@ from typing import Any
 import fake_devices
 from results import Sink, log, record, stdout_sink
 
+from rlpipe.core import timeline as tl
+
 # Importing rlpipe starts JAX, so rlpipe is imported inside the functions:
 # importing this module (run_all.py does) must leave the device count open.
 
@@ -110,49 +112,12 @@ DISAGGREGATED_TARGET = 1.15
 Interval = tuple[float, float]
 
 
-# -- interval arithmetic on sorted disjoint lists ------------------------------------------
-
-
-def _union(intervals) -> list[Interval]:
-    from rlpipe.core import timeline as tl
-
-    return tl.union(intervals)
-
-
-def intersect(a: Sequence[Interval], b: Sequence[Interval]) -> list[Interval]:
-    """The intersection of two unions of intervals."""
-    a, b = _union(a), _union(b)
-    out, i, j = [], 0, 0
-    while i < len(a) and j < len(b):
-        s, e = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
-        if e > s:
-            out.append((s, e))
-        if a[i][1] < b[j][1]:
-            i += 1
-        else:
-            j += 1
-    return out
-
-
-def subtract(a: Sequence[Interval], b: Sequence[Interval]) -> list[Interval]:
-    """The parts of ``a`` that ``b`` does not cover."""
-    out = []
-    b = _union(b)
-    for s, e in _union(a):
-        at = s
-        for bs, be in b:
-            if be <= at or bs >= e:
-                continue
-            if bs > at:
-                out.append((at, bs))
-            at = max(at, be)
-        if e > at:
-            out.append((at, e))
-    return out
+# Interval arithmetic is rlpipe.core.timeline's: union, intersect, subtract, clip, length.
 
 
 def total(intervals: Sequence[Interval]) -> float:
-    return sum(e - s for s, e in _union(intervals))
+    """Covered time: overlaps count once."""
+    return tl.length(tl.union(intervals))
 
 
 # -- a probed training run -------------------------------------------------------------------
@@ -196,8 +161,6 @@ class TrainingRun:
         it counts, whatever its step (the rollout of step n+1 running beside
         the trainer's step n), and nothing of the warm-up steps does.
         """
-        from rlpipe.core import timeline as tl
-
         return tl.Window(start=self.step_end(warmup - 1), end=self.step_end(self.steps - 1),
                          steps=tuple(range(warmup, self.steps)))
 
@@ -280,7 +243,6 @@ def run_training(config_files: Sequence[str | Path] = (), overrides: Sequence[st
                  registry: Any = None) -> TrainingRun:
     """Trains with the embedded defaults, ``config_files`` and ``overrides``
     (``key=value``) into a fresh ``run_dir``, with the probe installed."""
-    from rlpipe.core import timeline as tl
     from rlpipe.core.config import load_config
     from rlpipe.core.plugins import load_registry
     from rlpipe.defaults import DEFAULT_CONFIG
@@ -322,15 +284,11 @@ def mean_step_time(run: TrainingRun, warmup: int) -> tuple[float, list[float]]:
 
 
 def _clip(intervals: Sequence[Interval], window) -> list[Interval]:
-    from rlpipe.core import timeline as tl
-
-    return tl.clip(_union(intervals), window.start, window.end)
+    return tl.clip(tl.union(intervals), window.start, window.end)
 
 
 def analyse_run(run: TrainingRun, warmup: int) -> dict[str, Any]:
     """Busy time, device waits and compile time per role over the measured window."""
-    from rlpipe.core import timeline as tl
-
     window = run.window(warmup)
     if window is None or window.wall <= 0:
         raise RuntimeError(f"{run.run_dir}: the trace has no measured steps")
@@ -342,7 +300,7 @@ def analyse_run(run: TrainingRun, warmup: int) -> dict[str, Any]:
         if usage.role not in run.roles:
             continue  # the checkpoint track
         busy = tl.busy_intervals(run.spans, [usage.role], window=window)
-        wait = total(intersect(_clip(run.device_wait.get(usage.role, []), window), busy))
+        wait = total(tl.intersect(_clip(run.device_wait.get(usage.role, []), window), busy))
         roles[usage.role] = {"group": usage.group, "busy_s": usage.busy_s, "device_wait_s": wait,
                              "by_kind": dict(usage.by_kind)}
     compiles = [(s, e) for _, _, s, e in run.compiles]
@@ -415,9 +373,9 @@ def framework_overhead(run: TrainingRun, warmup: int) -> dict[str, Any]:
     compute: list[Interval] = []
     for role, kinds in by_role.items():
         spans = [iv for k in COMPUTE_SPANS for iv in kinds.get(k, [])]
-        compute += subtract(spans, run.device_wait.get(role, []))
+        compute += tl.subtract(spans, run.device_wait.get(role, []))
     compute = _clip(compute, window)
-    outside = subtract([(window.start, window.end)], compute)
+    outside = tl.subtract([(window.start, window.end)], compute)
 
     def spans_named(*names: str) -> list[Interval]:
         return [iv for kinds in by_role.values() for n in names for iv in kinds.get(n, [])]
@@ -428,9 +386,9 @@ def framework_overhead(run: TrainingRun, warmup: int) -> dict[str, Any]:
                             ("offload_onload", spans_named("offload", "onload")),
                             ("untraced_device_work", [iv for ivs in run.device_hold.values() for iv in ivs]),
                             ("stage_host_work", spans_named("process", "barrier", "snapshot"))):
-        part = intersect(rest, intervals)
+        part = tl.intersect(rest, intervals)
         parts[name] = total(part)
-        rest = subtract(rest, part)
+        rest = tl.subtract(rest, part)
     parts["between_stages"] = total(rest)
     wall = window.wall
     return {"fraction": total(outside) / wall, "wall_s": wall, "compute_s": total(compute),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from typing import IO, Any
 
@@ -115,3 +116,13 @@ def table(records: Sequence[dict[str, Any]], *, labels: Sequence[str] = (), out:
         if i == 0:
             print("  ".join("-" * w for w in widths), file=out)
     out.flush()
+
+
+def timed(fn: Any, repeats: int) -> list[float]:
+    """Wall times of ``repeats`` calls of ``fn()`` (which must block until its result is ready)."""
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out

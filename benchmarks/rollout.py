@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from results import Sink, log, record, stdout_sink
+from results import Sink, log, record, stdout_sink, timed
 
 from rlpipe.models.config import PRESETS, DecoderConfig
 from rlpipe.models.decoder import init_cache
@@ -88,16 +88,6 @@ def tree_bytes(tree: Any) -> int:
 
 def kv_cache_bytes(config: DecoderConfig, batch: int, cache_len: int, dtype: Any) -> int:
     return 2 * config.num_layers * batch * cache_len * config.num_kv_heads * config.dim_per_head * jnp.dtype(dtype).itemsize
-
-
-def timed(fn, repeats: int) -> list[float]:
-    """Wall times of ``fn()`` (which must block until its result is ready)."""
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def copy_bandwidth(mib: int, repeats: int) -> float:

@@ -76,7 +76,7 @@ from typing import Any
 
 import fake_devices
 import results
-from results import Sink, log, record
+from results import Sink, log, record, timed
 
 GB = 1e9
 MIB = 1 << 20
@@ -121,15 +121,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # -- parts ---------------------------------------------------------------------------------------
-
-
-def _timed(fn: Callable[[], Any], repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def _device_bytes(arrays) -> tuple[dict[int, int], int]:
@@ -380,10 +371,10 @@ def part_transfer(args: argparse.Namespace, emit: Sink, state: dict[str, Any]) -
     jax.block_until_ready(weights.sync(params, target, jnp.bfloat16))
     first = time.perf_counter() - t
     with CompileCounter().installed() as compiles:
-        times = _timed(lambda: jax.block_until_ready(weights.sync(params, target, jnp.bfloat16)), repeats)
+        times = timed(lambda: jax.block_until_ready(weights.sync(params, target, jnp.bfloat16)), repeats)
     cast = jax.jit(lambda tree: jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), tree), out_shardings=target)
     jax.block_until_ready(cast(params))
-    cached = statistics.median(_timed(lambda: jax.block_until_ready(cast(params)), repeats))
+    cached = statistics.median(timed(lambda: jax.block_until_ready(cast(params)), repeats))
     t_sync = statistics.median(times)
     emit(record("weight_sync_bandwidth", moved / t_sync / GB, "GB/s", ceiling=bw / GB, **common, bytes=moved,
                 arrays=len(jax.tree_util.tree_leaves(params)), time_s=t_sync, first_call_s=first,

@@ -56,6 +56,20 @@ def test_union_covers_exactly_the_unit_cells_its_intervals_cover(pairs):
     assert all(a[1] < b[0] for a, b in zip(merged, merged[1:]))  # disjoint, sorted, not touching
 
 
+intervals_ = st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30)).map(sorted).map(tuple), max_size=8)
+
+
+@given(intervals_, intervals_)
+def test_intersect_and_subtract_cover_the_cells_of_the_set_operations(a, b):
+    def cells(intervals):
+        return {c for s, e in intervals for c in range(s, e)}
+
+    both, rest = tl.intersect(a, b), tl.subtract(a, b)
+    assert cells(both) == cells(a) & cells(b) and tl.length(both) == len(cells(a) & cells(b))
+    assert cells(rest) == cells(a) - cells(b) and tl.length(rest) == len(cells(a) - cells(b))
+    assert all(x[1] <= y[0] for x, y in zip(rest, rest[1:]))
+
+
 # -- reading ------------------------------------------------------------------------
 
 

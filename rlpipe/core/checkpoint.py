@@ -214,19 +214,9 @@ class RunCheckpointer:
                     for k, v in arrays.items()}
         if not path.is_dir():
             raise CheckpointError(f"{path}: missing from the checkpoint (the run has no {role!r} state)")
-        try:
-            from etils import epath
+        self._check_shapes(path, step, f"stage.{role}", abstract, partial=True)
+        from etils import epath
 
-            saved = dict(ocp.StandardCheckpointHandler().metadata(epath.Path(path)))
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"{path}: cannot read the checkpoint: {_reason(exc)}") from exc
-        for key, want in abstract.items():
-            if key not in saved:
-                raise CheckpointError(f"{path}: no array {key}; the model changed since the checkpoint was written")
-            shape = tuple(getattr(saved[key], "shape", ()))
-            if shape != tuple(want.shape):
-                raise CheckpointError(f"{path}: {key} has shape {list(shape)} in the checkpoint but "
-                                      f"{list(want.shape)} here (did the model config change?)")
         try:
             restored = ocp.PyTreeCheckpointer().restore(
                 epath.Path(path), args=ocp.args.PyTreeRestore(
@@ -236,8 +226,10 @@ class RunCheckpointer:
             raise CheckpointError(f"{path}: cannot restore the checkpoint: {_reason(exc)}") from exc
         return unflatten(template, {k[len(prefix):]: v for k, v in restored.items()}, {})
 
-    def _check_shapes(self, path: Path, step: int, item: str, abstract: Mapping[str, Any]) -> None:
-        """Names the first array whose saved shape or dtype differs from the run's."""
+    def _check_shapes(self, path: Path, step: int, item: str, abstract: Mapping[str, Any], *, partial: bool = False) -> None:
+        """Names the first array whose saved shape differs from the run's, or
+        that is missing; and, unless ``partial`` (a subtree is read), the first
+        saved array that is not part of the run's state."""
         if not path.is_dir():
             raise CheckpointError(f"{path}: missing from the checkpoint")
         try:
@@ -254,7 +246,7 @@ class RunCheckpointer:
             if shape != tuple(want.shape):
                 raise CheckpointError(f"{path}: {key} has shape {list(shape)} in the checkpoint but {list(want.shape)} "
                                       "in this run (did the model config change?)")
-        unknown = sorted(set(saved) - set(abstract))
+        unknown = [] if partial else sorted(set(saved) - set(abstract))
         if unknown:
             raise CheckpointError(f"{path}: array {unknown[0]} is not part of this run's state (did the model or optimizer change?)")
 

@@ -3,7 +3,8 @@
 ``trace.json`` opens in Perfetto (ui.perfetto.dev) or chrome://tracing: one
 track per role, one span per unit of work (process, barrier, barrier_wait,
 offload, onload, and whatever finer spans a stage adds), each carrying its
-step and policy version in ``args``.
+step and policy version in ``args``.  A role may add detail tracks
+(:func:`detail_track`), such as one per episode slot of an agentic rollout.
 """
 
 from __future__ import annotations
@@ -16,6 +17,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+
+#: Separates a role from a detail lane in a track's name (``rollout/episodes 03``).
+DETAIL_SEPARATOR = "/"
+
+
+def detail_track(role: str, lane: str) -> str:
+    """The name of a **detail track** of ``role``: a lane of finer spans (an
+    agentic rollout's episodes) shown under the role in Perfetto.  The work
+    on it is already inside the role's own spans, so timeline analysis
+    (:mod:`rlpipe.core.timeline`) leaves detail tracks out."""
+    return f"{role}{DETAIL_SEPARATOR}{lane}"
+
+
+def is_detail_track(track: str) -> bool:
+    return DETAIL_SEPARATOR in track
 
 
 class Trace:

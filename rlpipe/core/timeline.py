@@ -37,6 +37,7 @@ from typing import Any
 import attrs
 
 from rlpipe.core.errors import TraceError
+from rlpipe.core.telemetry import is_detail_track
 
 Interval = tuple[float, float]
 
@@ -154,6 +155,38 @@ def length(intervals: Iterable[Interval]) -> float:
 def clip(intervals: Iterable[Interval], start: float, end: float) -> list[Interval]:
     """``intervals`` cut to ``[start, end]``; those outside it are dropped."""
     return [(max(s, start), min(e, end)) for s, e in intervals if min(e, end) > max(s, start)]
+
+
+def intersect(a: Iterable[Interval], b: Iterable[Interval]) -> list[Interval]:
+    """Where both ``a`` and ``b`` cover, as sorted, disjoint intervals."""
+    a, b = union(a), union(b)
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        s, e = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if e > s:
+            out.append((s, e))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def subtract(a: Iterable[Interval], b: Iterable[Interval]) -> list[Interval]:
+    """The parts of ``a`` that ``b`` does not cover, as sorted, disjoint intervals."""
+    out = []
+    holes = union(b)
+    for start, end in union(a):
+        cur = start
+        for hs, he in holes:
+            if he <= cur or hs >= end:
+                continue
+            if hs > cur:
+                out.append((cur, hs))
+            cur = max(cur, he)
+        if cur < end:
+            out.append((cur, end))
+    return out
 
 
 def gaps(intervals: Iterable[Interval], start: float, end: float) -> list[Interval]:
@@ -379,27 +412,11 @@ def busy_intervals(spans: Iterable[Span], roles: Iterable[str] | None = None, *,
     # while another role of the group works.
     per_role = []
     for role in wanted:
-        busy = union((s.start, s.end) for s in spans if s.role == role and s.busy)
-        waits = union((s.start, s.end) for s in spans if s.role == role and not s.busy)
-        per_role.extend(_subtract(busy, waits))
+        busy = [(s.start, s.end) for s in spans if s.role == role and s.busy]
+        waits = [(s.start, s.end) for s in spans if s.role == role and not s.busy]
+        per_role.extend(subtract(busy, waits))
     out = union(per_role)
     return out if window is None else clip(out, window.start, window.end)
-
-
-def _subtract(intervals: list[Interval], holes: list[Interval]) -> list[Interval]:
-    """``intervals`` minus ``holes`` (both sorted and disjoint)."""
-    out = []
-    for start, end in intervals:
-        cur = start
-        for hs, he in holes:
-            if he <= cur or hs >= end:
-                continue
-            if hs > cur:
-                out.append((cur, hs))
-            cur = max(cur, he)
-        if cur < end:
-            out.append((cur, end))
-    return out
 
 
 def idle_fraction(spans: Sequence[Span], roles: Iterable[str], window: Window) -> float:
@@ -420,8 +437,11 @@ def analyse(spans: Sequence[Span], groups: Sequence[DeviceGroup], window: Window
     """Busy time per role and idle fraction and overlap ratio per group over ``window``.
 
     A track with spans that is in no group (not a role of the plan, such as
-    ``checkpoint``) gets a group of its own named ``<track> (not in plan)``.
+    ``checkpoint``) gets a group of its own named ``<track> (not in plan)``;
+    detail tracks (``rollout/episodes 00``, :func:`rlpipe.core.telemetry.detail_track`)
+    are left out.
     """
+    spans = [s for s in spans if not is_detail_track(s.role)]  # their work is inside their role's spans
     roles_with_spans = list(dict.fromkeys(s.role for s in spans))
     grouped = {r for g in groups for r in g.roles}
     groups = [*groups, *(DeviceGroup(name=f"{r} (not in plan)", devices=(), roles=(r,))

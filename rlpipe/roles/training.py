@@ -136,6 +136,16 @@ class _OptimizedState:
     opt_state: Any
     _on_device: bool = True
 
+    def _build_model(self, config: Any, placement: RolePlacement, context: BuildContext, algorithm: Any) -> Any:
+        """The common start of a trainable role's constructor: its config,
+        algorithm, mesh and pad id; returns its model (initialised or loaded
+        on the mesh)."""
+        self.config = config
+        self.algorithm = algorithm
+        self.mesh = make_mesh(placement)
+        self.pad_id = load_tokenizer(context.run_config.model).pad_id
+        return load_model(context.run_config.model, mesh=self.mesh, seed=context.seed)
+
     def offload(self) -> None:
         if self._on_device:
             self.params, self.opt_state = weights.offload((self.params, self.opt_state))
@@ -166,12 +176,7 @@ class TrainerStage(_OptimizedState):
 
     def __init__(self, config: Any, placement: RolePlacement, *, context: BuildContext, algorithm: Any):
         run = context.run_config
-        self.config = config
-        self.algorithm = algorithm
-        self.mesh = make_mesh(placement)
-        self.pad_id = load_tokenizer(run.model).pad_id
-        model = load_model(run.model, mesh=self.mesh, seed=context.seed)
-        self.graphdef, params = nnx.split(model)
+        self.graphdef, params = nnx.split(self._build_model(config, placement, context, algorithm))
         self.shardings = shardings_for(params, self.mesh)
         self.temperature = sampling_temperature(run)
         self.optimizer = make_optimizer(config, run.train.steps * config.num_iterations)
@@ -383,12 +388,7 @@ class CriticStage(_OptimizedState):
 
     def __init__(self, config: Any, placement: RolePlacement, *, context: BuildContext, algorithm: Any):
         run = context.run_config
-        self.config = config
-        self.algorithm = algorithm
-        self.mesh = make_mesh(placement)
-        self.pad_id = load_tokenizer(run.model).pad_id
-        trunk = load_model(run.model, mesh=self.mesh, seed=context.seed)
-        model = ValueModel(trunk, seed=context.seed + 1)
+        model = ValueModel(self._build_model(config, placement, context, algorithm), seed=context.seed + 1)
         self.graphdef, params = nnx.split(model)
         self.params = on_mesh(params, self.mesh)  # the trunk keeps its sharding, the head is replicated
         self.optimizer = make_optimizer(config, run.train.steps)
