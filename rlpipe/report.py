@@ -9,6 +9,9 @@
 * ``timeline.png``: the last steps, one row per role grouped by device group,
   spans coloured by kind, and each group's busy time as a strip whose gaps are
   its idle bubbles;
+* ``episodes.png`` (agentic runs): the episode lanes (the first 16) of the
+  last step's first item — each episode's span, its turns' ``generate`` and ``step``
+  spans and its ``tool`` calls (the detail tracks ``rollout/episodes NN``);
 * ``report.md``: run facts, the images, and the idle fraction of each device
   group with each role's busy time (definitions in :mod:`rlpipe.core.timeline`).
 
@@ -29,6 +32,7 @@ import attrs
 
 from rlpipe.core import timeline as tl
 from rlpipe.core.errors import RunDirError
+from rlpipe.core.telemetry import DETAIL_SEPARATOR, is_detail_track
 
 DEFAULT_LAST_STEPS = 5
 
@@ -392,6 +396,66 @@ def plot_timeline(spans: Sequence[tl.Span], analysis: tl.TimelineSummary, path: 
     return path
 
 
+#: At most this many episode lanes are drawn (the first ones).
+MAX_LANES_SHOWN = 16
+#: Span kinds drawn on episode lanes, outermost first, with their bar heights.
+LANE_KINDS = {"episode": 0.8, "reset": 0.5, "generate": 0.5, "step": 0.5, "tool": 0.3}
+
+
+def episode_lanes(spans: Sequence[tl.Span]) -> tuple[list[str], list[tl.Span]]:
+    """The episode lanes of the trace and the spans on them of the last
+    step's first item that has any (``([], [])`` for a run without episodes)."""
+    lanes = [s for s in spans if is_detail_track(s.role) and s.role.split(DETAIL_SEPARATOR, 1)[1].startswith("episodes ")]
+    if not lanes:
+        return [], []
+    last = max((s.segment, s.step if s.step is not None else -1) for s in lanes)
+    mine = [s for s in lanes if (s.segment, s.step if s.step is not None else -1) == last]
+    first_item = min((s.index for s in mine if s.index is not None), default=None)
+    mine = [s for s in mine if s.index == first_item]
+    def lane_number(track: str) -> tuple[int, str]:
+        tail = track.rsplit(" ", 1)[-1]
+        return (int(tail), track) if tail.isdigit() else (1 << 30, track)
+
+    return sorted({s.role for s in mine}, key=lane_number), mine
+
+
+def plot_episodes(spans: Sequence[tl.Span], path: Path) -> Path | None:
+    """The episode lanes of one item (see :func:`episode_lanes`); ``None`` when there are none."""
+    from matplotlib.patches import Patch
+
+    lanes, mine = episode_lanes(spans)
+    if not mine:
+        return None
+    total = len(lanes)
+    lanes = lanes[:MAX_LANES_SHOWN]
+    mine = [s for s in mine if s.role in lanes]
+    plt = _pyplot()
+    start, end = min(s.start for s in mine), max(s.end for s in mine)
+    wall = max(end - start, 1e-9)
+    min_width = wall / 800
+    colours = {**kind_colours(["generate", "step", "tool", "reset"]), "episode": "#DDE5EE"}
+    fig, ax = plt.subplots(figsize=(11, 1.4 + 0.32 * len(lanes)), layout="constrained")
+    for kind, height in LANE_KINDS.items():
+        for s in (s for s in mine if s.name == kind):
+            y = lanes.index(s.role)
+            ax.broken_barh([(s.start - start, max(s.end - s.start, min_width))], (y - height / 2, height),
+                           facecolor=colours[kind], edgecolor="#888888" if kind == "episode" else "none", lw=0.4)
+    ax.set_yticks(range(len(lanes)), [lane.split(DETAIL_SEPARATOR, 1)[1] for lane in lanes])
+    ax.set_ylim(len(lanes) - 0.5, -0.5)
+    ax.set_xlim(0, wall)
+    ax.set_xlabel("seconds from the item's first episode")
+    ref = mine[0]
+    shown = f"{len(lanes)} of its {total} lanes" if total > len(lanes) else "one lane per episode slot"
+    ax.set_title(f"Episodes of step {ref.step}, item {ref.index}: {shown}")
+    ax.grid(axis="x", alpha=0.3)
+    present = [k for k in LANE_KINDS if any(s.name == k for s in mine)]
+    fig.legend(handles=[Patch(facecolor=colours[k], label=k) for k in present], loc="outside lower center",
+               ncol=len(present), fontsize="small", frameon=False)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # -- report.md ----------------------------------------------------------------------
 
 
@@ -416,7 +480,7 @@ def _markdown(summary: dict[str, Any], analysis: tl.TimelineSummary | None, imag
     if s["step_s"] is not None:
         facts.append((f"step time, s ({over})", _num(s["step_s"], "{:.3g}")))
     lines += ["| | |", "|---|---|", *(f"| {k} | {'-' if v is None else v} |" for k, v in facts), ""]
-    for title, key in (("Reward", "reward"), ("Losses", "losses"), ("Timeline", "timeline")):
+    for title, key in (("Reward", "reward"), ("Losses", "losses"), ("Timeline", "timeline"), ("Episodes", "episodes")):
         if images.get(key) is not None:
             lines += [f"## {title}", "", f"![{title.lower()}]({images[key].relative_to(out_dir).as_posix()})", ""]
     if analysis is not None:
@@ -465,6 +529,7 @@ def build_report(run_dir: str | Path, *, out_dir: str | Path | None = None,
             "reward": plot_reward(records.metrics, out / "reward.png"),
             "losses": plot_losses(records.metrics, out / "losses.png"),
             "timeline": plot_timeline(records.spans, analysis, out / "timeline.png") if analysis else None,
+            "episodes": plot_episodes(records.spans or [], out / "episodes.png"),
         }
         md.write_text(_markdown(summary, analysis, images, out))
     except OSError as exc:
@@ -476,8 +541,8 @@ def build_report(run_dir: str | Path, *, out_dir: str | Path | None = None,
 
 def write_report(run_dir: str | Path, *, out_dir: str | Path | None = None,
                  last_steps: int | None = DEFAULT_LAST_STEPS) -> list[Path]:
-    """Writes ``reward.png``, ``losses.png``, ``timeline.png`` and ``report.md``
-    for ``run_dir`` (into ``RUN_DIR/report/`` unless ``out_dir``); returns the files written.
+    """Writes ``reward.png``, ``losses.png``, ``timeline.png``, ``episodes.png``
+    (agentic runs) and ``report.md`` for ``run_dir`` (into ``RUN_DIR/report/`` unless ``out_dir``); returns the files written.
 
     Raises:
         RunDirError: no such directory, no metrics, or a malformed ``plan.json``/``trace.json``.

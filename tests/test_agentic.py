@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 import types
 
@@ -14,6 +15,7 @@ import pytest
 
 from rlpipe import EnvironmentSpec, ToolParserSpec, hookimpl
 from rlpipe.agentic import EnvironmentSection, EpisodeRunner, Step, ToolCall, ToolError, episode_metrics, resolve_arguments
+from rlpipe.agentic.episodes import Tracer
 from rlpipe.core.errors import ConfigError
 from rlpipe.core.plugins import load_registry
 from rlpipe.models.sampling import Generation
@@ -168,24 +170,25 @@ class ScriptedEngine:
         return Generation(tokens=out, mask=live, logprobs=np.where(live, -0.5, 0.0).astype(np.float32))
 
 
-def runner(registry, policy, *, env=None, max_turns=2, turn_tokens=40, max_tokens=64, concurrency=None, timeout=None, **options):
+def runner(registry, policy, *, env=None, max_turns=2, turn_tokens=40, max_tokens=64, concurrency=None, timeout=None,
+           workers=8, **options):
     cfg = config(registry, AGENTIC)
     spec = env or registry.get("rlpipe_environments", "tool", path="x")
     opts = ToolEnvironmentOptions(**{"parser": "tag", "describe_tools": False, **options}) if env is None else None
     from rlpipe.models.sampling import SamplingParams
 
-    section = EnvironmentSection(name=spec.name, max_turns=max_turns, timeout_s=timeout)
+    section = EnvironmentSection(name=spec.name, max_turns=max_turns, timeout_s=timeout, workers=workers)
     engine = ScriptedEngine(policy)
     return EpisodeRunner(spec=spec, options=opts, section=section, run_config=cfg, registry=registry, tokenizer=TOK,
                          engine=engine, params=SamplingParams(max_new_tokens=turn_tokens, stop_tokens=(TOK.eos_id,)),
                          max_tokens=max_tokens, max_concurrency=concurrency), engine
 
 
-def run(r, prompts, examples=None):
+def run(r, prompts, examples=None, tracer=None):
     import jax
 
     examples = examples or [EXAMPLE] * len(prompts)
-    return r.run(None, [TOK.encode(p) for p in prompts], examples, jax.random.key(0))
+    return r.run(None, [TOK.encode(p) for p in prompts], examples, jax.random.key(0), tracer=tracer)
 
 
 def calculator_user(context: str) -> str:
@@ -271,6 +274,90 @@ def test_max_concurrency_bounds_the_episodes_in_flight_and_refills_freed_rows(re
     assert max(engine.rows) == 3 and all(ep.status == "done" for ep in out.episodes)
     assert [ep.turns for ep in out.episodes] == [1, 2, 1, 2, 1, 2, 1]
     assert sum(engine.rows) >= 10 and len(engine.rows) <= 5
+
+
+def odd_ones_call_first(ctx):
+    """Even prompts ``n+1=`` answer at once; odd ones call the calculator first (two turns)."""
+    n = int(ctx.split("+")[0])
+    return calculator_user(ctx) if n % 2 else "2"
+
+
+class Meeting:
+    """An environment whose ``step`` passes only when ``Meeting.parties``
+    episodes are inside ``step`` at the same time (a barrier)."""
+
+    barrier: threading.Barrier
+
+    def __init__(self, options, *, context):
+        pass
+
+    def reset(self, example):
+        return ""
+
+    def step(self, action):
+        Meeting.barrier.wait()
+        return "", 1.0, True
+
+
+def test_environment_calls_of_the_episodes_in_flight_run_on_several_threads(registry):
+    spec = EnvironmentSpec(name="meeting", description="d", factory=Meeting)
+    Meeting.barrier = threading.Barrier(4, timeout=30)
+    r, _ = runner(registry, lambda ctx: "7", env=spec, workers=4)
+    out = run(r, ["a"] * 8, [{"prompt": "a"}] * 8)
+    assert [ep.status for ep in out.episodes] == ["done"] * 8  # two rounds of four steps at once
+    # One worker: the steps run one after another, so the first waits alone and the barrier breaks.
+    Meeting.barrier = threading.Barrier(2, timeout=0.2)
+    r, _ = runner(registry, lambda ctx: "7", env=spec, workers=1)
+    out = run(r, ["a"] * 2, [{"prompt": "a"}] * 2)
+    assert [ep.status for ep in out.episodes] == ["failed"] * 2
+    assert all(ep.error.startswith("BrokenBarrierError") for ep in out.episodes)
+
+
+def test_episodes_are_the_same_whatever_the_number_of_environment_workers(registry):
+    prompts = [f"{i}+1=" for i in range(7)]
+    examples = [{"prompt": p, "answer": str(i + 1)} for i, p in enumerate(prompts)]
+    one, many = (run(runner(registry, odd_ones_call_first, concurrency=3, workers=w)[0], prompts, examples) for w in (1, 8))
+    for field in ("tokens", "loss_mask", "attention_mask", "logprobs", "rewards"):
+        np.testing.assert_array_equal(getattr(one, field), getattr(many, field))
+    assert [ep.actions for ep in one.episodes] == [ep.actions for ep in many.episodes]
+
+
+class LaneRecorder(Tracer):
+    """A tracer that keeps the spans recorded on episode lanes."""
+
+    def __init__(self):
+        self.spans, self.lock, self.t = [], threading.Lock(), 0.0
+
+    def span(self, name, **args):
+        return contextlib.nullcontext()
+
+    def now(self):
+        with self.lock:
+            self.t += 1.0
+            return self.t
+
+    def complete(self, lane, name, start, end, **args):
+        with self.lock:
+            self.spans.append((lane, name, start, end, args))
+
+
+def test_each_episode_is_a_span_on_a_lane_holding_its_turns_and_tool_calls(registry):
+    prompts = [f"{i}+1=" for i in range(7)]
+    tracer = LaneRecorder()
+    r, _ = runner(registry, odd_ones_call_first, concurrency=3)
+    run(r, prompts, [{"prompt": p, "answer": str(i + 1)} for i, p in enumerate(prompts)], tracer=tracer)
+    episodes = {a["episode"]: (lane, start, end, a) for lane, name, start, end, a in tracer.spans if name == "episode"}
+    assert sorted(episodes) == list(range(7)) and {lane for lane, *_ in episodes.values()} == {0, 1, 2}
+    assert [episodes[i][3]["turns"] for i in range(7)] == [1, 2, 1, 2, 1, 2, 1]
+    by_lane = sorted(episodes.values(), key=lambda e: (e[0], e[1]))
+    assert all(a[0] != b[0] or a[2] <= b[1] for a, b in zip(by_lane, by_lane[1:]))  # one episode at a time a lane
+    inner = [(lane, name, start, end, a) for lane, name, start, end, a in tracer.spans if name != "episode"]
+    for lane, name, start, end, a in inner:  # each inside its episode's span, on its lane
+        ep_lane, ep_start, ep_end, _ = episodes[a["episode"]]
+        assert lane == ep_lane and ep_start <= start <= end <= ep_end, (name, a)
+    names = [(a["episode"], name) for _, name, _, _, a in inner]
+    assert names.count((1, "generate")) == 2 and names.count((1, "step")) == 2 and names.count((1, "tool")) == 1
+    assert names.count((0, "reset")) == 1 and names.count((0, "tool")) == 0
 
 
 # -- the agentic rollout in the stage graph -----------------------------------------------------------
@@ -435,9 +522,10 @@ def agentic_run(tmp_path, placement, steps=2):
         return cfg, reg, run_dir
 
 
-@pytest.mark.parametrize("placement", ["disaggregated"])
+@pytest.mark.parametrize("placement", ["colocated", "colocated_offload", "disaggregated"])
 def test_agentic_rollouts_train_end_to_end_with_episodes_turns_and_tools_in_the_trace(tmp_path, placement):
-    _, _, run_dir = agentic_run(tmp_path, placement)
+    cfg, _, run_dir = agentic_run(tmp_path, placement)
+    lag = cfg.train.max_staleness  # 1 for disaggregated.yaml, 0 (on-policy) for the colocated ones
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["policy_version"] for row in rows] == [1, 2]
     for row in rows:
@@ -448,14 +536,25 @@ def test_agentic_rollouts_train_end_to_end_with_episodes_turns_and_tools_in_the_
     trace = json.loads((run_dir / "trace.json").read_text())
     track = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
     spans = {(track[e["tid"]], e["name"]) for e in trace["traceEvents"] if e["ph"] == "X"}
-    assert {("rollout", "turn"), ("rollout", "generate"), ("rollout", "environment"), ("rollout", "tool")} <= spans
+    assert {("rollout", "turn"), ("rollout", "generate"), ("rollout", "environment")} <= spans
+    # each episode a span on a lane of the rollout (4 lanes: an item's 4 episodes are in flight at once)
+    lanes = {name for name in track.values() if name.startswith("rollout/episodes ")}
+    assert lanes == {f"rollout/episodes {k:02d}" for k in range(4)}
+    assert {(lane, kind) for lane in lanes for kind in ("episode", "reset", "generate", "step", "tool")} <= spans
     episodes = [e for e in trace["traceEvents"] if e["name"] == "episode"]
     assert len(episodes) >= 16 and len(episodes) % 8 == 0 and {e["args"]["status"] for e in episodes} == {"truncated"}
-    assert all(e["args"]["tool_calls"] == 2 and e["args"]["turns"] == 2 for e in episodes)
+    assert all(e["args"]["tool_calls"] == 2 and e["args"]["turns"] == 2 and e["ph"] == "X" for e in episodes)
+    # the lanes are detail: the timeline analysis (rlpipe report) counts the rollout role, not its lanes
+    from rlpipe.core import timeline as tl
+
+    analysis = tl.analyse(tl.load_trace(run_dir / "trace.json"), [], tl.Window(0.0, 1e9))
+    assert "rollout" in {r.role for r in analysis.roles} and not any("/" in r.role for r in analysis.roles)
     generate = [e for e in trace["traceEvents"] if e["name"] == "generate" and track[e["tid"]] == "rollout"]
-    # disaggregated: the rollout runs a step ahead; every turn of step s uses exactly version s - 1
+    # every turn of step s uses exactly version s - lag (disaggregated: the rollout runs a step ahead)
     pairs = {(e["args"]["step"], e["args"]["policy_version"]) for e in generate}
-    assert {(0, 0), (1, 0)} <= pairs and all(v == max(0, s - 1) for s, v in pairs)
+    assert {(0, 0), (1, 1 - lag)} <= pairs and all(v == max(0, s - lag) for s, v in pairs)
+    if placement == "colocated_offload":  # the rollout's weights leave the shared devices between its steps
+        assert {("rollout", "offload"), ("rollout", "onload")} <= spans
 
 
 @pytest.mark.parametrize("placement", ["colocated", "colocated_offload", "disaggregated"])

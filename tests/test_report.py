@@ -8,8 +8,9 @@ from click.testing import CliRunner
 
 from rlpipe.cli.main import cli
 from rlpipe.core.errors import RunDirError
-from rlpipe.core.telemetry import Trace
-from rlpipe.report import loss_keys, read_metrics, smooth, write_report
+from rlpipe.core import timeline as tl
+from rlpipe.core.telemetry import Trace, detail_track
+from rlpipe.report import episode_lanes, loss_keys, read_metrics, smooth, write_report
 
 S = 1e6
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -82,6 +83,33 @@ def test_write_report_writes_three_plots_and_a_page_into_run_dir_report(run_dir)
     for name in ("reward.png", "losses.png", "timeline.png"):
         assert f"]({name})" in md
     assert "disaggregated" in md and "grpo" in md
+
+
+def test_an_agentic_run_gets_a_picture_of_its_episode_lanes_which_are_not_roles(run_dir):
+    doc = trace_doc(8)
+    lanes = Trace()
+    for s in (6, 7):  # two episodes a lane in the last steps, with their turns and a tool call
+        t = 2.0 * s
+        for lane in range(3):
+            track = detail_track("rollout", f"episodes {lane:02d}")
+            for k, start in enumerate((t + 0.1, t + 0.8)):
+                lanes.complete(track, "episode", start * S, (start + 0.6) * S, step=s, index=0, episode=2 * lane + k)
+                lanes.complete(track, "generate", (start + 0.1) * S, (start + 0.3) * S, step=s, index=0)
+                lanes.complete(track, "step", (start + 0.3) * S, (start + 0.5) * S, step=s, index=0)
+                lanes.complete(track, "tool", (start + 0.35) * S, (start + 0.45) * S, step=s, index=0)
+    extra = lanes.to_chrome()["traceEvents"]
+    tids = {e["tid"] for e in doc["traceEvents"]}
+    shift = max(tids) + 1  # the lanes' tracks after the roles'
+    doc["traceEvents"] += [{**e, "tid": e["tid"] + shift} for e in extra]
+    (run_dir / "trace.json").write_text(json.dumps(doc))
+    lane_names, spans = episode_lanes(tl.load_trace(run_dir / "trace.json"))
+    assert lane_names == [f"rollout/episodes {k:02d}" for k in range(3)]
+    assert {s.step for s in spans} == {7} and sum(s.name == "episode" for s in spans) == 6
+    files = write_report(run_dir, last_steps=3)
+    assert [f.name for f in files] == ["reward.png", "losses.png", "timeline.png", "episodes.png", "report.md"]
+    assert_png(run_dir / "report" / "episodes.png")
+    md = (run_dir / "report" / "report.md").read_text()
+    assert "](episodes.png)" in md and "episodes 0" not in md  # the lanes are no role or group of the tables
 
 
 def test_report_md_gives_each_device_group_an_idle_fraction(run_dir):

@@ -127,6 +127,10 @@ class EnvironmentSection:
         timeout_s: the most seconds an episode may spend in its environment
             (``reset`` and ``step`` calls, tools included); an episode over it
             fails (counted, masked out of the loss).  ``null``: no limit.
+        workers: threads running environment calls at once, across the
+            episodes in flight (each episode's calls stay in order); 1 runs
+            them one after another.  Environments must not share mutable
+            state unless it is thread-safe.
     """
 
     name: str = attrs.field(validator=check(bool, "must be an environment name"))
@@ -134,6 +138,7 @@ class EnvironmentSection:
     max_turns: int = attrs.field(default=4, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
     max_turn_tokens: int | None = attrs.field(default=None, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
     timeout_s: float | None = attrs.field(default=None, validator=check(lambda v: v > 0, "must be positive, got {value}"))
+    workers: int = attrs.field(default=8, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
 
 
 def environment_options(section: EnvironmentSection, registry: Any, path: str = "roles.rollout.environment") -> Any:

@@ -10,8 +10,12 @@ num_generations``) to the end:
   next waiting one;
 * every turn of every episode is generated with the **same parameters**
   (the policy version the caller chose), so an episode never mixes versions;
-* environment steps run on the host, between generation calls, episode by
-  episode in a fixed order, so a run is reproducible.
+* environment steps run on the host, between generation calls, on up to
+  ``environment.workers`` threads at once (an environment waiting on I/O —
+  a sandbox, a web service — then holds up no other episode); each episode's
+  own calls stay in order, and their results are applied in episode order,
+  so a run whose environments are independent of each other is
+  reproducible however many workers there are.
 
 Each episode's completion is laid out as ``reset observation | turn 1 | obs 1
 | turn 2 | ...`` (see :mod:`rlpipe.agentic.environment`): the policy's
@@ -26,21 +30,31 @@ environment — ``reset`` and ``step`` together — so a slow episode cannot
 fail the others in flight with it; a call still running at the limit is
 abandoned on its daemon thread).  A failed episode keeps its tokens for inspection but
 gets loss mask 0 everywhere and reward 0; it is counted, never dropped.
+
+On the run's timeline each episode is a span ``episode`` on a **lane** of
+the rollout (the detail track ``rollout/episodes NN``; an episode takes the
+lowest free lane when it starts, so there are at most ``max_concurrency``
+lanes), holding its ``reset``, then per turn ``generate`` (the batched call
+its turn was part of) and ``step`` (its environment call, with the ``tool``
+spans the environment records inside).
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
+import heapq
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ContextManager
 
 import attrs
 import numpy as np
 
 from rlpipe.agentic.environment import EnvironmentContext
+from rlpipe.agentic.tools import CallTimeout, call_with_timeout
+from rlpipe.core.telemetry import detail_track
 
 #: Rows of a generation call are padded up to a power of two, at least this
 #: many, so a handful of programs are compiled however many episodes remain.
@@ -49,29 +63,47 @@ MIN_ROWS = 8
 
 class Tracer:
     """Where the runner records its spans: ``span(name, **args)`` (a context
-    manager) and ``mark(name, **args)`` (an instant event).  This one records
-    nothing."""
+    manager, on the rollout's own track), and ``now()`` with
+    ``complete(lane, name, start, end, **args)`` (a finished span on an
+    episode lane).  This one records nothing."""
 
     def span(self, name: str, **args: Any) -> ContextManager[None]:
         return contextlib.nullcontext()
 
-    def mark(self, name: str, **args: Any) -> None:
+    def now(self) -> float:
+        return 0.0
+
+    def complete(self, lane: int, name: str, start: float, end: float, **args: Any) -> None:
         return None
+
+    @contextlib.contextmanager
+    def lane_span(self, lane: int, name: str, **args: Any) -> Iterator[None]:
+        """A span on episode lane ``lane`` around the block."""
+        start = self.now()
+        try:
+            yield
+        finally:
+            self.complete(lane, name, start, self.now(), **args)
 
 
 class StageTracer(Tracer):
-    """Spans and instants on a stage's track of the run's timeline."""
+    """Spans on a stage's track of the run's timeline, and its episode lanes
+    (the detail tracks ``<role>/episodes NN``)."""
 
     def __init__(self, context: Any):
         self.context = context
+        self.trace = getattr(context, "trace", None)
 
     def span(self, name: str, **args: Any) -> ContextManager[None]:
         return self.context.span(name, **args)
 
-    def mark(self, name: str, **args: Any) -> None:
-        trace = getattr(self.context, "trace", None)
-        if trace is not None:
-            trace.instant(self.context.role, name, step=self.context.step, index=self.context.index, **args)
+    def now(self) -> float:
+        return self.trace.now_us() if self.trace is not None else 0.0
+
+    def complete(self, lane: int, name: str, start: float, end: float, **args: Any) -> None:
+        if self.trace is not None:
+            self.trace.complete(detail_track(self.context.role, f"episodes {lane:02d}"), name, start, end,
+                                step=self.context.step, index=self.context.index, **args)
 
 
 @attrs.define
@@ -93,7 +125,9 @@ class Episode:
     error: str = ""
     max_turns: int = 1
     max_tokens: int = 0
+    lane: int = 0
     started: float = 0.0
+    started_us: float = 0.0
     seconds: float = 0.0
     env_seconds: float = 0.0
     metrics: dict[str, float] = attrs.field(factory=dict)
@@ -171,54 +205,70 @@ class EpisodeRunner:
         episodes = [Episode(index=i, prompt=list(map(int, p)), example=ex) for i, (p, ex) in enumerate(zip(prompts, examples))]
         cap = len(episodes) if self.max_concurrency is None else min(self.max_concurrency, len(episodes))
         waiting, active = deque(episodes), []
+        lanes = list(range(cap))  # free episode lanes of the timeline (a heap: the lowest is taken first)
         batch_no = 0
-        while waiting or active:
-            while waiting and len(active) < cap:
-                ep = waiting.popleft()
-                self._start(ep, seed, tracer)
-                if ep.status == "running":
-                    active.append(ep)
-                else:
-                    self._finish(ep, tracer)
-            if not active:
-                continue
-            with tracer.span("turn", turn_batch=batch_no, episodes=len(active), policy_version=policy_version):
-                rows = _row_bucket(len(active), cap)
-                contexts = [ep.prompt + ep.tokens for ep in active]
-                contexts += [contexts[0]] * (rows - len(contexts))
-                tokens, mask = _right_padded(contexts, self.tokenizer.pad_id)
-                with tracer.span("generate", rows=rows, episodes=len(active), policy_version=policy_version):
-                    with device():
-                        # The first call samples with ``key`` itself: a single-turn episode is then
-                        # exactly the plain rollout's completion.
-                        turn_key = key if batch_no == 0 else jax.random.fold_in(key, batch_no)
-                        gen = self.engine.generate(state, tokens, mask, turn_key, self.params, sharding=sharding)
-                with tracer.span("environment", episodes=len(active)):
-                    still = []
-                    for r, ep in enumerate(active):
-                        keep = np.asarray(gen.mask[r]).astype(bool)
-                        self._turn(ep, np.asarray(gen.tokens[r])[keep].tolist(), np.asarray(gen.logprobs[r])[keep].tolist())
-                        if ep.status == "running":
-                            still.append(ep)
-                        else:
-                            self._finish(ep, tracer)
-                    active = still
-            batch_no += 1
+        with _host_map(max(1, min(self.section.workers, cap))) as host_map:
+            while waiting or active:
+                starting = []
+                while waiting and len(active) + len(starting) < cap:
+                    starting.append(waiting.popleft())
+                    starting[-1].lane = heapq.heappop(lanes)
+                host_map(lambda ep: self._start(ep, seed, tracer), starting)
+                for ep in starting:
+                    if ep.status == "running":
+                        active.append(ep)
+                    else:
+                        self._finish(ep, tracer)
+                        heapq.heappush(lanes, ep.lane)
+                if not active:
+                    continue
+                with tracer.span("turn", turn_batch=batch_no, episodes=len(active), policy_version=policy_version):
+                    rows = _row_bucket(len(active), cap)
+                    contexts = [ep.prompt + ep.tokens for ep in active]
+                    contexts += [contexts[0]] * (rows - len(contexts))
+                    tokens, mask = _right_padded(contexts, self.tokenizer.pad_id)
+                    g0 = tracer.now()
+                    with tracer.span("generate", rows=rows, episodes=len(active), policy_version=policy_version):
+                        with device():
+                            # The first call samples with ``key`` itself: a single-turn episode is then
+                            # exactly the plain rollout's completion.
+                            turn_key = key if batch_no == 0 else jax.random.fold_in(key, batch_no)
+                            gen = self.engine.generate(state, tokens, mask, turn_key, self.params, sharding=sharding)
+                        # One transfer of each field, not one per row.
+                        out_tokens, out_logprobs = np.asarray(gen.tokens), np.asarray(gen.logprobs)
+                        out_mask = np.asarray(gen.mask).astype(bool)
+                    g1 = tracer.now()
+                    for ep in active:
+                        tracer.complete(ep.lane, "generate", g0, g1, episode=ep.index, turn=ep.turns + 1,
+                                        rows=rows, policy_version=policy_version)
+                    with tracer.span("environment", episodes=len(active)):
+                        host_map(lambda r: self._turn(active[r], out_tokens[r][out_mask[r]].tolist(),
+                                                      out_logprobs[r][out_mask[r]].tolist(), tracer), range(len(active)))
+                        still = []
+                        for ep in active:  # episode order, whatever order the workers finished in
+                            if ep.status == "running":
+                                still.append(ep)
+                            else:
+                                self._finish(ep, tracer)
+                                heapq.heappush(lanes, ep.lane)
+                        active = still
+                batch_no += 1
         return self._fields(episodes)
 
     # -- one episode ------------------------------------------------------------------
 
     def _start(self, ep: Episode, seed: int, tracer: Tracer) -> None:
-        ep.started = time.monotonic()
+        ep.started, ep.started_us = time.monotonic(), tracer.now()
         ep_seed = int(np.random.SeedSequence([abs(int(seed)), ep.index]).generate_state(1)[0])
         context = EnvironmentContext(run_config=self.run_config, registry=self.registry, tokenizer=self.tokenizer,
                                      seed=ep_seed, episode=ep.index,
-                                     span=lambda name, **args: tracer.span(name, episode=ep.index, **args))
+                                     span=lambda name, **args: tracer.lane_span(ep.lane, name, episode=ep.index, **args))
         try:
             ep.env = self.spec.factory(self.options, context=context)
             ep.max_turns = _limit(self.section.max_turns, getattr(ep.env, "max_turns", None))
             ep.max_tokens = _limit(self.max_tokens, getattr(ep.env, "max_tokens", None))
-            observation = self._call(ep, ep.env.reset, ep.example)
+            with tracer.lane_span(ep.lane, "reset", episode=ep.index):
+                observation = self._call(ep, ep.env.reset, ep.example)
             if not isinstance(observation, str):
                 raise _Failure(f"reset returned {type(observation).__name__}, not the observation text")
             if not self._observe(ep, observation):
@@ -226,7 +276,7 @@ class EpisodeRunner:
         except Exception as exc:  # noqa: BLE001 - an environment may raise anything; the episode fails, the run goes on
             self._fail(ep, exc)
 
-    def _turn(self, ep: Episode, tokens: list[int], logprobs: list[float]) -> None:
+    def _turn(self, ep: Episode, tokens: list[int], logprobs: list[float], tracer: Tracer) -> None:
         ep.turns += 1
         try:
             text = self.tokenizer.decode(tokens)
@@ -242,7 +292,8 @@ class EpisodeRunner:
             ep.policy += [True] * len(tokens)
             ep.logprobs += [float(x) for x in logprobs]
             ep.actions.append(text)
-            out = self._call(ep, ep.env.step, text)
+            with tracer.lane_span(ep.lane, "step", episode=ep.index, turn=ep.turns):
+                out = self._call(ep, ep.env.step, text)
             try:
                 observation, reward, done = out
             except (TypeError, ValueError):
@@ -277,29 +328,11 @@ class EpisodeRunner:
         try:
             if timeout is None:
                 return fn(arg)
-            return self._call_within(ep, fn, arg, timeout - ep.env_seconds, timeout)
+            return call_with_timeout(lambda: fn(arg), timeout - ep.env_seconds, name=f"episode-{ep.index}")
+        except CallTimeout:
+            raise _Failure(f"timed out after {timeout:g} s in the environment") from None
         finally:
             ep.env_seconds += time.monotonic() - start
-
-    def _call_within(self, ep: Episode, fn: Callable[[Any], Any], arg: Any, left: float, timeout: float) -> Any:
-        if left <= 0:
-            raise _Failure(f"timed out after {timeout:g} s in the environment")
-        box: dict[str, Any] = {}
-
-        def target() -> None:
-            try:
-                box["out"] = fn(arg)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                box["error"] = exc
-
-        worker = threading.Thread(target=target, name=f"episode-{ep.index}", daemon=True)
-        worker.start()
-        worker.join(left)
-        if worker.is_alive():
-            raise _Failure(f"timed out after {timeout:g} s in the environment")
-        if "error" in box:
-            raise box["error"]
-        return box["out"]
 
     def _fail(self, ep: Episode, exc: BaseException) -> None:
         ep.status = "failed"
@@ -315,9 +348,9 @@ class EpisodeRunner:
                 ep.metrics = {}
         if ep.status == "failed":
             ep.reward = 0.0
-        tracer.mark("episode", episode=ep.index, status=ep.status, turns=ep.turns, reward=ep.reward,
-                    tokens=len(ep.tokens), policy_tokens=ep.policy_tokens, seconds=round(ep.seconds, 6),
-                    **({"error": ep.error} if ep.error else {}), **ep.metrics)
+        tracer.complete(ep.lane, "episode", ep.started_us, tracer.now(), episode=ep.index, status=ep.status,
+                        turns=ep.turns, reward=ep.reward, tokens=len(ep.tokens), policy_tokens=ep.policy_tokens,
+                        **({"error": ep.error} if ep.error else {}), **ep.metrics)
         ep.env = None  # an environment may hold resources; nothing needs it after the end
 
     # -- output -----------------------------------------------------------------------
@@ -364,6 +397,25 @@ def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
         values = [ep.metrics[k] for ep in episodes if k in ep.metrics]
         out[f"episode/{k}"] = float(np.mean(values))
     return out
+
+
+@contextlib.contextmanager
+def _host_map(workers: int) -> Iterator[Callable[[Callable[[Any], Any], Sequence[Any]], None]]:
+    """``host_map(fn, items)`` calls ``fn`` on every item, on up to ``workers``
+    threads, and returns when all are done (``fn`` handles its own errors)."""
+    if workers <= 1:
+        def in_turn(fn: Callable[[Any], Any], items: Sequence[Any]) -> None:
+            for item in items:
+                fn(item)
+
+        yield in_turn
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="environment") as pool:
+        def at_once(fn: Callable[[Any], Any], items: Sequence[Any]) -> None:
+            for _ in pool.map(fn, items):  # re-raises what fn raised
+                pass
+
+        yield at_once
 
 
 def _limit(configured: int, own: Any) -> int:

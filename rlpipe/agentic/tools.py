@@ -120,19 +120,39 @@ def run_tool(tool: Any, arguments: dict[str, Any], *, timeout_s: float | None = 
     """
     if timeout_s is None:
         return _call(tool, arguments)
+    try:
+        return call_with_timeout(lambda: _call(tool, arguments), timeout_s, name=f"tool-{tool.name}")
+    except CallTimeout:
+        raise ToolError(f"{tool.name} timed out after {timeout_s:g} s") from None
+
+
+class CallTimeout(Exception):
+    """A call ran past its time limit (:func:`call_with_timeout`)."""
+
+
+def call_with_timeout(fn: Any, timeout_s: float, *, name: str) -> Any:
+    """``fn()`` on a daemon thread: its result, or what it raised (in the
+    caller's thread).
+
+    Raises:
+        CallTimeout: ``fn`` was still running after ``timeout_s`` seconds; it
+            is abandoned (Python cannot stop a thread) and runs on.
+    """
+    if timeout_s <= 0:
+        raise CallTimeout(name)
     box: dict[str, Any] = {}
 
     def target() -> None:
         try:
-            box["result"] = _call(tool, arguments)
-        except ToolError as exc:
+            box["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             box["error"] = exc
 
-    worker = threading.Thread(target=target, name=f"tool-{tool.name}", daemon=True)
+    worker = threading.Thread(target=target, name=name, daemon=True)
     worker.start()
     worker.join(timeout_s)
     if worker.is_alive():
-        raise ToolError(f"{tool.name} timed out after {timeout_s:g} s")
+        raise CallTimeout(name)
     if "error" in box:
         raise box["error"]
     return box["result"]
