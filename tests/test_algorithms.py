@@ -585,6 +585,25 @@ def test_kl_in_reward_penalises_rewards_not_the_loss():
     np.testing.assert_allclose(A, ref_gae(token_rewards, values, mask, 1.0, 1.0)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_the_entropy_bonus_is_subtracted_from_the_loss_aggregated_like_it():
+    rng = np.random.default_rng(0)
+    mask = np.ones((2, 3, 4), bool)
+    mask[0, 0, 2:] = False
+    logp = rng.normal(-1.0, 0.3, mask.shape).astype(np.float32)
+    entropy = rng.uniform(0.5, 2.0, mask.shape).astype(np.float32)
+    batch = {"completion_mask": mask, "old_logprobs": logp, "advantages": rng.normal(size=mask.shape).astype(np.float32)}
+    plain = Algorithm(AlgorithmConfig(aggregation="seq-mean-token-mean"))
+    bonus = Algorithm(AlgorithmConfig(aggregation="seq-mean-token-mean", entropy_coef=0.1))
+    base, _ = plain.loss(logp, batch, entropy=entropy)
+    loss, metrics = bonus.loss(logp, batch, entropy=entropy)
+    per_seq = np.where(mask, entropy, 0).sum(-1) / mask.sum(-1)
+    assert float(metrics["entropy_bonus"]) == pytest.approx(per_seq.mean(), rel=1e-5)
+    assert float(loss) == pytest.approx(float(base) - 0.1 * per_seq.mean(), rel=1e-5)
+    assert float(metrics["loss"]) == pytest.approx(float(loss))
+    with pytest.raises(KeyError, match="entropy"):
+        bonus.loss(logp, batch)
+
+
 def test_overlong_penalty_is_added_before_the_advantages():
     mask = np.zeros((1, 2, 20), bool)
     mask[0, 0, :4] = True

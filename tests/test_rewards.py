@@ -89,3 +89,14 @@ def test_an_unknown_reward_function_is_a_config_error(registry):
 
     with pytest.raises(ConfigError, match=r"roles.reward.functions\[0\].name: unknown reward function 'exact-mach' \(did you mean 'exact-match'\?\)"):
         stage(registry, functions=(RewardTerm(name="exact-mach"),))
+
+
+def test_config_validate_names_an_unknown_reward_function_before_anything_runs():
+    from click.testing import CliRunner
+
+    from rlpipe.cli.main import cli
+
+    r = CliRunner().invoke(cli, ["config", "validate", "--set", "roles.reward.functions=[{name: exact-mach}]"])
+    assert r.exit_code == 2
+    assert "roles.reward.functions[0].name: unknown reward function 'exact-mach' (did you mean 'exact-match'?)" in r.stderr
+    assert CliRunner().invoke(cli, ["config", "validate", "--set", "roles.reward.functions=[{name: exact-match}]"]).exit_code == 0

@@ -31,8 +31,8 @@ def items(seed=0, n_items=2):
     return out
 
 
-def trainer(registry, devices, shape, **trainer_cfg):
-    cfg = config(registry, {"algorithm": {"name": "grpo", "options": {"kl_beta": 0.0}},
+def trainer(registry, devices, shape, algorithm_options=None, **trainer_cfg):
+    cfg = config(registry, {"algorithm": {"name": "grpo", "options": {"kl_beta": 0.0, **(algorithm_options or {})}},
                             # null restores the schema defaults whatever the embedded default run uses
                             "roles": {"trainer": {"learning_rate": 1e-2, "micro_batch_size": 4, "mini_batch_size": None,
                                                   "num_iterations": None, **trainer_cfg}}})
@@ -178,3 +178,19 @@ def test_optimizer_moments_are_sharded_like_the_parameters_from_the_start(regist
         suffix = next(k for k in params if key.endswith(k))
         assert x.sharding.is_equivalent_to(params[suffix], x.ndim), key
     assert any(not x.sharding.is_fully_replicated for _, x in moments)
+
+
+def test_the_entropy_bonus_raises_the_policys_entropy(registry):
+    # Equal rewards: no advantage, so only the bonus can move the policy.
+    equal = [Batch({**dict(b), "rewards": np.zeros((P, G), np.float32)}) for b in items(0)]
+    entropies = {}
+    for coef in (0.0, 0.5):
+        t = trainer(registry, [0], (1, 1), algorithm_options={"entropy_coef": coef}, num_iterations=1)
+        seen = []
+        for step in range(3):
+            run_step(t, equal, step)
+            seen.append(t.last_metrics["entropy"])
+        entropies[coef] = seen
+        assert ("entropy_bonus" in t.last_metrics) == (coef > 0)
+    assert entropies[0.0][2] == pytest.approx(entropies[0.0][0], abs=1e-5)  # nothing to learn without the bonus
+    assert entropies[0.5][2] > entropies[0.5][0] + 1e-3

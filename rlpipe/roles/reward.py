@@ -62,13 +62,7 @@ class RewardStage:
 
         self.config = config
         self.tokenizer = load_tokenizer(context.run_config.model)
-        terms, where = config.functions, "roles.reward.functions[{i}].name"
-        if not terms:
-            task = context.run_config.task.name
-            terms = tuple(RewardTerm(name=n) for n in context.registry.get("rlpipe_tasks", task, path="task.name").rewards)
-            where = f"task {task!r}: reward function {{i}}"
-        self.terms = [(t.name, t.weight, context.registry.get("rlpipe_reward_functions", t.name, path=where.format(i=i)).fn)
-                      for i, t in enumerate(terms)]
+        self.terms = reward_terms(config, run_config=context.run_config, registry=context.registry)
         self.explicit = bool(config.functions)
         self.failures = 0
         self.scored = 0
@@ -105,6 +99,31 @@ class RewardStage:
         return batch.add(rewards=rewards)
 
 
+def reward_terms(config: RewardConfig, *, run_config: Any, registry: Any) -> list[tuple[str, float, Any]]:
+    """``(name, weight, fn)`` of each reward function the role scores with:
+    ``config.functions``, or the task's own (weight 1).
+
+    Raises:
+        ConfigError: an unknown reward function, at
+            ``roles.reward.functions[i].name`` (or naming the task's).
+    """
+    terms, where = config.functions, "roles.reward.functions[{i}].name"
+    if not terms:
+        task = run_config.task.name
+        terms = tuple(RewardTerm(name=n) for n in registry.get("rlpipe_tasks", task, path="task.name").rewards)
+        where = f"task {task!r}: reward function {{i}}"
+    return [(t.name, t.weight, registry.get("rlpipe_reward_functions", t.name, path=where.format(i=i)).fn)
+            for i, t in enumerate(terms)]
+
+
+def _configure(config: RewardConfig, *, run_config: Any, registry: Any) -> RoleSpec:
+    """Checks the reward functions when the run is planned, so that a
+    misspelt name is an error of ``rlpipe config validate`` and ``plan``,
+    not of the first step."""
+    reward_terms(config, run_config=run_config, registry=registry)
+    return attrs.evolve(SPEC, configure=None)
+
+
 def _factory(config: RewardConfig, placement: Any, *, context: Any) -> RewardStage:
     return RewardStage(config, placement, context=context)
 
@@ -118,4 +137,5 @@ SPEC = RoleSpec(
     produces={"rewards"},
     uses_devices=False,
     factory=_factory,
+    configure=_configure,
 )

@@ -216,9 +216,10 @@ class TrainerStage(_OptimizedState):
                                               rows["completion"], attention_mask(rows), self.temperature,
                                               with_entropy=True)
             logp = jnp.where(rows["completion_mask"].astype(bool), logp, 0.0)  # environment tokens are not scored
-            loss, metrics = self.algorithm.loss(logp, rows)
+            loss, metrics = self.algorithm.loss(logp, rows, entropy=entropy)
             mask = rows["completion_mask"].astype(jnp.float32)
-            # The sampled distribution's entropy per completion token (a diagnostic: no gradient).
+            # The sampled distribution's entropy per completion token (a diagnostic; the
+            # algorithm's entropy_coef, when set, is what puts it in the gradient).
             metrics = {**metrics, "entropy": jax.lax.stop_gradient((entropy * mask).sum() / jnp.maximum(mask.sum(), 1.0))}
             return loss * scale, metrics
 

@@ -100,6 +100,10 @@ class AlgorithmConfig:
         kl_kind: KL estimator: ``k1``, ``k2`` or ``k3``.
         kl_in_reward: subtract ``kl_beta * KL`` from the reward before the
             advantages instead of adding it to the loss.
+        entropy_coef: weight of an entropy bonus: the loss minus
+            ``entropy_coef`` times the policy's per-token entropy (aggregated
+            like the loss), which keeps a policy from collapsing onto one
+            output before it has found the reward (0: off).
         aggregation: how per-token losses become one number:
             ``token-mean``, ``seq-mean-token-mean``, ``seq-mean-token-sum``,
             ``seq-mean-token-sum-norm``.
@@ -119,6 +123,7 @@ class AlgorithmConfig:
     kl_beta: float = attrs.field(default=0.0, validator=check(lambda v: v >= 0, "must be at least 0, got {value}"))
     kl_kind: str = attrs.field(default="k3", validator=check(lambda v: v in losses.KL_KINDS, "must be one of k1, k2, k3, got {value}"))
     kl_in_reward: bool = False
+    entropy_coef: float = attrs.field(default=0.0, validator=check(lambda v: v >= 0, "must be at least 0, got {value}"))
     aggregation: str = attrs.field(default="token-mean", validator=check(
         lambda v: v in losses.AGGREGATIONS, "must be one of " + ", ".join(losses.AGGREGATIONS) + ", got {value}"))
     tis_cap: float | None = attrs.field(default=None, validator=check(lambda v: v > 0, "must be positive (or null), got {value}"))
@@ -308,12 +313,16 @@ class Algorithm:
 
     # -- the loss -----------------------------------------------------------------------
 
-    def loss(self, logp: jax.Array, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def loss(self, logp: jax.Array, batch: Mapping[str, jax.Array], *,
+             entropy: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The scalar training loss and its scalar metrics.
 
         Args:
             logp: ``[P, G, N]`` the current policy's log-probs of the completion
                 tokens (differentiate with respect to these).
+            entropy: ``[P, G, N]`` the current policy's entropy at each
+                completion token (differentiable); needed when
+                ``entropy_coef > 0``.
             batch: ``completion_mask``, ``old_logprobs`` (what the ratio is
                 taken against: the rollout's log-probs, or the trainer's
                 recomputation of them), ``advantages``; ``ref_logprobs`` when
@@ -321,9 +330,10 @@ class Algorithm:
                 ``rollout_logprobs`` when ``tis_cap`` is set.
 
         Returns:
-            ``(loss, metrics)``: ``loss = pg_loss + kl_beta * kl`` (the KL term
-            only when it is not in the reward); metrics ``loss``, ``pg_loss``,
-            ``kl``, ``clip_frac_low``, ``clip_frac_high``, ``dual_clip_frac``,
+            ``(loss, metrics)``: ``loss = pg_loss + kl_beta * kl -
+            entropy_coef * entropy`` (the KL term only when it is not in the
+            reward); metrics ``loss``, ``pg_loss``, ``kl``, ``entropy_bonus``
+            (the aggregated entropy, with ``entropy_coef``), ``clip_frac_low``, ``clip_frac_high``, ``dual_clip_frac``,
             ``ratio_mean``, ``ratio_max``, ``tis_weight_mean``,
             ``tis_clip_frac`` (each when it applies; fractions and means over
             valid tokens).
@@ -355,6 +365,12 @@ class Algorithm:
                 total = total + cfg.kl_beta * kl_value
         elif cfg.kl_beta > 0 and not cfg.kl_in_reward:
             raise KeyError("kl_beta > 0: the batch needs ref_logprobs (the reference role's)")
+        if cfg.entropy_coef > 0:
+            if entropy is None:
+                raise KeyError("entropy_coef > 0: pass the policy's per-token entropy")
+            bonus = losses.aggregate(jnp.where(mask, entropy, 0.0), mask, cfg.aggregation)
+            metrics["entropy_bonus"] = bonus
+            total = total - cfg.entropy_coef * bonus
         if "ratio" in stats:
             ratio = stats["ratio"]
             metrics["ratio_mean"] = token_mean(ratio)
