@@ -179,6 +179,7 @@ class TrainerStage(_OptimizedState):
         self.graphdef, params = nnx.split(self._build_model(config, placement, context, algorithm))
         self.shardings = shardings_for(params, self.mesh)
         self.temperature = sampling_temperature(run)
+        self._entropy_bonus = getattr(getattr(algorithm, "config", None), "entropy_coef", 0.0) > 0
         self.optimizer = make_optimizer(config, run.train.steps * config.num_iterations)
         self.params = params
         self.opt_state = init_optimizer_state(self.optimizer, params, self.mesh)
@@ -216,7 +217,9 @@ class TrainerStage(_OptimizedState):
                                               rows["completion"], attention_mask(rows), self.temperature,
                                               with_entropy=True)
             logp = jnp.where(rows["completion_mask"].astype(bool), logp, 0.0)  # environment tokens are not scored
-            loss, metrics = self.algorithm.loss(logp, rows, entropy=entropy)
+            # The entropy goes in only for an entropy bonus, so an algorithm whose loss takes
+            # (logp, rows) alone keeps working.
+            loss, metrics = self.algorithm.loss(logp, rows, **({"entropy": entropy} if self._entropy_bonus else {}))
             mask = rows["completion_mask"].astype(jnp.float32)
             # The sampled distribution's entropy per completion token (a diagnostic; the
             # algorithm's entropy_coef, when set, is what puts it in the gradient).
