@@ -51,9 +51,10 @@ peak-memory counter reflects them and not the micro-benchmarks):
     of float32 parameters to bfloat16 on the same device (bytes read + written
     per second) against ``copy_bandwidth``, with ``compiles_per_call`` and the
     time of the same cast compiled once (``cached_cast_s``).
-``rollout``, ``train_step``
-    benchmarks/rollout.py and benchmarks/train_step.py at the preset's
-    settings (``SETTINGS``).
+``rollout``, ``train_step``, ``agentic``
+    benchmarks/rollout.py, benchmarks/train_step.py and benchmarks/agentic.py
+    (multi-turn episodes: KV cache kept between turns vs prefilled every
+    turn) at the preset's settings (``SETTINGS``).
 ``pipeline`` (with ``--pipeline``)
     benchmarks/pipeline.py: the three seed placements, synchronous and
     asynchronous, on 8 devices (fake CPU devices unless the machine has 8).
@@ -85,15 +86,17 @@ MIB = 1 << 20
 #: docs/performance.md), and the real run's extra overrides.
 SETTINGS: dict[str, dict[str, Any]] = {
     "tiny": {"dtype": "float32", "rollout_batch": [8, 32], "prompt_len": 32, "new_tokens": 64,
-             "train_batch": 8, "seq": 128, "nominal_bandwidth": None},
+             "train_batch": 8, "seq": 128, "nominal_bandwidth": None,
+             "agentic": {"episodes": 64, "turns": 4, "prompt_tokens": 16, "turn_tokens": 16, "observation_tokens": 8}},
     "qwen2.5-0.5b": {"dtype": "bfloat16", "rollout_batch": [64, 256], "prompt_len": 64, "new_tokens": 960,
-                     "train_batch": 8, "seq": 1024, "nominal_bandwidth": 4300},
+                     "train_batch": 8, "seq": 1024, "nominal_bandwidth": 4300,
+                     "agentic": {"episodes": 256, "turns": 8, "prompt_tokens": 64, "turn_tokens": 64, "observation_tokens": 32}},
 }
 #: Array sizes of the bandwidth probes (MiB), by platform: large enough to
 #: leave the caches, small enough for a shared workstation.
 PROBE_MIB = {"cpu": {"copy": 256, "host": 256}, "accelerator": {"copy": 4096, "host": 1024}}
 OVERHEAD_TARGET = 0.05
-PARTS = ("run", "memory", "transfer", "rollout", "train_step", "pipeline")
+PARTS = ("run", "memory", "transfer", "rollout", "train_step", "agentic", "pipeline")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -401,6 +404,13 @@ def part_train_step(args: argparse.Namespace, emit: Sink, state: dict[str, Any])
                        repeats=args.repeats or 5, emit=emit)
 
 
+def part_agentic(args: argparse.Namespace, emit: Sink, state: dict[str, Any]) -> None:
+    import agentic
+
+    agentic.measure(preset=args.preset, dtype=state["dtype"], repeats=args.repeats or 3, emit=emit,
+                    **state["settings"]["agentic"])
+
+
 def part_pipeline(args: argparse.Namespace, emit: Sink, state: dict[str, Any]) -> None:
     import jax
 
@@ -446,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "jax": jax.__version__, "python": platform.python_version()}
     log(f"{base['platform']} ({base['device_kind']}) x {base['devices']}, jax {base['jax']}, preset {args.preset}")
     parts = {"run": part_run, "memory": part_memory, "transfer": part_transfer, "rollout": part_rollout,
-             "train_step": part_train_step, "pipeline": part_pipeline}
+             "train_step": part_train_step, "agentic": part_agentic, "pipeline": part_pipeline}
     wanted = args.only or [p for p in PARTS if p != "pipeline" or args.pipeline]
     failed = []
     started = time.perf_counter()

@@ -10,6 +10,7 @@ import time
 import types
 
 import attrs
+import jax
 import numpy as np
 import pytest
 
@@ -360,6 +361,60 @@ def test_each_episode_is_a_span_on_a_lane_holding_its_turns_and_tool_calls(regis
     assert names.count((0, "reset")) == 1 and names.count((0, "tool")) == 0
 
 
+class Chatty:
+    """``example["turns"]`` turns; each turn's action ends after its first two
+    characters (the rest is discarded), and the observation names the turn."""
+
+    def __init__(self, options, *, context):
+        self.turn = 0
+
+    def reset(self, example):
+        self.turns = example["turns"]
+        return ">"
+
+    def action_end(self, text):
+        return 2
+
+    def step(self, action):
+        self.turn += 1
+        return f"|{self.turn}|", 0.5, self.turn == self.turns
+
+
+@pytest.mark.parametrize("concurrency", [3, None])
+def test_episodes_reusing_the_kv_cache_equal_those_prefilled_every_turn(registry, concurrency):
+    """The real engine on the tiny model, greedy: 9 episodes of one to four
+    turns, each turn cut after two tokens, rows refilled as episodes end (and
+    the session started over when most of its slots are stale) — the same
+    tokens and log-probs whether each turn prefills only what is new or the
+    whole context, with far fewer tokens prefilled."""
+    from flax import nnx
+
+    from rlpipe.models import PRESETS, build
+    from rlpipe.models.sampling import Engine, SamplingParams
+
+    model = build(PRESETS["tiny"], seed=1)
+    graphdef, state = nnx.split(model)
+    spec = EnvironmentSpec(name="chatty", description="d", factory=Chatty)
+    prompts = [TOK.encode(f"{i}*{i + 3}=") for i in range(9)]
+    examples = [{"turns": [4, 1, 3, 2][i % 4]} for i in range(9)]
+    out, prefilled, sessions = {}, {}, {}
+    for reuse in (True, False):
+        section = EnvironmentSection(name="chatty", max_turns=4, reuse_cache=reuse)
+        r = EpisodeRunner(spec=spec, options=None, section=section, run_config=config(registry, AGENTIC), registry=registry,
+                          tokenizer=TOK, engine=Engine(graphdef), max_tokens=40, max_concurrency=concurrency,
+                          params=SamplingParams(max_new_tokens=5, temperature=0.0, stop_tokens=(TOK.eos_id,)))
+        out[reuse] = r.run(state, prompts, examples, jax.random.key(0))
+        prefilled[reuse], sessions[reuse] = r.prefill_tokens, r.cache_sessions
+    assert [ep.turns for ep in out[True].episodes] == [ex["turns"] for ex in examples]
+    assert all(ep.status == "done" for ep in out[True].episodes)
+    for field in ("tokens", "loss_mask", "attention_mask", "rewards"):
+        np.testing.assert_array_equal(getattr(out[True], field), getattr(out[False], field))
+    np.testing.assert_allclose(out[True].logprobs, out[False].logprobs, atol=1e-4)
+    assert prefilled[True] < prefilled[False] / 2, prefilled
+    # all in flight: one session; three rows refilled: sessions started over as their slots went stale
+    assert sessions[False] == 0 and (sessions[True] > 1 if concurrency else sessions[True] == 1), sessions
+
+
 # -- the agentic rollout in the stage graph -----------------------------------------------------------
 
 
@@ -532,7 +587,7 @@ def test_agentic_rollouts_train_end_to_end_with_episodes_turns_and_tools_in_the_
         assert row["rollout/episodes"] == 8 and row["rollout/episodes_failed"] == 0
         assert row["rollout/episode/turns"] == 2 and row["rollout/episode/tool_calls"] == 2
         assert row["rollout/episodes_truncated"] == 8  # every turn was a call: out of turns
-        assert np.isfinite(row["loss"]) and "rollout/episode/env_tokens" in row
+        assert np.isfinite(row["loss"]) and "rollout/episode/env_tokens" in row and row["rollout/prefill_tokens"] > 0
     trace = json.loads((run_dir / "trace.json").read_text())
     track = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
     spans = {(track[e["tid"]], e["name"]) for e in trace["traceEvents"] if e["ph"] == "X"}

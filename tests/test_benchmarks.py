@@ -12,6 +12,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import agentic  # noqa: E402
 import pipeline  # noqa: E402
 import results  # noqa: E402
 import rollout  # noqa: E402
@@ -54,6 +55,17 @@ def test_rollout_and_train_step_records(capsys):
     assert {"copy_bandwidth", "generate_throughput", "decode_throughput", "matmul_rate", "train_model_flops"} <= names
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert printed == records  # the default sink prints each record as a JSON line
+
+
+def test_agentic_records_compare_the_two_ways_on_the_same_episodes(capsys):
+    records = agentic.measure(episodes=4, turns=3, prompt_tokens=4, turn_tokens=3, observation_tokens=2, repeats=1)
+    assert_schema(records)
+    by = {(r["name"], r.get("way")): r for r in records}
+    least = 4 * (4 + 2 * 2)  # every prompt and observation once
+    assert by[("agentic_prefill_tokens", "reuse")]["value"] == least == by[("agentic_prefill_tokens", "reuse")]["ceiling"]
+    assert by[("agentic_prefill_tokens", "prefill")]["value"] > least
+    speedup = by[("agentic_reuse_speedup", None)]
+    assert speedup["value"] > 0 and speedup["prefill_token_ratio"] > 1
 
 
 @pytest.fixture(scope="module")

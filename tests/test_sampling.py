@@ -148,3 +148,57 @@ def test_left_pad_moves_real_tokens_right():
     toks, mask = left_pad(np.array([[1, 2, 0], [0, 3, 4]]), np.array([[1, 1, 0], [0, 1, 1]]), 4)
     np.testing.assert_array_equal(toks, [[0, 0, 1, 2], [0, 0, 3, 4]])
     np.testing.assert_array_equal(mask, [[0, 0, 1, 1], [0, 0, 1, 1]])
+
+
+# -- a KV cache kept between calls -------------------------------------------------------------
+
+
+def full_generation(engine, model, contexts, key, params):
+    """The reference: each context prefilled from scratch by ``generate``."""
+    width = max(len(c) for c in contexts)
+    tokens = np.zeros((len(contexts), width), np.int32)
+    mask = np.zeros((len(contexts), width), np.int32)
+    for r, c in enumerate(contexts):
+        tokens[r, :len(c)], mask[r, :len(c)] = c, 1
+    return engine.generate(state(model), tokens, mask, key, params)
+
+
+def test_a_cache_session_generates_what_a_full_prefill_of_each_context_does(model, engine):
+    """Three calls on three rows: first prompts, then observations appended
+    after part of the generated tokens (the rest forgotten), an idle row, and
+    a row that starts over with a new prompt — each row's tokens equal a
+    fresh ``generate`` over its whole context, log-probs to float tolerance."""
+    params = SamplingParams(max_new_tokens=4, temperature=0.0)
+    session = engine.open_session(state(model), rows=3, slots=64)
+    contexts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
+    calls = [
+        # (chunk per row, reset per row)
+        (contexts, [True, True, True]),
+        ([[20, 21], [22], []], [False, False, False]),   # row 2 idle
+        ([[23], [30, 31, 32], [24, 25]], [False, True, False]),  # row 1: a new episode
+    ]
+    kept = [[2, 4, 4], [4, 1, 4]]  # how many generated tokens each row keeps after calls 1 and 2
+    cached = [0, 0, 0]
+    for n, (chunks, reset) in enumerate(calls):
+        for r in range(3):
+            if reset[r]:
+                contexts[r], cached[r] = list(chunks[r]), 0
+            elif chunks[r]:
+                contexts[r] = contexts[r] + list(chunks[r])
+        key = jax.random.key(n)
+        got = engine.extend(state(model), session, chunks, np.array(cached), np.array(reset), key, params)
+        live = [r for r in range(3) if chunks[r]]
+        want = full_generation(engine, model, [contexts[r] for r in live], key, params)
+        for i, r in enumerate(live):
+            np.testing.assert_array_equal(got.tokens[r], want.tokens[i])
+            np.testing.assert_allclose(got.logprobs[r], want.logprobs[i], atol=2e-5)
+        assert not got.mask[[r for r in range(3) if not chunks[r]]].any()  # an idle row generates nothing
+        if n < len(kept):
+            session.keep(np.array(kept[n]))
+            for r in live:
+                cached[r] = len(contexts[r]) + kept[n][r]
+                contexts[r] = contexts[r] + got.tokens[r][:kept[n][r]].tolist()
+    assert session.write == 3 * 8 + 3 * 4  # three chunks of the minimum width 8, and 4 new tokens each
+    assert not session.fits(8 + 64, params)
+    with pytest.raises(ValueError, match="do not fit"):
+        engine.extend(state(model), session, [[1] * 30, [], []], np.zeros(3), np.ones(3, bool), jax.random.key(0), params)

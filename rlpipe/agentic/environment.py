@@ -127,6 +127,10 @@ class EnvironmentSection:
         timeout_s: the most seconds an episode may spend in its environment
             (``reset`` and ``step`` calls, tools included); an episode over it
             fails (counted, masked out of the loss).  ``null``: no limit.
+        reuse_cache: keep each episode's KV cache between its turns, so a turn
+            prefills only the new observation (engines with cache sessions,
+            such as the built-in ``jax``); false prefills the whole context
+            every turn.
         workers: threads running environment calls at once, across the
             episodes in flight (each episode's calls stay in order); 1 runs
             them one after another.  Environments must not share mutable
@@ -138,6 +142,7 @@ class EnvironmentSection:
     max_turns: int = attrs.field(default=4, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
     max_turn_tokens: int | None = attrs.field(default=None, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
     timeout_s: float | None = attrs.field(default=None, validator=check(lambda v: v > 0, "must be positive, got {value}"))
+    reuse_cache: bool = True
     workers: int = attrs.field(default=8, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
 
 

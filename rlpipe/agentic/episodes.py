@@ -126,6 +126,7 @@ class Episode:
     max_turns: int = 1
     max_tokens: int = 0
     lane: int = 0
+    last_kept: int = 0
     started: float = 0.0
     started_us: float = 0.0
     seconds: float = 0.0
@@ -182,6 +183,11 @@ class EpisodeRunner:
         self.engine, self.params = engine, params
         self.max_tokens = int(max_tokens)
         self.max_concurrency = max_concurrency
+        self.reuse_cache = bool(getattr(section, "reuse_cache", True))
+        #: Tokens prefilled (written to the KV cache before sampling) by the last :meth:`run`.
+        self.prefill_tokens = 0
+        #: KV-cache sessions the last :meth:`run` opened (0: every turn prefilled its whole context).
+        self.cache_sessions = 0
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -205,6 +211,8 @@ class EpisodeRunner:
         episodes = [Episode(index=i, prompt=list(map(int, p)), example=ex) for i, (p, ex) in enumerate(zip(prompts, examples))]
         cap = len(episodes) if self.max_concurrency is None else min(self.max_concurrency, len(episodes))
         waiting, active = deque(episodes), []
+        self.prefill_tokens = self.cache_sessions = 0
+        turns: _PrefilledTurns | _CachedTurns | None = None
         lanes = list(range(cap))  # free episode lanes of the timeline (a heap: the lowest is taken first)
         batch_no = 0
         with _host_map(max(1, min(self.section.workers, cap))) as host_map:
@@ -222,28 +230,25 @@ class EpisodeRunner:
                         heapq.heappush(lanes, ep.lane)
                 if not active:
                     continue
+                if turns is None:  # decided once, when the first episodes have said how many turns they take
+                    reuse = self.reuse_cache and hasattr(self.engine, "open_session") and any(ep.max_turns > 1 for ep in active)
+                    turns = (_CachedTurns if reuse else _PrefilledTurns)(self, state, cap, sharding, prompts)
                 with tracer.span("turn", turn_batch=batch_no, episodes=len(active), policy_version=policy_version):
-                    rows = _row_bucket(len(active), cap)
-                    contexts = [ep.prompt + ep.tokens for ep in active]
-                    contexts += [contexts[0]] * (rows - len(contexts))
-                    tokens, mask = _right_padded(contexts, self.tokenizer.pad_id)
                     g0 = tracer.now()
-                    with tracer.span("generate", rows=rows, episodes=len(active), policy_version=policy_version):
+                    with tracer.span("generate", episodes=len(active), policy_version=policy_version):
                         with device():
                             # The first call samples with ``key`` itself: a single-turn episode is then
                             # exactly the plain rollout's completion.
                             turn_key = key if batch_no == 0 else jax.random.fold_in(key, batch_no)
-                            gen = self.engine.generate(state, tokens, mask, turn_key, self.params, sharding=sharding)
-                        # One transfer of each field, not one per row.
-                        out_tokens, out_logprobs = np.asarray(gen.tokens), np.asarray(gen.logprobs)
-                        out_mask = np.asarray(gen.mask).astype(bool)
+                            outs = turns.generate(active, turn_key)
                     g1 = tracer.now()
                     for ep in active:
                         tracer.complete(ep.lane, "generate", g0, g1, episode=ep.index, turn=ep.turns + 1,
-                                        rows=rows, policy_version=policy_version)
+                                        rows=turns.rows, prefill_tokens=turns.prefilled.get(ep.index, 0),
+                                        policy_version=policy_version)
                     with tracer.span("environment", episodes=len(active)):
-                        host_map(lambda r: self._turn(active[r], out_tokens[r][out_mask[r]].tolist(),
-                                                      out_logprobs[r][out_mask[r]].tolist(), tracer), range(len(active)))
+                        host_map(lambda i: self._turn(active[i], *outs[i], tracer), range(len(active)))
+                        turns.kept(active)
                         still = []
                         for ep in active:  # episode order, whatever order the workers finished in
                             if ep.status == "running":
@@ -278,6 +283,7 @@ class EpisodeRunner:
 
     def _turn(self, ep: Episode, tokens: list[int], logprobs: list[float], tracer: Tracer) -> None:
         ep.turns += 1
+        ep.last_kept = 0
         try:
             text = self.tokenizer.decode(tokens)
             end_of = getattr(ep.env, "action_end", None)
@@ -288,6 +294,7 @@ class EpisodeRunner:
             room = ep.max_tokens - len(ep.tokens)
             tokens, logprobs = tokens[:room], logprobs[:room]
             text = self.tokenizer.decode(tokens)
+            ep.last_kept = len(tokens)
             ep.tokens += tokens
             ep.policy += [True] * len(tokens)
             ep.logprobs += [float(x) for x in logprobs]
@@ -397,6 +404,119 @@ def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
         values = [ep.metrics[k] for ep in episodes if k in ep.metrics]
         out[f"episode/{k}"] = float(np.mean(values))
     return out
+
+
+class _PrefilledTurns:
+    """Each turn's generation call prefills every episode's whole context
+    (for engines without cache sessions, and single-turn episodes)."""
+
+    def __init__(self, runner: EpisodeRunner, state: Any, cap: int, sharding: Any, prompts: Sequence[Sequence[int]]):
+        self.runner, self.state, self.cap, self.sharding = runner, state, cap, sharding
+        self.rows = 0
+        self.prefilled: dict[int, int] = {}
+
+    def generate(self, active: list[Episode], key: Any) -> list[tuple[list[int], list[float]]]:
+        self.rows = _row_bucket(len(active), self.cap)
+        contexts = [ep.prompt + ep.tokens for ep in active]
+        self.prefilled = {ep.index: len(c) for ep, c in zip(active, contexts)}
+        self.runner.prefill_tokens += sum(self.prefilled.values())
+        contexts += [contexts[0]] * (self.rows - len(contexts))
+        tokens, mask = _right_padded(contexts, self.runner.tokenizer.pad_id)
+        gen = self.runner.engine.generate(self.state, tokens, mask, key, self.runner.params, sharding=self.sharding)
+        return _rows_of(gen, range(len(active)))
+
+    def kept(self, active: list[Episode]) -> None:
+        return None
+
+
+def chunk_bucket(width: int) -> int:
+    from rlpipe.models.sampling import chunk_bucket as bucket
+
+    return bucket(width)
+
+
+class _CachedTurns:
+    """Generation calls on a :class:`~rlpipe.models.sampling.CacheSession`:
+    each episode keeps a row of the KV cache from turn to turn, so a turn
+    prefills only what is new in its context (the environment's last
+    observation; the whole prompt when the episode starts).  When the next
+    call would not fit in the session's slots, or half of its rows are idle,
+    a new session is opened, sized for the episodes in flight, and their
+    contexts prefilled into it."""
+
+    def __init__(self, runner: EpisodeRunner, state: Any, cap: int, sharding: Any, prompts: Sequence[Sequence[int]]):
+        self.runner, self.state, self.cap, self.sharding = runner, state, cap, sharding
+        longest = max((len(p) for p in prompts), default=1)
+        # Room for every episode's whole context twice over, and one turn: a session holds
+        # several turns before it is compacted.
+        self.slots = 2 * chunk_bucket(longest + runner.max_tokens) + runner.params.max_new_tokens
+        self.session: Any = None
+        self.rows = 0
+        self.row_of: dict[int, int] = {}
+        self.cached = np.zeros((0,), np.int64)
+        self.chunk = np.zeros((0,), np.int64)
+        self.prefilled: dict[int, int] = {}
+
+    def _open(self, active: list[Episode]) -> None:
+        self.rows = _row_bucket(len(active), self.cap)
+        self.session = self.runner.engine.open_session(self.state, self.rows, self.slots, sharding=self.sharding)
+        self.runner.cache_sessions += 1
+        self.row_of = {ep.index: r for r, ep in enumerate(active)}
+        self.cached = np.zeros((self.rows,), np.int64)
+        self.chunk = np.zeros((self.rows,), np.int64)
+
+    def generate(self, active: list[Episode], key: Any) -> list[tuple[list[int], list[float]]]:
+        params = self.runner.params
+        # Also start over, smaller, once a session of half the rows would do: decode steps cost
+        # in proportion to the rows.
+        fresh = (self.session is None or len(active) > self.rows
+                 or _row_bucket(len(active), self.cap) <= self.rows // 2)
+        if not fresh:
+            free = sorted(set(range(self.rows)) - set(self.row_of.values()))
+            for ep in active:
+                if ep.index not in self.row_of:  # a new episode takes a free row and starts over there
+                    self.row_of[ep.index] = free.pop(0)
+                    self.cached[self.row_of[ep.index]] = 0
+            widest = max(len(ep.prompt) + len(ep.tokens) - self.cached[self.row_of[ep.index]] for ep in active)
+            longest = max(len(ep.prompt) + len(ep.tokens) for ep in active)
+            # Start over when the call does not fit, or when most of the slots attention would read
+            # are stale (rows refilled after their first episodes ended): a new session holds only
+            # what the episodes in flight need.
+            fresh = (not self.session.fits(int(widest), params)
+                     or self.session.write > 2 * chunk_bucket(longest + params.max_new_tokens))
+        if fresh:
+            self._open(active)
+        reset = np.zeros((self.rows,), bool)
+        chunks: list[list[int]] = [[] for _ in range(self.rows)]
+        start = self.cached.copy()
+        for ep in active:
+            r = self.row_of[ep.index]
+            reset[r] = fresh or self.cached[r] == 0
+            context = ep.prompt + ep.tokens
+            chunks[r] = context[int(self.cached[r]):]
+        self.chunk = np.array([len(c) for c in chunks], np.int64)
+        self.prefilled = {ep.index: len(chunks[self.row_of[ep.index]]) for ep in active}
+        self.runner.prefill_tokens += int(self.chunk.sum())
+        gen = self.runner.engine.extend(self.state, self.session, chunks, start, reset, key, params, sharding=self.sharding)
+        return _rows_of(gen, [self.row_of[ep.index] for ep in active])
+
+    def kept(self, active: list[Episode]) -> None:
+        """After the environment steps: what each row keeps of its turn, and
+        the rows of the episodes that ended freed."""
+        kept = np.full((self.rows,), self.runner.params.max_new_tokens, np.int64)
+        for ep in active:
+            r = self.row_of[ep.index]
+            kept[r] = ep.last_kept
+            self.cached[r] += self.chunk[r] + ep.last_kept
+            if ep.status != "running":
+                del self.row_of[ep.index]
+        self.session.keep(kept)
+
+
+def _rows_of(gen: Any, rows: Sequence[int]) -> list[tuple[list[int], list[float]]]:
+    """The live tokens and their log-probs of ``rows`` of a generation (one transfer of each field)."""
+    tokens, logprobs, mask = np.asarray(gen.tokens), np.asarray(gen.logprobs), np.asarray(gen.mask).astype(bool)
+    return [(tokens[r][mask[r]].tolist(), logprobs[r][mask[r]].tolist()) for r in rows]
 
 
 @contextlib.contextmanager

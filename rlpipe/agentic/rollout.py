@@ -10,7 +10,10 @@ rollout's fields, shaped ``[prompts, num_generations, max_new_tokens]``, plus
 
 Metrics (``rollout/...`` in ``metrics.jsonl``, the episodes of the step the
 rollout generated last): ``episodes``, ``episodes_failed``,
-``episodes_truncated``, ``episodes_failed_total`` (since the run started)
+``episodes_truncated``, ``episodes_failed_total`` (since the run started),
+``prefill_tokens`` (tokens written to the KV cache before sampling, over the
+step's turns: with ``environment.reuse_cache`` each turn prefills only what
+is new)
 and per-episode means ``episode/turns``, ``episode/reward``,
 ``episode/policy_tokens``, ``episode/env_tokens``, ``episode/seconds`` plus
 the environment's own (``episode/tool_calls``, ``episode/tool_errors``,
@@ -48,6 +51,7 @@ class AgenticRolloutStage(RolloutStage):
         self.seed = context.seed
         self.episodes: list[Episode] = []  # this step's, until its barrier
         self.failed_total = 0
+        self.prefill_tokens = 0  # this step's, until its barrier
         self.last_metrics: dict[str, float] = {}
 
     def process(self, batch: Batch, *, context: StageContext) -> Batch:
@@ -65,6 +69,7 @@ class AgenticRolloutStage(RolloutStage):
                                   tracer=StageTracer(context), device=lambda: on_devices(self.holder.mesh),
                                   sharding=self.holder.replicated, seed=seed, policy_version=version)
             self.episodes.extend(out.episodes)
+            self.prefill_tokens += self.runner.prefill_tokens
             return {"tokens": out.tokens, "loss": out.loss_mask, "attention": out.attention_mask,
                     "logprobs": out.logprobs, "rewards": out.rewards}
 
@@ -83,5 +88,7 @@ class AgenticRolloutStage(RolloutStage):
         metrics = episode_metrics(self.episodes)
         self.failed_total += int(metrics["episodes_failed"])
         metrics["episodes_failed_total"] = self.failed_total
+        metrics["prefill_tokens"] = self.prefill_tokens
         self.last_metrics = metrics
         self.episodes = []
+        self.prefill_tokens = 0

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from rlpipe import distributed
-from rlpipe.models.decoder import init_cache
+from rlpipe.models.decoder import LayerCache, init_cache
 
 
 @attrs.frozen(kw_only=True)
@@ -117,16 +117,14 @@ def sample(logits: jax.Array, key: jax.Array, params: SamplingParams) -> tuple[j
     return tokens.astype(jnp.int32), jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
 
-def _generate(graphdef, state, tokens, mask, key, params: SamplingParams, cache_dtype):
-    model = nnx.merge(graphdef, state)
-    rows, prompt_len = tokens.shape
+def _decode(model, cache, valid, last_logits, next_pos, first_slot, key, params: SamplingParams, done):
+    """The sampling loop shared by :func:`_generate` and :func:`_extend`: up to
+    ``max_new_tokens`` steps, the token of step ``i`` written to cache slot
+    ``first_slot + i``.  A slot is marked valid only for rows still live, so
+    a cache kept between calls holds no padding as context.  Returns tokens,
+    mask, log-probs, the cache and the validity mask."""
+    rows = valid.shape[0]
     n = params.max_new_tokens
-    cache = init_cache(model.config, rows, prompt_len + n, cache_dtype)
-    valid = jnp.concatenate([mask, jnp.zeros((rows, n), bool)], axis=1)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    # Only the last prompt position's logits are needed: [rows, 1, vocab], not [rows, len, vocab].
-    hidden, cache = model.hidden(tokens, positions, valid, cache, 0)
-    logits = model.logits(hidden[:, -1:])
     stop = jnp.asarray(params.stop_tokens or (-1,), jnp.int32)
 
     def cond(carry):
@@ -142,16 +140,108 @@ def _generate(graphdef, state, tokens, mask, key, params: SamplingParams, cache_
         out_lp = out_lp.at[:, i].set(jnp.where(live, lp, 0.0))
         out_mask = out_mask.at[:, i].set(live)
         done = done | jnp.isin(tok, stop)
-        slot = prompt_len + i
-        valid = valid.at[:, slot].set(True)
+        slot = first_slot + i
+        valid = jax.lax.dynamic_update_slice(valid, live[:, None], (0, slot))
         logits, cache = model.forward(tok[:, None], next_pos[:, None], valid, cache, slot)
-        return i + 1, cache, logits[:, 0], next_pos + 1, valid, out_tok, out_lp, out_mask, done
+        return i + 1, cache, logits[:, 0], next_pos + live, valid, out_tok, out_lp, out_mask, done
 
-    carry = (jnp.int32(0), cache, logits[:, -1], jnp.sum(mask, axis=1).astype(jnp.int32), valid,
+    carry = (jnp.int32(0), cache, last_logits, next_pos.astype(jnp.int32), valid,
              jnp.full((rows, n), params.pad_id, jnp.int32), jnp.zeros((rows, n), jnp.float32),
-             jnp.zeros((rows, n), bool), jnp.zeros((rows,), bool))
+             jnp.zeros((rows, n), bool), done)
     carry = jax.lax.while_loop(cond, body, carry)
-    return carry[5], carry[7], carry[6]
+    return carry[5], carry[7], carry[6], carry[1], carry[4]
+
+
+def _generate(graphdef, state, tokens, mask, key, params: SamplingParams, cache_dtype):
+    model = nnx.merge(graphdef, state)
+    rows, prompt_len = tokens.shape
+    n = params.max_new_tokens
+    cache = init_cache(model.config, rows, prompt_len + n, cache_dtype)
+    valid = jnp.concatenate([mask, jnp.zeros((rows, n), bool)], axis=1)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    # Only the last prompt position's logits are needed: [rows, 1, vocab], not [rows, len, vocab].
+    hidden, cache = model.hidden(tokens, positions, valid, cache, 0)
+    logits = model.logits(hidden[:, -1:])
+    out_tok, out_mask, out_lp, _, _ = _decode(model, cache, valid, logits[:, -1], jnp.sum(mask, axis=1), prompt_len, key,
+                                              params, jnp.zeros((rows,), bool))
+    return out_tok, out_mask, out_lp
+
+
+def _extend(graphdef, state, cache, valid, tokens, mask, start_pos, reset, trim_from, trim_to, write, key,
+            params: SamplingParams, attend: int):
+    """One call of a :class:`CacheSession`: forget the slots of rows that
+    start over (``reset``) and the discarded tail of each row's previous
+    generation (slots ``[trim_from, trim_to)``), write each row's new chunk
+    (left-padded ``[rows, K]``, its tokens at positions ``start_pos + 0, 1,
+    ...``) at slot ``write``, then sample as :func:`_generate` does.  Rows
+    with an empty chunk generate nothing.
+
+    Only the first ``attend`` slots take part (every slot the call reads or
+    writes is below it; the later ones have never been written): attention
+    reads the filled part of the cache, not all of it."""
+    model = nnx.merge(graphdef, state)
+    k = tokens.shape[1]
+    full_cache, full_valid = cache, valid
+    cache = tuple(LayerCache(c.k[:, :, :attend], c.v[:, :, :attend]) for c in cache)
+    valid = valid[:, :attend]
+    slot = jnp.arange(attend)[None, :]
+    valid = valid & ~reset[:, None] & ~((slot >= trim_from[:, None]) & (slot < trim_to[:, None]))
+    valid = jax.lax.dynamic_update_slice(valid, mask, (0, write))
+    positions = start_pos[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    hidden, cache = model.hidden(tokens, positions, valid, cache, write)
+    logits = model.logits(hidden[:, -1:])
+    out_tok, out_mask, out_lp, cache, valid = _decode(model, cache, valid, logits[:, -1], start_pos + jnp.sum(mask, axis=1),
+                                                      write + k, key, params, ~jnp.any(mask, axis=1))
+    cache = tuple(LayerCache(jax.lax.dynamic_update_slice(f.k, c.k, (0, 0, 0, 0)),
+                             jax.lax.dynamic_update_slice(f.v, c.v, (0, 0, 0, 0))) for f, c in zip(full_cache, cache))
+    return out_tok, out_mask, out_lp, cache, jax.lax.dynamic_update_slice(full_valid, valid, (0, 0))
+
+
+@attrs.define
+class CacheSession:
+    """A KV cache kept on the device between generation calls, one row per
+    episode slot (:meth:`Engine.open_session`, :meth:`Engine.extend`).
+
+    Every call writes all rows' new chunks at the same slot, ``write``
+    (chunks are left-padded to one width), and its generated tokens after
+    them, so the write position only grows; when the next call would not fit
+    (:meth:`fits`) the caller opens a new session and prefills again.
+
+    Attributes:
+        rows, slots: the cache's shape.
+        cache, valid: the per-layer keys and values and ``[rows, slots]``
+            validity (device arrays, donated to each call).
+        write: the slot the next chunk is written at.
+        generated: the slots ``[start, end)`` of the last call's generated tokens.
+        trim_from: per row, the first of those slots to forget at the next call
+            (:meth:`keep`); ``end`` keeps them all.
+    """
+
+    rows: int
+    slots: int
+    cache: Any
+    valid: Any
+    write: int = 0
+    generated: tuple[int, int] = (0, 0)
+    trim_from: np.ndarray = attrs.field(default=None)
+
+    def fits(self, chunk_width: int, params: SamplingParams) -> bool:
+        """Whether a call with chunks this wide (bucketed) fits in the slots left."""
+        return self.write + chunk_bucket(chunk_width) + params.max_new_tokens <= self.slots
+
+    def keep(self, kept: np.ndarray) -> None:
+        """Of the last call's generated tokens, row ``r`` keeps the first
+        ``kept[r]`` as context; the slots of the rest are forgotten."""
+        start, end = self.generated
+        self.trim_from = np.minimum(start + np.asarray(kept, np.int32), end).astype(np.int32)
+
+
+#: Chunks of a cache session are padded to a power of two, at least this wide.
+MIN_CHUNK = 8
+
+
+def chunk_bucket(width: int) -> int:
+    return bucket_length(width, MIN_CHUNK)
 
 
 class Engine:
@@ -170,11 +260,20 @@ class Engine:
         self._lock = threading.Lock()
         self.compiles = 0  # programs traced so far (bucketing keeps this small)
         self._fn = jax.jit(self._traced, static_argnames=("params", "cache_dtype"))
+        # The cache and its validity are donated: each call updates them in place.
+        self._extend_fn = jax.jit(self._traced_extend, static_argnames=("params", "attend"), donate_argnums=(1, 2))
 
     def _traced(self, state, tokens, mask, key, params, cache_dtype):
         with self._lock:
             self.compiles += 1
         return _generate(self.graphdef, state, tokens, mask, key, params, cache_dtype)
+
+    def _traced_extend(self, state, cache, valid, tokens, mask, start_pos, reset, trim_from, trim_to, write, key, params,
+                       attend):
+        with self._lock:
+            self.compiles += 1
+        return _extend(self.graphdef, state, cache, valid, tokens, mask, start_pos, reset, trim_from, trim_to, write,
+                       key, params, attend)
 
     def generate(self, state: Any, prompt_tokens: np.ndarray, prompt_mask: np.ndarray, key: jax.Array,
                  params: SamplingParams, *, sharding: jax.sharding.Sharding | None = None) -> Generation:
@@ -193,4 +292,62 @@ class Engine:
             tokens, mask = distributed.put((tokens, mask), sharding)
         out = self._fn(state, tokens, mask, key, params=params, cache_dtype=self.cache_dtype)
         toks, m, lp = distributed.to_host(out)
+        return Generation(tokens=np.asarray(toks), mask=np.asarray(m), logprobs=np.asarray(lp))
+
+    # -- a KV cache kept between calls (multi-turn episodes) ----------------------------
+
+    def open_session(self, state: Any, rows: int, slots: int, *, sharding: jax.sharding.Sharding | None = None) -> CacheSession:
+        """An empty :class:`CacheSession` of ``rows`` x ``slots`` for the model of ``state``."""
+        config = nnx.merge(self.graphdef, state).config  # modules over the same arrays: nothing is copied
+
+        def empty():
+            return init_cache(config, rows, slots, self.cache_dtype), jnp.zeros((rows, slots), bool)
+
+        # Created where it is used, not on one device and then moved.
+        cache, valid = jax.jit(empty, out_shardings=sharding)() if sharding is not None else empty()
+        return CacheSession(rows=rows, slots=slots, cache=cache, valid=valid,
+                            trim_from=np.zeros((rows,), np.int32))
+
+    def extend(self, state: Any, session: CacheSession, chunks: list[list[int]], start_pos: np.ndarray,
+               reset: np.ndarray, key: jax.Array, params: SamplingParams, *,
+               sharding: jax.sharding.Sharding | None = None) -> Generation:
+        """Appends ``chunks[r]`` (new token ids; empty: the row is idle) to row
+        ``r`` of ``session`` and generates after it, reusing the keys and
+        values already cached.
+
+        Args:
+            start_pos: per row, the position of its chunk's first token (the
+                number of context tokens already cached; 0 for a reset row).
+            reset: rows whose earlier slots are forgotten (a new episode).
+
+        Raises:
+            ValueError: the call does not fit in the slots left (check :meth:`CacheSession.fits`).
+        """
+        width = max((len(c) for c in chunks), default=0)
+        k = chunk_bucket(width)
+        if session.write + k + params.max_new_tokens > session.slots:
+            raise ValueError(f"a chunk of {width} tokens and {params.max_new_tokens} new ones do not fit in the "
+                             f"{session.slots - session.write} slots left of the session")
+        right = np.full((session.rows, max(width, 1)), params.pad_id, np.int32)
+        right_mask = np.zeros(right.shape, bool)
+        for r, c in enumerate(chunks):
+            right[r, :len(c)] = c
+            right_mask[r, :len(c)] = True
+        tokens, mask = left_pad(right, right_mask, k, params.pad_id)
+        start, end = session.generated
+        host = (tokens, mask, np.asarray(start_pos, np.int32), np.asarray(reset, bool), session.trim_from,
+                np.full((session.rows,), end, np.int32))
+        if sharding is not None:
+            host = distributed.put(host, sharding)
+        write = session.write
+        # Attention reads the slots up to the end of this call's writes, bucketed to a power of two
+        # (a few programs per session size).
+        attend = min(bucket_length(write + k + params.max_new_tokens, MIN_CHUNK), session.slots)
+        out = self._extend_fn(state, session.cache, session.valid, *host, jnp.int32(write), key, params=params,
+                              attend=attend)
+        toks, m, lp, session.cache, session.valid = out
+        session.generated = (write + k, write + k + params.max_new_tokens)
+        session.trim_from = np.full((session.rows,), write + k + params.max_new_tokens, np.int32)
+        session.write = write + k + params.max_new_tokens
+        toks, m, lp = distributed.to_host((toks, m, lp))
         return Generation(tokens=np.asarray(toks), mask=np.asarray(m), logprobs=np.asarray(lp))

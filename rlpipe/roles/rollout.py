@@ -97,15 +97,19 @@ def estimate_memory(config: RolloutConfig, run_config, mesh) -> memory.MemoryEst
     b = memory.dtype_bytes(run_config.model.dtype)
     prompt, new = sequence_shape(run_config)
     rows = run_config.train.prompts_per_item * config.num_generations
+    slots = prompt + new
     if config.environment is not None:
         # A turn's context is the prompt and the episode so far (up to a whole
         # episode, in its bucket), plus the turn's own tokens; at most
-        # max_concurrency episodes are in flight.
+        # max_concurrency episodes are in flight.  A cache kept between turns
+        # (reuse_cache) has room for every context twice over and one turn
+        # (rlpipe.agentic.episodes._CachedTurns).
         rows = min(rows, config.max_concurrency or rows)
         prompt, new = memory.prompt_bucket(prompt + new), config.environment.max_turn_tokens or new
+        slots = (2 if config.environment.reuse_cache else 1) * prompt + new
     return memory.MemoryEstimate(
         parameters=memory.decoder_parameter_bytes(shape, mesh, b),
-        kv_cache=memory.kv_cache_bytes(shape, rows, prompt + new, b),
+        kv_cache=memory.kv_cache_bytes(shape, rows, slots, b),
         activations=memory.forward_activation_bytes(shape, rows, prompt, b, keys=prompt + new, logit_positions=1),
     )
 
