@@ -620,6 +620,59 @@ def processes_of(devices: Any) -> frozenset[int]:
     return frozenset(getattr(d, "process_index", 0) for d in devices)
 
 
+class HostLeader:
+    """Host work that one process of a device group does for all of them.
+
+    The processes of a multi-process device group run the same device
+    programs in lockstep (SPMD); host work between them that must happen
+    once — an agentic rollout's environment calls, which may have side
+    effects or answer differently each time — is done by the group's first
+    process, the *leader*, which publishes its result as text through the
+    coordination service; the others wait for it (:meth:`share`).
+
+    Keys are numbered in order; the leader deletes the ones published before
+    a device program of the group once it returns (:meth:`settled`): every
+    process has then read them, since it had to enter that program.
+    """
+
+    def __init__(self, devices: Any, name: str, *, timeout_s: float = 600):
+        procs = processes_of(devices)
+        self.leader = min(procs)
+        self.is_leader = process_index() == self.leader
+        self.name, self.timeout_s = name, timeout_s
+        self._count = 0
+        self._published: list[str] = []
+
+    def share(self, value: Callable[[], str]) -> str:
+        """The leader's ``value()`` on every process of the group (only the leader calls it)."""
+        s = _SESSION
+        assert s is not None
+        key = f"{_KV}/host/{self.name}/{self._count}"
+        self._count += 1
+        if self.is_leader:
+            text = value()
+            s.client.key_value_set(key, text)
+            self._published.append(key)
+            return text
+        return s.client.blocking_key_value_get(key, int(self.timeout_s * 1000))
+
+    def settled(self) -> None:
+        """After a device program of the group returned: forget what was published before it."""
+        s = _SESSION
+        if s is None or not self.is_leader:
+            return
+        for key in self._published:
+            s.client.key_value_delete(key)
+        self._published = []
+
+
+def host_leader(devices: Any, name: str) -> HostLeader | None:
+    """A :class:`HostLeader` for ``devices`` when they span several processes, else ``None``."""
+    if _SESSION is None or len(processes_of(devices)) < 2:
+        return None
+    return HostLeader(devices, name)
+
+
 def owns(devices: Any) -> bool:
     """Whether this process holds at least one of ``devices`` (a mesh, ...)."""
     return process_index() in processes_of(devices)

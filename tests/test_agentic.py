@@ -415,6 +415,60 @@ def test_episodes_reusing_the_kv_cache_equal_those_prefilled_every_turn(registry
     assert sessions[False] == 0 and (sessions[True] > 1 if concurrency else sessions[True] == 1), sessions
 
 
+class FakeHost:
+    """rlpipe.distributed.HostLeader's contract between two threads: the
+    leader runs the work and publishes its text; the follower waits for it."""
+
+    def __init__(self, board, is_leader):
+        self.board, self.is_leader, self.count, self.settles = board, is_leader, 0, 0
+
+    def share(self, value):
+        key, self.count = self.count, self.count + 1
+        if self.is_leader:
+            text = value()
+            with self.board["cond"]:
+                self.board[key] = text
+                self.board["cond"].notify_all()
+            return text
+        with self.board["cond"]:
+            assert self.board["cond"].wait_for(lambda: key in self.board, timeout=30)
+            return self.board[key]
+
+    def settled(self):
+        self.settles += 1
+
+
+class Untouchable:
+    def __init__(self, options, *, context):
+        raise AssertionError("a follower built an environment")
+
+
+def test_with_a_host_leader_only_the_leader_runs_environments_and_both_get_its_episodes(registry):
+    """Two runners stand for two processes of one rollout mesh: generation
+    runs on both, environments (tool calls included) only on the leader, and
+    the follower ends with the same episodes, fields and metrics."""
+    import concurrent.futures
+
+    prompts = [f"{i}+1=" for i in range(7)]
+    examples = [{"prompt": p, "answer": str(i + 1)} for i, p in enumerate(prompts)]
+    board = {"cond": threading.Condition()}
+    hosts = {True: FakeHost(board, True), False: FakeHost(board, False)}
+    follower_env = EnvironmentSpec(name="tool", description="d", factory=Untouchable)
+    runners = {True: runner(registry, odd_ones_call_first, concurrency=3)[0],
+               False: runner(registry, odd_ones_call_first, concurrency=3, env=follower_env)[0]}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = {lead: pool.submit(lambda lead=lead: runners[lead].run(
+            None, [TOK.encode(p) for p in prompts], examples, jax.random.key(0), host=hosts[lead])) for lead in (True, False)}
+        out = {lead: f.result(timeout=60) for lead, f in futures.items()}
+    for field in ("tokens", "loss_mask", "attention_mask", "logprobs", "rewards"):
+        np.testing.assert_array_equal(getattr(out[True], field), getattr(out[False], field))
+    assert episode_metrics(out[True].episodes) == {**episode_metrics(out[False].episodes),
+                                                   "episode/seconds": episode_metrics(out[True].episodes)["episode/seconds"]}
+    assert [ep.turns for ep in out[False].episodes] == [1, 2, 1, 2, 1, 2, 1]
+    assert out[False].episodes[1].metrics == {"tool_calls": 1.0, "tool_errors": 0.0, "success": 1.0}
+    assert hosts[True].settles == hosts[False].settles > 0  # after every generation call
+
+
 # -- the agentic rollout in the stage graph -----------------------------------------------------------
 
 

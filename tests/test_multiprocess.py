@@ -156,6 +156,36 @@ def test_colocated_run_spans_both_processes(tmp_path, cache_dir):
     assert "process 0" not in logs and "error" not in logs
 
 
+AGENTIC = ["--set", "task.name=calculator", "--set", "roles.reference=null", "--set", "algorithm.options.kl_beta=0",
+           "--set", "roles.rollout.max_new_tokens=16",
+           "--set", "roles.rollout.environment={name: tool, max_turns: 2, max_turn_tokens: 6, "
+                    "options: {parser: gsm8k, describe_tools: false}}"]
+
+
+def lane_spans(path: Path) -> list[tuple[str, dict]]:
+    doc = json.loads(path.read_text())
+    track = {e["tid"]: e["args"]["name"] for e in doc["traceEvents"] if e["ph"] == "M"}
+    return [(e["name"], e["args"]) for e in doc["traceEvents"]
+            if e["ph"] == "X" and track[e["tid"]].startswith("rollout/episodes ")]
+
+
+def test_an_agentic_rollout_across_processes_runs_its_environments_once(tmp_path, cache_dir):
+    """The rollout's mesh spans both processes: both generate every turn, only
+    process 0 calls the environments, and both record the same episodes."""
+    run = tmp_path / "run"
+    codes, logs = run_processes(tmp_path, cache_dir, run, "--steps", "1", *AGENTIC)
+    assert codes == [0, 0], logs
+    row = rows(run)[0]
+    assert row["rollout/episodes"] == 16 and row["rollout/episodes_failed"] == 0, row
+    lanes = {0: lane_spans(run / "trace.json"), 1: lane_spans(run / "trace.1.json")}
+    kinds = {p: {name for name, _ in spans} for p, spans in lanes.items()}
+    assert {"episode", "reset", "generate", "step"} <= kinds[0]
+    assert {"episode", "generate"} <= kinds[1] and not kinds[1] & {"reset", "step", "tool"}  # no environment here
+    episodes = {p: sorted((a["index"], a["episode"], a["status"], a["turns"], a["reward"]) for name, a in spans
+                          if name == "episode") for p, spans in lanes.items()}
+    assert episodes[0] == episodes[1] and len(episodes[0]) == 16
+
+
 # -- (b) disaggregated across processes, (c) resume on 2 and on 1 process ---------------------
 
 

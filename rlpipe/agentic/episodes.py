@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import json
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -193,7 +194,8 @@ class EpisodeRunner:
 
     def run(self, state: Any, prompts: Sequence[Sequence[int]], examples: Sequence[Any], key: Any, *,
             tracer: Tracer | None = None, device: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
-            sharding: Any = None, seed: int = 0, policy_version: int | None = None) -> EpisodeBatch:
+            sharding: Any = None, seed: int = 0, policy_version: int | None = None,
+            host: Any = None) -> EpisodeBatch:
         """Runs one episode per prompt (``prompts[i]`` a list of token ids,
         ``examples[i]`` its task example) and returns them laid out as fields.
 
@@ -204,6 +206,11 @@ class EpisodeRunner:
             device: a context manager around each generation call (the
                 rollout's ``on_devices(mesh)``).
             seed: mixed into each episode's environment seed.
+            host: a :class:`rlpipe.distributed.HostLeader` when the rollout's
+                devices span several processes: the leader runs the
+                environments and the others take its episodes (generation
+                runs on every process, in lockstep); ``None``: this process
+                runs them.
         """
         import jax
 
@@ -221,7 +228,8 @@ class EpisodeRunner:
                 while waiting and len(active) + len(starting) < cap:
                     starting.append(waiting.popleft())
                     starting[-1].lane = heapq.heappop(lanes)
-                host_map(lambda ep: self._start(ep, seed, tracer), starting)
+                self._host_phase(host, starting, lambda: host_map(lambda ep: self._start(ep, seed, tracer), starting),
+                                 tracer)
                 for ep in starting:
                     if ep.status == "running":
                         active.append(ep)
@@ -241,13 +249,16 @@ class EpisodeRunner:
                             # exactly the plain rollout's completion.
                             turn_key = key if batch_no == 0 else jax.random.fold_in(key, batch_no)
                             outs = turns.generate(active, turn_key)
+                    if host is not None:
+                        host.settled()
                     g1 = tracer.now()
                     for ep in active:
                         tracer.complete(ep.lane, "generate", g0, g1, episode=ep.index, turn=ep.turns + 1,
                                         rows=turns.rows, prefill_tokens=turns.prefilled.get(ep.index, 0),
                                         policy_version=policy_version)
                     with tracer.span("environment", episodes=len(active)):
-                        host_map(lambda i: self._turn(active[i], *outs[i], tracer), range(len(active)))
+                        self._host_phase(host, active, lambda: host_map(lambda i: self._turn(active[i], *outs[i], tracer),
+                                                                        range(len(active))), tracer)
                         turns.kept(active)
                         still = []
                         for ep in active:  # episode order, whatever order the workers finished in
@@ -259,6 +270,26 @@ class EpisodeRunner:
                         active = still
                 batch_no += 1
         return self._fields(episodes)
+
+    def _host_phase(self, host: Any, episodes: list[Episode], work: Callable[[], None], tracer: Tracer) -> None:
+        """``work()`` (environment calls for ``episodes``) here, or on the
+        leader of ``host`` with its episodes' new state copied here."""
+        if host is None:
+            work()
+            return
+
+        def run_and_dump() -> str:
+            work()
+            return json.dumps([{k: getattr(ep, k) for k in _SYNCED} for ep in episodes])
+
+        text = host.share(run_and_dump)
+        if not host.is_leader:
+            now, now_us = time.monotonic(), tracer.now()
+            for ep, fields in zip(episodes, json.loads(text)):
+                if not ep.started:
+                    ep.started, ep.started_us = now, now_us
+                for k, v in fields.items():
+                    setattr(ep, k, v)
 
     # -- one episode ------------------------------------------------------------------
 
@@ -280,6 +311,8 @@ class EpisodeRunner:
                 ep.status = "truncated"
         except Exception as exc:  # noqa: BLE001 - an environment may raise anything; the episode fails, the run goes on
             self._fail(ep, exc)
+        if ep.status != "running":
+            self._ended(ep)
 
     def _turn(self, ep: Episode, tokens: list[int], logprobs: list[float], tracer: Tracer) -> None:
         ep.turns += 1
@@ -309,11 +342,14 @@ class EpisodeRunner:
             fits = self._observe(ep, str(observation or ""))
         except Exception as exc:  # noqa: BLE001 - see _start
             self._fail(ep, exc)
+            self._ended(ep)
             return
         if done:
             ep.status = "done"
         elif not fits or ep.turns >= ep.max_turns or len(ep.tokens) >= ep.max_tokens:
             ep.status = "truncated"
+        if ep.status != "running":
+            self._ended(ep)
 
     def _observe(self, ep: Episode, observation: str) -> bool:
         """Appends an observation's tokens (loss mask 0); False when it did not fit."""
@@ -345,14 +381,18 @@ class EpisodeRunner:
         ep.status = "failed"
         ep.error = str(exc) if isinstance(exc, _Failure) else f"{type(exc).__name__}: {exc}"
 
-    def _finish(self, ep: Episode, tracer: Tracer) -> None:
-        ep.seconds = time.monotonic() - ep.started
+    def _ended(self, ep: Episode) -> None:
+        """The environment's own numbers of an episode that just ended (on the
+        thread that ended it, so a multi-process leader can share them)."""
         metrics = getattr(ep.env, "metrics", None)
         if callable(metrics):
             try:
                 ep.metrics = {str(k): float(v) for k, v in dict(metrics()).items()}
             except Exception:  # noqa: BLE001 - diagnostics only; a broken one is left out
                 ep.metrics = {}
+
+    def _finish(self, ep: Episode, tracer: Tracer) -> None:
+        ep.seconds = time.monotonic() - ep.started
         if ep.status == "failed":
             ep.reward = 0.0
         tracer.complete(ep.lane, "episode", ep.started_us, tracer.now(), episode=ep.index, status=ep.status,
@@ -378,6 +418,11 @@ class EpisodeRunner:
         rewards = np.array([ep.reward for ep in episodes], np.float32)
         return EpisodeBatch(tokens=tokens, loss_mask=loss, attention_mask=attention, logprobs=logprobs,
                             rewards=rewards, episodes=episodes)
+
+
+#: What a multi-process leader shares of each episode after its environment calls.
+_SYNCED = ("tokens", "policy", "logprobs", "actions", "observations", "turns", "reward", "status", "error",
+           "max_turns", "max_tokens", "last_kept", "env_seconds", "metrics")
 
 
 def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:

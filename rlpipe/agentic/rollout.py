@@ -52,6 +52,10 @@ class AgenticRolloutStage(RolloutStage):
         self.episodes: list[Episode] = []  # this step's, until its barrier
         self.failed_total = 0
         self.prefill_tokens = 0  # this step's, until its barrier
+        # Rollout devices on several processes: the first runs the environments for all (lazily:
+        # the multi-process session starts after the stages are built on some paths).
+        self._host: Any = None
+        self._host_checked = False
         self.last_metrics: dict[str, float] = {}
 
     def process(self, batch: Batch, *, context: StageContext) -> Batch:
@@ -64,10 +68,13 @@ class AgenticRolloutStage(RolloutStage):
         rows = [i for i in range(p) for _ in range(g)]  # prompt-major: reshapes to [P, G]
         seed = int(np.random.SeedSequence([abs(self.seed), context.step, context.index or 0]).generate_state(1)[0])
 
+        if not self._host_checked:
+            self._host, self._host_checked = distributed.host_leader(self.holder.mesh, "rollout-episodes"), True
+
         def run() -> dict[str, np.ndarray]:
             out = self.runner.run(state, [ids[i] for i in rows], [examples[i] for i in rows], context.key(),
                                   tracer=StageTracer(context), device=lambda: on_devices(self.holder.mesh),
-                                  sharding=self.holder.replicated, seed=seed, policy_version=version)
+                                  sharding=self.holder.replicated, seed=seed, policy_version=version, host=self._host)
             self.episodes.extend(out.episodes)
             self.prefill_tokens += self.runner.prefill_tokens
             return {"tokens": out.tokens, "loss": out.loss_mask, "attention": out.attention_mask,
