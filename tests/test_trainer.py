@@ -194,3 +194,21 @@ def test_the_entropy_bonus_raises_the_policys_entropy(registry):
         assert ("entropy_bonus" in t.last_metrics) == (coef > 0)
     assert entropies[0.0][2] == pytest.approx(entropies[0.0][0], abs=1e-5)  # nothing to learn without the bonus
     assert entropies[0.5][2] > entropies[0.5][0] + 1e-3
+
+
+def test_dynamic_sampling_leaves_groups_with_equal_rewards_out_of_the_loss(registry):
+    """Groups whose rewards are all equal train exactly as if their completions
+    were masked out; the share kept is reported."""
+    batch_items = items(0)
+    flat = [Batch({**dict(b), "rewards": np.where(np.arange(P)[:, None] == 1, 0.5, b["rewards"]).astype(np.float32)})
+            for b in batch_items]  # group 1 of each item: every completion scores 0.5
+    masked = [Batch({**dict(b), "completion_mask": np.where(np.arange(P)[:, None, None] == 1, 0, b["completion_mask"])})
+              for b in flat]
+    dropping = trainer(registry, [0], (1, 1), algorithm_options={"dynamic_sampling": True}, num_iterations=1)
+    by_hand = trainer(registry, [0], (1, 1), num_iterations=1)
+    run_step(dropping, flat)
+    run_step(by_hand, masked)
+    assert dropping.last_metrics["dynamic_sampling/kept_groups"] == pytest.approx(1 - 2 / (2 * P))
+    assert "dynamic_sampling/kept_groups" not in by_hand.last_metrics
+    for a, b in zip(jax.tree_util.tree_leaves(dropping.params), jax.tree_util.tree_leaves(by_hand.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

@@ -259,6 +259,14 @@ class TrainerStage(_OptimizedState):
             None if "values" not in grouped else jnp.asarray(grouped["values"]),
             logprobs=jnp.asarray(grouped["rollout_logprobs"]),
             ref_logprobs=None if "ref_logprobs" not in grouped else jnp.asarray(grouped["ref_logprobs"]))
+        # Dynamic sampling (DAPO): groups whose rewards are all equal carry no signal and leave the
+        # loss — their loss mask is zeroed, so shapes (and compiled programs) stay the same.
+        keep_groups = getattr(self.algorithm, "keep_groups", None)
+        keep = np.ones(grouped["rewards"].shape[0], bool) if keep_groups is None else \
+            np.asarray(keep_groups(grouped["rewards"], grouped["completion_mask"]), bool)
+        self._kept_groups = float(keep.mean()) if keep.size else 1.0
+        if not keep.all():
+            grouped = {**grouped, "completion_mask": grouped["completion_mask"] * keep[:, None, None].astype(grouped["completion_mask"].dtype)}
         rows = flat_rows(grouped)
         rows["advantages"] = np.asarray(estimate.advantages, np.float32).reshape(rows["completion"].shape)
         return rows
@@ -321,6 +329,8 @@ class TrainerStage(_OptimizedState):
             self.skipped_updates += int(np.sum(fetched[2]))
             self.last_metrics["skipped_updates"] = self.skipped_updates
             self.last_metrics["reward/mean"] = self._reward_mean
+            if getattr(getattr(self.algorithm, "config", None), "dynamic_sampling", False):
+                self.last_metrics["dynamic_sampling/kept_groups"] = self._kept_groups
             tokens = float(rows["completion_mask"].sum())
             self.last_metrics["tokens_per_s"] = tokens * self.config.num_iterations / max(time.perf_counter() - start, 1e-9)
             self.last_metrics["staleness_mean"] = float(np.mean(self.version - versions))
