@@ -624,20 +624,24 @@ class HostLeader:
     """Host work that one process of a device group does for all of them.
 
     The processes of a multi-process device group run the same device
-    programs in lockstep (SPMD); host work between them that must happen
-    once — an agentic rollout's environment calls, which may have side
-    effects or answer differently each time — is done by the group's first
-    process, the *leader*, which publishes its result as text through the
-    coordination service; the others wait for it (:meth:`share`).
+    programs (SPMD); host work between them that must happen once — an
+    agentic rollout's environment calls, which may have side effects or
+    answer differently each time — is done by the group's first process, the
+    *leader*, which publishes its result as text through the coordination
+    service; the others wait for it (:meth:`share`) and acknowledge it.
 
-    Keys are numbered in order; the leader deletes the ones published before
-    a device program of the group once it returns (:meth:`settled`): every
-    process has then read them, since it had to enter that program.
+    Keys are numbered in order.  The leader deletes a key once every other
+    process has acknowledged it (checked in :meth:`settled`, without
+    waiting), so the service holds only the last few.  A process waits for
+    the leader as long as ``timeout_s`` (a day by default: the leader's
+    environment time is unbounded unless the environment's ``timeout_s``
+    bounds it; a process that dies is caught by the session's heartbeat).
     """
 
-    def __init__(self, devices: Any, name: str, *, timeout_s: float = 600):
+    def __init__(self, devices: Any, name: str, *, timeout_s: float = 86400):
         procs = processes_of(devices)
         self.leader = min(procs)
+        self.followers = len(procs) - 1
         self.is_leader = process_index() == self.leader
         self.name, self.timeout_s = name, timeout_s
         self._count = 0
@@ -654,16 +658,23 @@ class HostLeader:
             s.client.key_value_set(key, text)
             self._published.append(key)
             return text
-        return s.client.blocking_key_value_get(key, int(self.timeout_s * 1000))
+        text = s.client.blocking_key_value_get(key, int(self.timeout_s * 1000))
+        s.client.key_value_set(f"{key}.ack/{s.process_index}", "")
+        return text
 
     def settled(self) -> None:
-        """After a device program of the group returned: forget what was published before it."""
+        """Deletes what every other process has read (the leader; a no-op elsewhere)."""
         s = _SESSION
         if s is None or not self.is_leader:
             return
+        pending = []
         for key in self._published:
-            s.client.key_value_delete(key)
-        self._published = []
+            if len(s.client.key_value_dir_get(f"{key}.ack/")) >= self.followers:
+                s.client.key_value_delete(f"{key}.ack")  # the directory of acknowledgements
+                s.client.key_value_delete(key)
+            else:
+                pending.append(key)
+        self._published = pending
 
 
 def host_leader(devices: Any, name: str) -> HostLeader | None:

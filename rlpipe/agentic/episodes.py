@@ -277,10 +277,13 @@ class EpisodeRunner:
         if host is None:
             work()
             return
+        # What the episodes held before: the lists only grow, so only their new ends are sent.
+        before = [{k: len(getattr(ep, k)) for k in _APPENDED} for ep in episodes]
 
         def run_and_dump() -> str:
             work()
-            return json.dumps([{k: getattr(ep, k) for k in _SYNCED} for ep in episodes])
+            return json.dumps([{**{k: getattr(ep, k)[n[k]:] for k in _APPENDED}, **{k: getattr(ep, k) for k in _REPLACED}}
+                               for ep, n in zip(episodes, before)])
 
         text = host.share(run_and_dump)
         if not host.is_leader:
@@ -288,8 +291,10 @@ class EpisodeRunner:
             for ep, fields in zip(episodes, json.loads(text)):
                 if not ep.started:
                     ep.started, ep.started_us = now, now_us
-                for k, v in fields.items():
-                    setattr(ep, k, v)
+                for k in _APPENDED:
+                    getattr(ep, k).extend(fields[k])
+                for k in _REPLACED:
+                    setattr(ep, k, fields[k])
 
     # -- one episode ------------------------------------------------------------------
 
@@ -420,9 +425,10 @@ class EpisodeRunner:
                             rewards=rewards, episodes=episodes)
 
 
-#: What a multi-process leader shares of each episode after its environment calls.
-_SYNCED = ("tokens", "policy", "logprobs", "actions", "observations", "turns", "reward", "status", "error",
-           "max_turns", "max_tokens", "last_kept", "env_seconds", "metrics")
+#: What a multi-process leader shares of each episode after its environment calls: the new
+#: ends of the lists, and the rest whole.
+_APPENDED = ("tokens", "policy", "logprobs", "actions", "observations")
+_REPLACED = ("turns", "reward", "status", "error", "max_turns", "max_tokens", "last_kept", "env_seconds", "metrics")
 
 
 def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
@@ -504,6 +510,7 @@ class _CachedTurns:
 
     def _open(self, active: list[Episode]) -> None:
         self.rows = _row_bucket(len(active), self.cap)
+        self.session = None  # the old cache is freed before the new one is made
         self.session = self.runner.engine.open_session(self.state, self.rows, self.slots, sharding=self.sharding)
         self.runner.cache_sessions += 1
         self.row_of = {ep.index: r for r, ep in enumerate(active)}
@@ -522,12 +529,14 @@ class _CachedTurns:
                 if ep.index not in self.row_of:  # a new episode takes a free row and starts over there
                     self.row_of[ep.index] = free.pop(0)
                     self.cached[self.row_of[ep.index]] = 0
-            widest = max(len(ep.prompt) + len(ep.tokens) - self.cached[self.row_of[ep.index]] for ep in active)
-            longest = max(len(ep.prompt) + len(ep.tokens) for ep in active)
+            new = [len(ep.prompt) + len(ep.tokens) - self.cached[self.row_of[ep.index]] for ep in active]
+            widest, longest = max(new), max(len(ep.prompt) + len(ep.tokens) for ep in active)
             # Start over when the call does not fit, or when most of the slots attention would read
             # are stale (rows refilled after their first episodes ended): a new session holds only
             # what the episodes in flight need.
-            fresh = (not self.session.fits(int(widest), params)
+            # (and when a row has nothing new, which kept() avoids unless a turn kept no token
+            # and the environment answered with nothing: the row must be sampled from again)
+            fresh = (not self.session.fits(int(widest), params) or min(new) <= 0
                      or self.session.write > 2 * chunk_bucket(longest + params.max_new_tokens))
         if fresh:
             self._open(active)
@@ -551,8 +560,13 @@ class _CachedTurns:
         kept = np.full((self.rows,), self.runner.params.max_new_tokens, np.int64)
         for ep in active:
             r = self.row_of[ep.index]
-            kept[r] = ep.last_kept
-            self.cached[r] += self.chunk[r] + ep.last_kept
+            k = ep.last_kept
+            if ep.status == "running" and k > 0 and len(ep.prompt) + len(ep.tokens) == self.cached[r] + self.chunk[r] + k:
+                # The environment added nothing after the turn: its last token is forgotten from the
+                # cache and fed again, so the row has a chunk to sample after.
+                k -= 1
+            kept[r] = k
+            self.cached[r] += self.chunk[r] + k
             if ep.status != "running":
                 del self.row_of[ep.index]
         self.session.keep(kept)

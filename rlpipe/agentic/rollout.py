@@ -69,7 +69,7 @@ class AgenticRolloutStage(RolloutStage):
         seed = int(np.random.SeedSequence([abs(self.seed), context.step, context.index or 0]).generate_state(1)[0])
 
         if not self._host_checked:
-            self._host, self._host_checked = distributed.host_leader(self.holder.mesh, "rollout-episodes"), True
+            self._host, self._host_checked = distributed.host_leader(self.holder.mesh, f"{context.role}/episodes"), True
 
         def run() -> dict[str, np.ndarray]:
             out = self.runner.run(state, [ids[i] for i in rows], [examples[i] for i in rows], context.key(),

@@ -346,8 +346,11 @@ class Engine:
         out = self._extend_fn(state, session.cache, session.valid, *host, jnp.int32(write), key, params=params,
                               attend=attend)
         toks, m, lp, session.cache, session.valid = out
-        session.generated = (write + k, write + k + params.max_new_tokens)
-        session.trim_from = np.full((session.rows,), write + k + params.max_new_tokens, np.int32)
-        session.write = write + k + params.max_new_tokens
-        toks, m, lp = distributed.to_host((toks, m, lp))
-        return Generation(tokens=np.asarray(toks), mask=np.asarray(m), logprobs=np.asarray(lp))
+        toks, m, lp = (np.asarray(x) for x in distributed.to_host((toks, m, lp)))
+        # The next chunk goes right after the longest generation: the slots the loop did not
+        # reach (every row had stopped) were never written.
+        end = write + k + int(m.sum(axis=1).max(initial=0))
+        session.generated = (write + k, end)
+        session.trim_from = np.full((session.rows,), end, np.int32)
+        session.write = end
+        return Generation(tokens=toks, mask=m, logprobs=lp)

@@ -103,10 +103,11 @@ def estimate_memory(config: RolloutConfig, run_config, mesh) -> memory.MemoryEst
         # episode, in its bucket), plus the turn's own tokens; at most
         # max_concurrency episodes are in flight.  A cache kept between turns
         # (reuse_cache) has room for every context twice over and one turn
-        # (rlpipe.agentic.episodes._CachedTurns).
+        # (rlpipe.agentic.episodes._CachedTurns), and a call copies up to all of
+        # it for attention (rlpipe.models.sampling._extend): twice that.
         rows = min(rows, config.max_concurrency or rows)
         prompt, new = memory.prompt_bucket(prompt + new), config.environment.max_turn_tokens or new
-        slots = (2 if config.environment.reuse_cache else 1) * prompt + new
+        slots = 2 * (2 * prompt + new) if config.environment.reuse_cache else prompt + new
     return memory.MemoryEstimate(
         parameters=memory.decoder_parameter_bytes(shape, mesh, b),
         kv_cache=memory.kv_cache_bytes(shape, rows, slots, b),
