@@ -56,6 +56,7 @@ import numpy as np
 from rlpipe.agentic.environment import EnvironmentContext
 from rlpipe.agentic.tools import CallTimeout, call_with_timeout
 from rlpipe.core.telemetry import detail_track
+from rlpipe.data import pad_prompts
 
 #: Rows of a generation call are padded up to a power of two, at least this
 #: many, so a handful of programs are compiled however many episodes remain.
@@ -472,7 +473,7 @@ class _PrefilledTurns:
         self.prefilled = {ep.index: len(c) for ep, c in zip(active, contexts)}
         self.runner.prefill_tokens += sum(self.prefilled.values())
         contexts += [contexts[0]] * (self.rows - len(contexts))
-        tokens, mask = _right_padded(contexts, self.runner.tokenizer.pad_id)
+        tokens, mask = pad_prompts(contexts, self.runner.tokenizer.pad_id)
         gen = self.runner.engine.generate(self.state, tokens, mask, key, self.runner.params, sharding=self.sharding)
         return _rows_of(gen, range(len(active)))
 
@@ -603,16 +604,6 @@ def _limit(configured: int, own: Any) -> int:
 
 def _row_bucket(n: int, cap: int) -> int:
     return min(max(1 << max(n - 1, 0).bit_length(), MIN_ROWS), max(cap, n))
-
-
-def _right_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    width = max(len(r) for r in rows)
-    tokens = np.full((len(rows), width), pad_id, np.int32)
-    mask = np.zeros((len(rows), width), np.int32)
-    for i, r in enumerate(rows):
-        tokens[i, :len(r)] = r
-        mask[i, :len(r)] = 1
-    return tokens, mask
 
 
 def _tokens_for(tokenizer: Any, tokens: Sequence[int], chars: int) -> int:
