@@ -4,7 +4,7 @@ saves, against prefilling the whole context every turn.
     python benchmarks/agentic.py                                   # CPU: tiny, 64 episodes of 4 turns
     python benchmarks/agentic.py --preset qwen2.5-0.5b --dtype bfloat16 --episodes 256 --turns 8   # H200
 
-Each run is one :class:`rlpipe.agentic.EpisodeRunner` call on the real
+Each run is one :class:`rlpipe.plugins.agentic.EpisodeRunner` call on the real
 ``jax`` engine: ``--episodes`` episodes of exactly ``--turns`` turns, every
 turn ``--turn-tokens`` sampled tokens (no stop token) and an observation of
 ``--observation-tokens`` tokens, the prompts ``--prompt-tokens`` long.  The
@@ -32,15 +32,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
 from results import Sink, record, stdout_sink, table
 
-from rlpipe.agentic import EnvironmentSection, EpisodeRunner
 from rlpipe.core.specs import EnvironmentSpec
 from rlpipe.models import PRESETS
+from rlpipe.models.generation import Engine, SamplingParams
 from rlpipe.models.loading import init_sharded
-from rlpipe.models.sampling import Engine, SamplingParams
 from rlpipe.models.tokenizer import CharTokenizer
+from rlpipe.plugins.agentic import EnvironmentSection, EpisodeRunner
 
 
 class FixedTurns:

@@ -7,7 +7,7 @@ Usage::
     python benchmarks/pipeline.py --steps 14 --warmup 4 # longer runs
     python benchmarks/pipeline.py --placements disaggregated --modes async --keep-runs runs/bench
 
-Runs a few steps of real training (``rlpipe.train.train``) for each seed
+Runs a few steps of real training (``rlpipe.app.driver.train``) for each seed
 placement (``examples/colocated.yaml``, ``examples/colocated_offload.yaml``,
 ``examples/disaggregated.yaml``) synchronously (``train.max_staleness: 0``) and
 asynchronously (``max_staleness: 1``), on 8 fake CPU devices unless the
@@ -17,7 +17,7 @@ every figure covers the remaining steps.  One JSON line per measurement on
 stdout (``name``, ``value``, ``unit``, ``ceiling``, ``ratio`` and descriptive
 fields), a table on stderr.
 
-Definitions (timeline terms as in docs/runs.md, ``rlpipe.core.timeline``):
+Definitions (timeline terms as in docs/runs.md, ``rlpipe.app.timeline``):
 
 * **window**: from the moment the trainer (the graph's sink) finished the
   last warm-up step to the moment it finished the last step (the ends of its
@@ -40,7 +40,7 @@ Definitions (timeline terms as in docs/runs.md, ``rlpipe.core.timeline``):
 
 **Colocated roles take turns on their devices.**  Two multi-device programs
 with collectives running at once on the same devices can deadlock XLA:CPU,
-so every stage runs its device work under ``rlpipe.core.devices.on_devices``,
+so every stage runs its device work under ``rlpipe.runtime.devices.on_devices``,
 a per-device lock.  The rollout's ``generate`` and the reference's
 ``logprobs`` spans start *before* the lock is taken, so a colocated role
 waiting for the trainer to finish looks busy on the timeline.  This script
@@ -69,7 +69,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +77,7 @@ from typing import Any
 import fake_devices
 from results import Sink, log, record, stdout_sink
 
-from rlpipe.core import timeline as tl
+from rlpipe.app import timeline as tl
 
 # Importing rlpipe starts JAX, so rlpipe is imported inside the functions:
 # importing this module (run_all.py does) must leave the device count open.
@@ -112,7 +112,7 @@ DISAGGREGATED_TARGET = 1.15
 Interval = tuple[float, float]
 
 
-# Interval arithmetic is rlpipe.core.timeline's: union, intersect, subtract, clip, length.
+# Interval arithmetic is rlpipe.app.timeline's: union, intersect, subtract, clip, length.
 
 
 def total(intervals: Sequence[Interval]) -> float:
@@ -201,9 +201,11 @@ class _Probe:
     def installed(self) -> Iterator[_Probe]:
         import jax
 
-        import rlpipe.roles.inference as inference
-        import rlpipe.roles.training as training
-        import rlpipe.train as train_module
+        import rlpipe.app.driver as train_module
+        import rlpipe.roles.critic_stage as critic_stage
+        import rlpipe.roles.reference_stage as reference_stage
+        import rlpipe.roles.rollout_stage as rollout_stage
+        import rlpipe.roles.trainer_stage as trainer_stage
 
         probe = self
         original_trace = train_module.Trace
@@ -213,7 +215,7 @@ class _Probe:
                 super().__init__(*args, **kwargs)
                 probe.trace = self
 
-        saved = {m: m.on_devices for m in (inference, training) if hasattr(m, "on_devices")}
+        saved = {m: m.on_devices for m in (rollout_stage, reference_stage, trainer_stage, critic_stage) if hasattr(m, "on_devices")}
         if not saved:
             log("note: the role modules no longer import on_devices; device waits are not measured")
         train_module.Trace = RecordingTrace
@@ -243,10 +245,10 @@ def run_training(config_files: Sequence[str | Path] = (), overrides: Sequence[st
                  registry: Any = None) -> TrainingRun:
     """Trains with the embedded defaults, ``config_files`` and ``overrides``
     (``key=value``) into a fresh ``run_dir``, with the probe installed."""
-    from rlpipe.core.config import load_config
+    from rlpipe.app.defaults import DEFAULT_CONFIG
+    from rlpipe.app.driver import train
     from rlpipe.core.plugins import load_registry
-    from rlpipe.defaults import DEFAULT_CONFIG
-    from rlpipe.train import train
+    from rlpipe.runtime.run_config import load_config
 
     registry = registry or load_registry(warn=lambda message: None)
     config = load_config(registry, defaults=DEFAULT_CONFIG, files=[str(f) for f in config_files], overrides=list(overrides))

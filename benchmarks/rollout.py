@@ -60,13 +60,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
 from results import Sink, log, record, stdout_sink, timed
 
 from rlpipe.models.config import PRESETS, DecoderConfig
 from rlpipe.models.decoder import init_cache
+from rlpipe.models.generation import Engine, SamplingParams, bucket_length
 from rlpipe.models.loading import init_sharded
-from rlpipe.models.sampling import Engine, SamplingParams, bucket_length
 
 GB = 1e9
 MIB = 1 << 20
@@ -112,7 +111,7 @@ def copy_bandwidth(mib: int, repeats: int) -> float:
 
 
 def _prefill(graphdef, state, tokens, mask, cache_len: int, cache_dtype):
-    # Mirrors the start of rlpipe.models.sampling._generate: a fresh cache of the
+    # Mirrors the start of rlpipe.models.generation._generate: a fresh cache of the
     # full generation length, then one forward over the left-padded prompt.
     model = nnx.merge(graphdef, state)
     rows, p = tokens.shape

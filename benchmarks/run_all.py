@@ -46,8 +46,8 @@ peak-memory counter reflects them and not the micro-benchmarks):
     array moved with ``jax.device_put`` between the ``device`` and
     ``pinned_host`` memory kinds); ``offload_bandwidth`` / ``onload_bandwidth``:
     the trainer's parameters and optimizer state moved by
-    ``rlpipe.core.weights.offload`` / ``onload``, against the bandwidth of the
-    same direction; ``weight_sync_bandwidth``: ``rlpipe.core.weights.sync``
+    ``rlpipe.runtime.weights.offload`` / ``onload``, against the bandwidth of the
+    same direction; ``weight_sync_bandwidth``: ``rlpipe.runtime.weights.sync``
     of float32 parameters to bfloat16 on the same device (bytes read + written
     per second) against ``copy_bandwidth``, with ``compiles_per_call`` and the
     time of the same cast compiled once (``cached_cast_s``).
@@ -71,7 +71,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -198,10 +198,10 @@ def _memory_stats() -> dict[int, dict[str, int] | None]:
 
 
 def _planned(preset: str, dtype: str, extra: Sequence[str]):
-    from rlpipe.core.config import load_config
-    from rlpipe.core.planning import plan_run
+    from rlpipe.app.defaults import DEFAULT_CONFIG
     from rlpipe.core.plugins import load_registry
-    from rlpipe.defaults import DEFAULT_CONFIG
+    from rlpipe.runtime.planning import plan_run
+    from rlpipe.runtime.run_config import load_config
 
     registry = load_registry(warn=lambda message: None)
     config = load_config(registry, defaults=DEFAULT_CONFIG, overrides=run_config_overrides(preset, dtype, 1, extra))
@@ -211,8 +211,8 @@ def _planned(preset: str, dtype: str, extra: Sequence[str]):
 def part_memory(args: argparse.Namespace, emit: Sink, state: dict[str, Any]) -> None:
     """Estimates against what can be measured: resident bytes (everywhere), peaks (GPU/TPU)."""
     from rlpipe.core.memory import MemoryBudget
-    from rlpipe.core.planning import build_stages
     from rlpipe.core.specs import BuildContext
+    from rlpipe.runtime.planning import build_stages
 
     preset, dtype = args.preset, state["dtype"]
     registry, planned = _planned(preset, dtype, args.run_set)
@@ -313,12 +313,12 @@ class CompileCounter:
 def part_transfer(args: argparse.Namespace, emit: Sink, state: dict[str, Any]) -> None:
     import jax
     import jax.numpy as jnp
+    import rollout
     from flax import nnx
 
-    import rollout
-    from rlpipe.core import weights
     from rlpipe.models import PRESETS
     from rlpipe.models.loading import init_sharded
+    from rlpipe.runtime import weights
 
     dev = jax.devices()[0]
     repeats = args.repeats or (10 if dev.platform == "cpu" else 5)
@@ -358,7 +358,7 @@ def part_transfer(args: argparse.Namespace, emit: Sink, state: dict[str, Any]) -
             t = statistics.median(times)
             emit(record(name, nbytes / t / GB, "GB/s", ceiling=ceiling / GB, **common, bytes=nbytes, arrays=leaves,
                         time_s=t, times_s=[round(x, 6) for x in times],
-                        what="trainer parameters + optimizer state, rlpipe.core.weights." + name.split("_")[0]))
+                        what="trainer parameters + optimizer state, rlpipe.runtime.weights." + name.split("_")[0]))
 
     # Weight sync with a cast, on one device: float32 parameters -> bfloat16.
     from rlpipe.core.placement import MeshSpec, RolePlacement, make_mesh
@@ -383,7 +383,7 @@ def part_transfer(args: argparse.Namespace, emit: Sink, state: dict[str, Any]) -
                 arrays=len(jax.tree_util.tree_leaves(params)), time_s=t_sync, first_call_s=first,
                 compiles_per_call=compiles.count / len(times), compile_s_per_call=compiles.seconds / len(times),
                 cached_cast_s=cached, cached_cast_bandwidth_GBps=moved / cached / GB,
-                what="rlpipe.core.weights.sync float32 -> bfloat16, same device and sharding"))
+                what="rlpipe.runtime.weights.sync float32 -> bfloat16, same device and sharding"))
 
 
 def part_rollout(args: argparse.Namespace, emit: Sink, state: dict[str, Any]) -> None:
@@ -413,7 +413,6 @@ def part_agentic(args: argparse.Namespace, emit: Sink, state: dict[str, Any]) ->
 
 def part_pipeline(args: argparse.Namespace, emit: Sink, state: dict[str, Any]) -> None:
     import jax
-
     import pipeline
 
     if len(jax.devices()) < 8:

@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-
 from results import Sink, record, stdout_sink, table
 
 from rlpipe.models import PRESETS

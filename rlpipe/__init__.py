@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
-from rlpipe.core.config import MeshConfig, PlacementConfig, RoleConfig, RunConfig, TrainConfig, check, load_config
+# core: protocols, records, config machinery, the stage graph and its executor.
+from rlpipe.core.config import MeshConfig, PlacementConfig, RoleConfig, check
 from rlpipe.core.errors import (
     ConfigError,
     GraphError,
@@ -18,7 +19,8 @@ from rlpipe.core.errors import (
     RoleNotRunnableError,
     StageError,
 )
-from rlpipe.core.graph import Executor, StageGraph, build_graph
+from rlpipe.core.executor import Executor
+from rlpipe.core.graph import StageGraph, build_graph
 from rlpipe.core.hookspecs import hookimpl
 from rlpipe.core.memory import MemoryEstimate
 from rlpipe.core.placement import (
@@ -33,7 +35,6 @@ from rlpipe.core.placement import (
     finish_plan,
     make_mesh,
 )
-from rlpipe.core.planning import Planned, build_stages, plan_run
 from rlpipe.core.plugins import Registry, load_registry
 from rlpipe.core.specs import (
     AdvantageEstimatorSpec,
@@ -49,8 +50,40 @@ from rlpipe.core.specs import (
     ToolParserSpec,
     ToolSpec,
 )
-from rlpipe.core.stage import Batch, BarrierStage, OffloadableStage, Stage, StageContext, StatefulStage
-from rlpipe.core.telemetry import Trace
+from rlpipe.core.stage import (
+    BarrierStage,
+    Batch,
+    OffloadableStage,
+    Stage,
+    StageContext,
+    StatefulStage,
+    Tracer,
+)
+
+# runtime: a run's config schema and plan, and the trace it writes.
+from rlpipe.runtime.planning import Planned, build_stages, plan_run
+from rlpipe.runtime.run_config import RunConfig, TrainConfig, load_config
+from rlpipe.runtime.trace import Trace
+
+#: Public names whose modules load jax/flax programs, imported on first use
+#: (``rlpipe.SamplingParams``) so that ``import rlpipe`` stays light.
+_LAZY = {
+    "on_devices": "rlpipe.runtime.devices",
+    "SamplingParams": "rlpipe.models.generation",
+    "Generation": "rlpipe.models.generation",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rlpipe' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 try:
     __version__ = _metadata.version("rlpipe")
@@ -59,10 +92,10 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
 
 __all__ = [
     "AdvantageEstimatorSpec", "AlgorithmSpec", "BarrierStage", "Batch", "Boundary", "BuildContext", "ConfigError",
-    "DeviceInfo", "EnvironmentSpec", "Executor", "GraphError", "MemoryEstimate", "MeshConfig", "MeshSpec", "OffloadableStage", "Placement",
+    "DeviceInfo", "EnvironmentSpec", "Executor", "Generation", "GraphError", "MemoryEstimate", "MeshConfig", "MeshSpec", "OffloadableStage", "Placement",
     "PlacementConfig", "PlacementError", "PlacementPlan", "PlanContext", "Planned", "PluginError", "PolicyLossSpec",
     "PolicySpec", "Problem", "Registry", "RewardFunctionSpec", "RlpipeError", "RoleConfig", "RoleNotRunnableError",
-    "RolePlacement", "RoleRequest", "RoleSpec", "RolloutEngineSpec", "RunConfig", "Stage", "StageContext",
-    "StageError", "StageGraph", "StatefulStage", "TaskSpec", "ToolParserSpec", "ToolSpec", "Trace", "TrainConfig", "__version__", "build_graph",
-    "build_stages", "check", "finish_plan", "hookimpl", "load_config", "load_registry", "make_mesh", "plan_run",
+    "RolePlacement", "RoleRequest", "RoleSpec", "RolloutEngineSpec", "RunConfig", "SamplingParams", "Stage", "StageContext",
+    "StageError", "StageGraph", "StatefulStage", "TaskSpec", "ToolParserSpec", "ToolSpec", "Trace", "Tracer", "TrainConfig", "__version__", "build_graph",
+    "build_stages", "check", "finish_plan", "hookimpl", "load_config", "load_registry", "make_mesh", "on_devices", "plan_run",
 ]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlpipe.core.config import build_config, merge
-from rlpipe.core.planning import plan_run
-from rlpipe.defaults import DEFAULT_CONFIG
+from rlpipe.app.defaults import DEFAULT_CONFIG
+from rlpipe.core.config import merge
+from rlpipe.runtime.planning import plan_run
+from rlpipe.runtime.run_config import build_config
 from rlpipe.testing import fake_devices
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -4,6 +4,7 @@ the agentic rollout stage in the stage graph, and evaluation by episodes."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import threading
 import time
@@ -13,19 +14,32 @@ import attrs
 import jax
 import numpy as np
 import pytest
+from helpers import EXAMPLES, config
 
 from rlpipe import EnvironmentSpec, ToolParserSpec, hookimpl
-from rlpipe.agentic import EnvironmentSection, EpisodeRunner, Step, ToolCall, ToolError, episode_metrics, resolve_arguments
-from rlpipe.agentic.episodes import Tracer
 from rlpipe.core.errors import ConfigError
 from rlpipe.core.plugins import load_registry
-from rlpipe.models.sampling import Generation
+from rlpipe.models.generation import Generation
 from rlpipe.models.tokenizer import CharTokenizer
+from rlpipe.plugins.agentic import (
+    EnvironmentSection,
+    EpisodeRunner,
+    Step,
+    ToolCall,
+    ToolError,
+    episode_metrics,
+    resolve_arguments,
+)
+from rlpipe.plugins.agentic.episodes import Tracer
 from rlpipe.plugins.environments import ToolEnvironment, ToolEnvironmentOptions
-from rlpipe.plugins.tools import CALCULATOR, Gsm8kFormat, HermesFormat, TagFormat, calculate
+from rlpipe.plugins.tools import (
+    CALCULATOR,
+    Gsm8kFormat,
+    HermesFormat,
+    TagFormat,
+    calculate,
+)
 from rlpipe.testing import register_plugin
-
-from helpers import EXAMPLES, config
 
 TOK = CharTokenizer()
 
@@ -176,7 +190,7 @@ def runner(registry, policy, *, env=None, max_turns=2, turn_tokens=40, max_token
     cfg = config(registry, AGENTIC)
     spec = env or registry.get("rlpipe_environments", "tool", path="x")
     opts = ToolEnvironmentOptions(**{"parser": "tag", "describe_tools": False, **options}) if env is None else None
-    from rlpipe.models.sampling import SamplingParams
+    from rlpipe.models.generation import SamplingParams
 
     section = EnvironmentSection(name=spec.name, max_turns=max_turns, timeout_s=timeout, workers=workers)
     engine = ScriptedEngine(policy)
@@ -391,7 +405,7 @@ def test_episodes_reusing_the_kv_cache_equal_those_prefilled_every_turn(registry
     from flax import nnx
 
     from rlpipe.models import PRESETS, build
-    from rlpipe.models.sampling import Engine, SamplingParams
+    from rlpipe.models.generation import Engine, SamplingParams
 
     model = build(PRESETS["tiny"], seed=1)
     graphdef, state = nnx.split(model)
@@ -417,7 +431,7 @@ def test_episodes_reusing_the_kv_cache_equal_those_prefilled_every_turn(registry
 
 
 class FakeHost:
-    """rlpipe.distributed.HostLeader's contract between two threads: the
+    """rlpipe.runtime.distributed.HostLeader's contract between two threads: the
     leader runs the work and publishes its text; the follower waits for it."""
 
     def __init__(self, board, is_leader):
@@ -474,7 +488,7 @@ def test_with_a_host_leader_only_the_leader_runs_environments_and_both_get_its_e
 
 
 def test_an_environment_adds_the_agentic_fields_to_the_rollout_role(registry):
-    from rlpipe.core.planning import plan_run
+    from rlpipe.runtime.planning import plan_run
     from rlpipe.testing import fake_devices
 
     planned = plan_run(config(registry, AGENTIC), registry, fake_devices(8))
@@ -496,8 +510,8 @@ def test_an_environment_adds_the_agentic_fields_to_the_rollout_role(registry):
     ({"options": {"rewards": [{"name": "exact"}]}}, "roles.rollout.environment.options.rewards[0].name: unknown reward function 'exact'"),
 ])
 def test_environment_config_errors_name_the_key(registry, change, expected):
-    from rlpipe.core.planning import plan_run
     from rlpipe.core.config import merge
+    from rlpipe.runtime.planning import plan_run
 
     data = merge(AGENTIC, {"roles": {"rollout": {"environment": change}}})
     with pytest.raises(ConfigError) as err:
@@ -507,8 +521,8 @@ def test_environment_config_errors_name_the_key(registry, change, expected):
 
 def build(registry, data, roles=("rollout",)):
     """The plan of ``data`` and the stages of ``roles``, each built on its placement."""
-    from rlpipe.core.planning import plan_run
     from rlpipe.core.specs import BuildContext
+    from rlpipe.runtime.planning import plan_run
 
     planned = plan_run(config(registry, data), registry)
     context = BuildContext(run_config=planned.config, registry=registry, seed=0)
@@ -517,18 +531,18 @@ def build(registry, data, roles=("rollout",)):
 
 
 def first_item(planned, registry):
-    from rlpipe.data import prompt_items
     from rlpipe.models.loading import load_tokenizer
+    from rlpipe.models.prompts import prompt_items
 
     task = registry.get("rlpipe_tasks", planned.config.task.name, path="task.name").factory(planned.config.task.options)
     return next(prompt_items(task, load_tokenizer(planned.config.model), seed=0, prompts_per_item=4, items_per_step=1))[0]
 
 
 def test_the_single_turn_environment_reproduces_the_plain_rollout_and_its_rewards(registry):
-    from rlpipe.core.stage import StageContext
-    from rlpipe.roles.inference import RolloutStage
-    from rlpipe.roles.reward import RewardConfig, RewardStage
     from rlpipe.core.specs import BuildContext
+    from rlpipe.core.stage import StageContext
+    from rlpipe.roles.reward import RewardConfig, RewardStage
+    from rlpipe.roles.rollout_stage import SingleTurn
 
     data = {"roles": {"rollout": {"num_generations": 2, "max_new_tokens": 6, "environment": {"name": "single-turn"}},
                       **ONE_DEVICE["roles"]}}
@@ -538,7 +552,9 @@ def test_the_single_turn_environment_reproduces_the_plain_rollout_and_its_reward
     agentic = stages["reward"].process(rollout.process(item, context=ctx), context=ctx)
     # The plain rollout's own process, on the same model and engine (one compiled program).
     plain_reward = RewardStage(RewardConfig(), None, context=BuildContext(run_config=planned.config, registry=registry))
-    plain = plain_reward.process(RolloutStage.process(rollout, item, context=ctx), context=ctx)
+    plain_rollout = copy.copy(rollout)
+    plain_rollout.generator = SingleTurn(plain_rollout)
+    plain = plain_reward.process(plain_rollout.process(item, context=ctx), context=ctx)
     for field in ("completion_tokens", "completion_mask", "rollout_logprobs", "rewards"):
         np.testing.assert_array_equal(np.asarray(plain[field]), np.asarray(agentic[field]), err_msg=field)
     np.testing.assert_array_equal(agentic["completion_attention_mask"], agentic["completion_mask"])
@@ -552,7 +568,7 @@ def test_trainer_and_reference_score_the_policy_tokens_in_the_context_the_policy
 
     from rlpipe.core.config import merge
     from rlpipe.core.stage import StageContext
-    from rlpipe.roles.training import flat_rows, group_items
+    from rlpipe.roles.optimization import flat_rows, group_items
 
     data = merge(merge(AGENTIC, ONE_DEVICE), {"roles": {"rollout": {"max_new_tokens": 96, "environment": {
         "max_turns": 3, "options": {"parser": "gsm8k", "describe_tools": True}}}}})
@@ -571,9 +587,9 @@ def test_trainer_and_reference_score_the_policy_tokens_in_the_context_the_policy
 
 
 def test_the_reward_role_adds_episode_rewards_and_only_explicit_functions(registry):
+    from rlpipe.core.specs import BuildContext
     from rlpipe.core.stage import Batch, StageContext
     from rlpipe.roles.reward import RewardConfig, RewardStage, RewardTerm
-    from rlpipe.core.specs import BuildContext
 
     cfg = config(registry, AGENTIC)
     tokens = np.array([[TOK.encode("<tool>x</tool>") + [0] * 2]], np.int32)  # [1, 1, 16]
@@ -589,7 +605,7 @@ def test_the_reward_role_adds_episode_rewards_and_only_explicit_functions(regist
     assert counted.process(batch, context=ctx)["rewards"].tolist() == [[2.5]]  # no digits in "<tool>x</tool>"
 
 
-# -- end to end through rlpipe.train ---------------------------------------------------------------------
+# -- end to end through rlpipe.app.driver ---------------------------------------------------------------------
 
 
 class EveryTurnCalls:
@@ -614,10 +630,10 @@ EVERY_TURN = types.SimpleNamespace(rlpipe_tool_parsers=hookimpl(
 
 
 def agentic_run(tmp_path, placement, steps=2):
-    from rlpipe.core.config import load_config, read_yaml_file
-    from rlpipe.defaults import DEFAULT_CONFIG
-    from rlpipe.core.config import merge
-    from rlpipe.train import train
+    from rlpipe.app.defaults import DEFAULT_CONFIG
+    from rlpipe.app.driver import train
+    from rlpipe.core.config import merge, read_yaml_file
+    from rlpipe.runtime.run_config import load_config
 
     with register_plugin(EVERY_TURN, name="every-turn"):
         reg = load_registry(warn=lambda m: None)
@@ -655,7 +671,7 @@ def test_agentic_rollouts_train_end_to_end_with_episodes_turns_and_tools_in_the_
     assert len(episodes) >= 16 and len(episodes) % 8 == 0 and {e["args"]["status"] for e in episodes} == {"truncated"}
     assert all(e["args"]["tool_calls"] == 2 and e["args"]["turns"] == 2 and e["ph"] == "X" for e in episodes)
     # the lanes are detail: the timeline analysis (rlpipe report) counts the rollout role, not its lanes
-    from rlpipe.core import timeline as tl
+    from rlpipe.app import timeline as tl
 
     analysis = tl.analyse(tl.load_trace(run_dir / "trace.json"), [], tl.Window(0.0, 1e9))
     assert "rollout" in {r.role for r in analysis.roles} and not any("/" in r.role for r in analysis.roles)
@@ -671,11 +687,11 @@ def test_agentic_rollouts_train_end_to_end_with_episodes_turns_and_tools_in_the_
 def test_the_seed_placements_plan_and_build_agentic_rollouts(registry, placement):
     """The agentic rollout stage builds on each seed placement's devices and mesh
     (the other roles' stages do not change with an environment)."""
-    from rlpipe.agentic.rollout import AgenticRolloutStage
     from rlpipe.core.config import merge, read_yaml_file
+    from rlpipe.plugins.agentic.rollout import EpisodeGenerator
 
     planned, stages = build(registry, merge(read_yaml_file(EXAMPLES / f"{placement}.yaml"), AGENTIC))
-    assert isinstance(stages["rollout"], AgenticRolloutStage)
+    assert isinstance(stages["rollout"].generator, EpisodeGenerator)
     assert list(planned.plan.role("rollout").devices) == ([4, 5, 6, 7] if placement == "disaggregated" else [0, 1, 2, 3])
     assert sorted(d.id for d in stages["rollout"].holder.mesh.devices.flat) == list(planned.plan.role("rollout").devices)
     blocking = {(b.upstream, b.downstream): b.blocking for b in planned.plan.boundaries}
@@ -683,8 +699,7 @@ def test_the_seed_placements_plan_and_build_agentic_rollouts(registry, placement
 
 
 def test_evaluate_reports_success_and_tool_use_for_an_agentic_config(registry):
-    from rlpipe.evaluate import evaluate
-
+    from rlpipe.app.evaluation import evaluate
     from rlpipe.core.config import merge
 
     result = evaluate(config(registry, merge(AGENTIC, ONE_DEVICE)), registry, num_examples=4, k=2, batch_size=8, details=True)

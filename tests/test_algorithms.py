@@ -22,11 +22,23 @@ from rlpipe import AdvantageEstimatorSpec, ConfigError, PolicyLossSpec, hookimpl
 from rlpipe.core.config import structure
 from rlpipe.core.plugins import load_registry
 from rlpipe.plugins import algorithms as algorithms_plugin
-from rlpipe.plugins.algorithms import Algorithm, AlgorithmConfig, OverlongConfig, make_factory, preset
+from rlpipe.plugins.algorithms import (
+    Algorithm,
+    AlgorithmConfig,
+    OverlongConfig,
+    dapo,
+    make_factory,
+    preset,
+)
 from rlpipe.plugins.algorithms import advantages as adv
-from rlpipe.plugins.algorithms import dapo
 from rlpipe.plugins.algorithms import losses as L
-from rlpipe.plugins.algorithms.presets import PRESETS, DAPOConfig, GRPOConfig, GSPOConfig, PPOConfig
+from rlpipe.plugins.algorithms.presets import (
+    PRESETS,
+    DAPOConfig,
+    GRPOConfig,
+    GSPOConfig,
+    PPOConfig,
+)
 from rlpipe.testing import register_plugin
 
 SHAPES = [(1, 1, 1), (3, 5, 7), (4, 8, 16)]

@@ -19,7 +19,7 @@ import rollout  # noqa: E402
 import run_all  # noqa: E402
 import train_step  # noqa: E402
 
-from rlpipe.core import timeline as tl  # noqa: E402
+from rlpipe.app import timeline as tl  # noqa: E402
 
 
 def assert_schema(records):

@@ -6,10 +6,9 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from helpers import EXAMPLES, ROOT
 
 from rlpipe.cli.main import cli
-
-from helpers import EXAMPLES, ROOT
 
 PLAN_KEYS = {"devices", "policy", "mode", "roles", "boundaries"}
 ROLE_KEYS = {"name", "devices", "mesh", "colocated_with", "offload", "memory_estimate_bytes"}
@@ -120,13 +119,19 @@ def test_selecting_a_plan_only_role_for_a_run_says_so():
     import types
 
     import attrs
-
-    from rlpipe import BuildContext, RoleConfig, RoleNotRunnableError, RoleSpec, build_stages, hookimpl
-    from rlpipe.core.planning import plan_run
-    from rlpipe.core.plugins import load_registry
-    from rlpipe.testing import register_plugin
-
     from helpers import config
+
+    from rlpipe import (
+        BuildContext,
+        RoleConfig,
+        RoleNotRunnableError,
+        RoleSpec,
+        build_stages,
+        hookimpl,
+    )
+    from rlpipe.core.plugins import load_registry
+    from rlpipe.runtime.planning import plan_run
+    from rlpipe.testing import register_plugin
 
     @attrs.frozen(kw_only=True)
     class VerifierConfig(RoleConfig):

@@ -13,25 +13,26 @@ import sys
 import pytest
 import yaml
 from click.testing import CliRunner
+from helpers import EXAMPLES, ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rlpipe.app.defaults import DEFAULT_CONFIG
 from rlpipe.cli.main import cli
 from rlpipe.core.config import (
     MeshConfig,
-    RunConfig,
-    build_config,
-    load_config,
     merge,
     parse_override,
     read_yaml_file,
     resolve_sources,
 )
 from rlpipe.core.errors import ConfigError
-from rlpipe.defaults import DEFAULT_CONFIG
-
-from helpers import EXAMPLES, ROOT
-
+from rlpipe.runtime.run_config import (
+    SELECTING_KEYS,
+    RunConfig,
+    build_config,
+    load_config,
+)
 
 # -- helpers ----------------------------------------------------------------------------
 
@@ -92,7 +93,7 @@ def test_embedded_defaults_are_used_without_files_or_overrides(registry):
 
 def test_resolve_sources_does_not_mutate_the_defaults():
     before = json.dumps(DEFAULT_CONFIG, sort_keys=True)
-    resolve_sources(DEFAULT_CONFIG, overrides=["roles.reference=null", "train.steps=3", "roles.rollout.mesh.shape=[1,4]"])
+    resolve_sources(DEFAULT_CONFIG, overrides=["roles.reference=null", "train.steps=3", "roles.rollout.mesh.shape=[1,4]"], selecting=SELECTING_KEYS)
     assert json.dumps(DEFAULT_CONFIG, sort_keys=True) == before
 
 

@@ -3,12 +3,11 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import config
 
 from rlpipe import Batch, BuildContext, StageContext
 from rlpipe.core.placement import MeshSpec, RolePlacement
-from rlpipe.roles.training import clipped_value_loss
-
-from helpers import config
+from rlpipe.roles.critic_stage import clipped_value_loss
 
 P, G, N = 2, 2, 5
 

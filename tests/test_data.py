@@ -1,5 +1,5 @@
 """Datasets and prompts: the ``jsonl`` task (parsing, errors with file:line, the
-held-out split, shuffling) and :func:`rlpipe.data.prompt_items` (resume by
+held-out split, shuffling) and :func:`rlpipe.models.prompts.prompt_items` (resume by
 ``start_step``, prompt-length limits and their counters)."""
 
 from __future__ import annotations
@@ -10,15 +10,19 @@ import json
 import attrs
 import numpy as np
 import pytest
+from helpers import EXAMPLES
 
-from rlpipe.core.config import load_config
+from rlpipe.app.defaults import DEFAULT_CONFIG
 from rlpipe.core.errors import ConfigError, DatasetError, UsageError
-from rlpipe.data import PromptCounters, encode_prompt, fit_prompt, prompt_items
-from rlpipe.defaults import DEFAULT_CONFIG
+from rlpipe.models.prompts import (
+    PromptCounters,
+    encode_prompt,
+    fit_prompt,
+    prompt_items,
+)
 from rlpipe.models.tokenizer import CharTokenizer
 from rlpipe.plugins.tasks import DigitTask, DigitTaskConfig, JsonlTaskConfig, held_out
-
-from helpers import EXAMPLES
+from rlpipe.runtime.run_config import load_config
 
 
 def write_jsonl(path, rows) -> str:

@@ -1,4 +1,4 @@
-"""rlpipe.evaluate: greedy accuracy, sampled pass@k and mean reward on a task's
+"""rlpipe.app.evaluation: greedy accuracy, sampled pass@k and mean reward on a task's
 held-out split, with the tiny model (real generation) and with an oracle
 rollout engine (known answers, so the aggregation is checked exactly)."""
 
@@ -13,18 +13,17 @@ from math import comb
 import jax
 import numpy as np
 import pytest
+from helpers import config
 from jax.sharding import AxisType, Mesh
 
+from rlpipe.app.evaluation import evaluate, pass_at_k
 from rlpipe.core.hookspecs import hookimpl
 from rlpipe.core.plugins import load_registry
 from rlpipe.core.specs import RolloutEngineSpec
-from rlpipe.evaluate import evaluate, pass_at_k
-from rlpipe.models.sampling import Generation
+from rlpipe.models.generation import Generation
 from rlpipe.models.tokenizer import CharTokenizer
 from rlpipe.plugins.tasks import DigitTask, DigitTaskConfig
 from rlpipe.testing import register_plugin
-
-from helpers import config
 
 # Three-digit reversal: 1000 prompts, about 100 held out; completions of 4 tokens.
 SMALL = {"task": {"name": "reverse", "options": {"min_digits": 3, "max_digits": 3}},

@@ -6,14 +6,13 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import ROOT, config
 
 from rlpipe import Batch, Executor
 from rlpipe.cli.main import cli
 from rlpipe.core.plugins import load_registry
-from rlpipe.core.planning import build_stages, plan_run
+from rlpipe.runtime.planning import build_stages, plan_run
 from rlpipe.testing import RecordingStage, fake_devices, fake_distribution
-
-from helpers import ROOT, config
 
 
 @pytest.fixture

@@ -12,13 +12,12 @@ import types
 import numpy as np
 import pytest
 import yaml
-
-from rlpipe import Batch, Executor, StageError, build_graph, hookimpl
-from rlpipe.core.planning import plan_run
-from rlpipe.testing import RecordingStage, fake_devices, register_plugin
-from rlpipe.core.plugins import load_registry
-
 from helpers import EXAMPLES, config
+
+from rlpipe import Batch, Executor, StageError, Trace, build_graph, hookimpl
+from rlpipe.core.plugins import load_registry
+from rlpipe.runtime.planning import plan_run
+from rlpipe.testing import RecordingStage, fake_devices, register_plugin
 
 ITEMS = 4
 WAIT_S = 10.0
@@ -311,7 +310,7 @@ def test_lifecycle_hooks_see_every_item_and_barrier(registry):
 def test_trace_has_a_track_per_role_with_step_and_version(registry):
     log = []
     planned, stages = builtin_pipeline(registry, seed("colocated_offload"), log)
-    ex = Executor(planned.graph, stages, planned.plan)
+    ex = Executor(planned.graph, stages, planned.plan, trace=Trace())
     ex.run(source(2), steps=2)
     chrome = ex.trace.to_chrome()
     names = {e["args"]["name"] for e in chrome["traceEvents"] if e["ph"] == "M"}

@@ -1,12 +1,11 @@
 """Deriving the stage graph from what roles consume and produce."""
 
 import pytest
+from helpers import config
 
 from rlpipe import GraphError, RoleConfig, RoleSpec, build_graph
 from rlpipe.core.graph import SOURCE_FIELDS
-from rlpipe.core.planning import apply_algorithm, role_specs
-
-from helpers import config
+from rlpipe.runtime.planning import apply_algorithm, role_specs
 
 
 def role(name, consumes=(), produces=(), optional=(), sink=False):

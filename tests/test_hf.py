@@ -22,7 +22,12 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 from rlpipe.core.placement import MeshSpec, RolePlacement, make_mesh  # noqa: E402
 from rlpipe.models.config import DecoderConfig, RopeScaling  # noqa: E402
 from rlpipe.models.decoder import Decoder  # noqa: E402
-from rlpipe.models.hf import CheckpointError, config_from_hf, from_pretrained, save_pretrained  # noqa: E402
+from rlpipe.models.hf import (  # noqa: E402
+    CheckpointError,
+    config_from_hf,
+    from_pretrained,
+    save_pretrained,
+)
 
 SHAPE = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, rms_norm_eps=1e-5, attn_implementation="eager")

@@ -8,6 +8,7 @@ import types
 import attrs
 import numpy as np
 import pytest
+from helpers import ROOT, config, plan
 
 from rlpipe import (
     AdvantageEstimatorSpec,
@@ -28,13 +29,12 @@ from rlpipe import (
     hookimpl,
 )
 from rlpipe.core import hookspecs
-from rlpipe.core.config import PlacementConfig, TrainConfig, _plain
+from rlpipe.core.config import PlacementConfig
 from rlpipe.core.plugins import load_registry
 from rlpipe.plugins.placement.colocate_all import ColocateAllPolicy
 from rlpipe.plugins.placement.disaggregated import DeviceGroup, DisaggregatedOptions
-from rlpipe.testing import RecordingStage, fake_devices, register_plugin
-
-from helpers import ROOT, config, plan
+from rlpipe.runtime.run_config import TrainConfig
+from rlpipe.testing import RecordingStage, register_plugin
 
 ALL_HOOKS = [*hookspecs.REGISTRATION_HOOKS, *hookspecs.LIFECYCLE_HOOKS]
 
@@ -59,9 +59,8 @@ def test_every_hookspec_is_documented_with_its_signature():
 def config_keys():
     """(dotted key, default) for every config key rlpipe itself defines."""
     from rlpipe.core.config import RoleConfig as Base
-
-    from rlpipe.core.config import AlgorithmSection, ModelConfig, TaskSection
     from rlpipe.plugins.tasks import DigitTaskConfig, JsonlTaskConfig
+    from rlpipe.runtime.run_config import AlgorithmSection, ModelConfig, TaskSection
 
     out = [(f"train.{f.name}", f.default) for f in attrs.fields(TrainConfig)]
     out += [(f"model.{f.name}", f.default) for f in attrs.fields(ModelConfig)]
@@ -78,7 +77,7 @@ def config_keys():
     for name, spec in reg.roles.items():
         base = {f.name for f in attrs.fields(Base)}
         out += [(f"roles.{name}.{f.name}", f.default) for f in attrs.fields(spec.config_type) if f.name not in base]
-    from rlpipe.agentic import EnvironmentSection
+    from rlpipe.plugins.agentic import EnvironmentSection
     from rlpipe.plugins.environments import SingleTurnOptions, ToolEnvironmentOptions
     from rlpipe.plugins.tasks import CalculatorTaskConfig
 
@@ -200,7 +199,10 @@ class _Echo:
 
 
 def test_hook_rlpipe_environments():
-    from rlpipe.agentic.environment import EnvironmentSection, environment_options
+    from rlpipe.plugins.agentic.environment import (
+        EnvironmentSection,
+        environment_options,
+    )
 
     spec = EnvironmentSpec(name="echo", description="d", factory=lambda options, *, context: _Echo())
     reg = registry_with("env", rlpipe_environments=lambda: [spec])
@@ -238,7 +240,7 @@ def test_hook_rlpipe_tools():
 def test_hook_rlpipe_tool_parsers():
     import re
 
-    from rlpipe.agentic import ToolCall
+    from rlpipe.plugins.agentic import ToolCall
 
     class Bracket:
         def describe(self, tools):

@@ -7,17 +7,15 @@ import numpy as np
 import pytest
 import yaml
 from flax import nnx
-
-from rlpipe import Batch, BuildContext, Executor, StageContext
-from rlpipe.core import weights
-from rlpipe.core.planning import plan_run
-from rlpipe.models.loading import init_sharded
-from rlpipe.models.sharding import shardings_for
-from rlpipe.models.tokenizer import load_tokenizer
-from rlpipe.core.placement import make_mesh
-from rlpipe.testing import RecordingStage, fake_devices
-
 from helpers import EXAMPLES, config
+
+from rlpipe import Batch, BuildContext, Executor, StageContext, Trace
+from rlpipe.core.placement import make_mesh
+from rlpipe.models.loading import init_sharded
+from rlpipe.models.tokenizer import load_tokenizer
+from rlpipe.runtime import weights
+from rlpipe.runtime.planning import plan_run
+from rlpipe.testing import RecordingStage, fake_devices
 
 G, N = 2, 8
 
@@ -139,7 +137,7 @@ def test_rollout_and_reference_run_time_shared_in_the_executor(registry_module):
     stages = {"rollout": rollout, "reference": reference,
               "reward": RecordingStage("reward", {"rewards": lambda b, c: np.zeros(b["completion_tokens"].shape[:2], np.float32)}),
               "trainer": Trainer("trainer")}
-    ex = Executor(planned.graph, stages, planned.plan)
+    ex = Executor(planned.graph, stages, planned.plan, trace=Trace())
     ex.run([[prompts(), prompts()]] * 2, steps=2)
     assert seen == [(0, 0, (3, G, N))] * 4
     names = {(ex.trace.track_of(e), e["name"]) for e in ex.trace.events()}

@@ -8,15 +8,22 @@ import jax
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-from rlpipe import MemoryEstimate, MeshSpec, PlacementError, PluginError, RoleConfig, RoleSpec
-from rlpipe.cli.main import cli
-from rlpipe.core import memory
-from rlpipe.core.planning import memory_budget, plan_run, role_specs
-from rlpipe.models.config import PRESETS
-from rlpipe.testing import fake_devices, register_plugin
-
 from helpers import config
+
+from rlpipe import (
+    MemoryEstimate,
+    MeshSpec,
+    PlacementError,
+    PluginError,
+    RoleConfig,
+    RoleSpec,
+)
+from rlpipe.cli.main import cli
+from rlpipe.core.memory import device_capacity, format_bytes
+from rlpipe.models import memory
+from rlpipe.models.config import PRESETS
+from rlpipe.runtime.planning import memory_budget, plan_run, role_specs
+from rlpipe.testing import fake_devices, register_plugin
 
 GIB = 1 << 30
 
@@ -149,7 +156,7 @@ def test_parameter_bytes_match_the_shards_jax_lays_out(shape):
 
 
 def test_a_task_prompt_limit_replaces_the_assumed_prompt_length(registry):
-    from rlpipe.core.config import TaskSection
+    from rlpipe.runtime.run_config import TaskSection
 
     if "max_prompt_tokens" not in attrs.fields_dict(TaskSection):
         pytest.skip("task.max_prompt_tokens is not in this tree")
@@ -159,7 +166,7 @@ def test_a_task_prompt_limit_replaces_the_assumed_prompt_length(registry):
 
 
 def test_prompt_bucket_is_the_engines_bucket():
-    from rlpipe.models.sampling import bucket_length
+    from rlpipe.models.generation import bucket_length
 
     assert [memory.prompt_bucket(n) for n in range(1, 600)] == [bucket_length(n) for n in range(1, 600)]
 
@@ -177,10 +184,10 @@ def test_a_checkpoint_path_is_estimated_from_its_config_json(registry, tmp_path)
 
 
 def test_capacity_comes_from_the_devices_or_the_config():
-    assert memory.device_capacity(fake_devices(2, platform="gpu", memory_bytes=80 * GIB)).bytes == 80 * GIB
-    configured = memory.device_capacity(fake_devices(2, platform="gpu", memory_bytes=80 * GIB), 16)
+    assert device_capacity(fake_devices(2, platform="gpu", memory_bytes=80 * GIB)).bytes == 80 * GIB
+    configured = device_capacity(fake_devices(2, platform="gpu", memory_bytes=80 * GIB), 16)
     assert configured.bytes == 16 * GIB and "placement.device_memory_gib" in configured.describe()
-    cpu = memory.device_capacity(fake_devices(2))
+    cpu = device_capacity(fake_devices(2))
     assert cpu.bytes is None and "unknown" in cpu.describe() and "cpu" in cpu.describe()
 
 
@@ -204,8 +211,8 @@ def test_a_role_larger_than_a_device_is_a_placement_error_with_any_policy(regist
         assert "roles.trainer" in problems
         msg = problems["roles.trainer"]
         assert "\n" not in msg
-        assert f"needs an estimated {memory.format_bytes(need)} per device" in msg
-        assert f"a device holds {memory.format_bytes(need - 1)}" in msg
+        assert f"needs an estimated {format_bytes(need)} per device" in msg
+        assert f"a device holds {format_bytes(need - 1)}" in msg
         assert "micro_batch_size" in msg and "bfloat16" in msg
 
 
@@ -303,7 +310,7 @@ def test_auto_error_when_nothing_fits_names_role_need_and_capacity(registry):
     [problem] = [p for p in exc.value.problems if p.path == "roles.rollout"]
     line = str(problem)
     assert "\n" not in line
-    assert line.startswith(f"roles.rollout: needs an estimated {memory.format_bytes(need)} per device")
+    assert line.startswith(f"roles.rollout: needs an estimated {format_bytes(need)} per device")
     assert "placement.policy=auto finds no arrangement that fits" in line
     assert "roles.rollout.num_generations" in line and "more devices" not in line  # the cache is replicated
 

@@ -215,10 +215,12 @@ def test_disaggregated_run_syncs_weights_across_processes(disaggregated):
 
 
 def pending(run_dir: Path, step: int) -> dict[str, np.ndarray]:
+    import jax
     import orbax.checkpoint as ocp
 
     restored = ocp.StandardCheckpointer().restore(run_dir / "checkpoints" / str(step) / "pending")
-    return {k: np.asarray(v) for k, v in restored.items()}
+    # A nested tree (checkpoint format 2): compared leaf by leaf, keyed by path.
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(restored)}
 
 
 def test_resume_on_two_processes_and_on_one_match(disaggregated, tmp_path, cache_dir):
@@ -250,14 +252,14 @@ def test_resume_on_two_processes_and_on_one_match(disaggregated, tmp_path, cache
 WORKER = textwrap.dedent('''
     import sys, threading, random, time
     import numpy as np
-    from rlpipe import distributed
+    from rlpipe.runtime import distributed
     me = int(sys.argv[1])
     session = distributed.initialize(distributed.DistributedOptions(
         coordinator=sys.argv[2], num_processes=2, process_id=me, heartbeat_timeout_s=20, init_timeout_s=60))
     import jax, jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, AxisType
-    from rlpipe.core.devices import on_devices
-    from rlpipe.core import weights
+    from rlpipe.runtime.devices import on_devices
+    from rlpipe.runtime import weights
     devs = jax.devices()
     axes = dict(axis_types=(AxisType.Auto, AxisType.Auto))
     mine = Mesh(np.array(devs[:2]).reshape(2, 1), ("fsdp", "tp"), **axes)     # process 0's devices

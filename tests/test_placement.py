@@ -4,13 +4,19 @@ disaggregated, and every error the design names."""
 import jax
 import pytest
 import yaml
-
-from rlpipe import MeshSpec, PlacementError, PlanContext, RolePlacement, finish_plan, make_mesh
-from rlpipe.core.planning import plan_run
-from rlpipe.plugins.placement.disaggregated import split_counts
-from rlpipe.testing import fake_devices
-
 from helpers import EXAMPLES, config, mesh, plan
+
+from rlpipe import (
+    MeshSpec,
+    PlacementError,
+    PlanContext,
+    RolePlacement,
+    finish_plan,
+    make_mesh,
+)
+from rlpipe.plugins.placement.disaggregated import split_counts
+from rlpipe.runtime.planning import plan_run
+from rlpipe.testing import fake_devices
 
 
 def seed(name):

@@ -21,11 +21,21 @@ import pytest
 from click.testing import CliRunner
 
 import rlpipe
-from rlpipe import Batch, ConfigError, Executor, PluginError, PolicySpec, RoleConfig, RoleSpec, build_graph, hookimpl
+from rlpipe import (
+    Batch,
+    ConfigError,
+    Executor,
+    PluginError,
+    PolicySpec,
+    RoleConfig,
+    RoleSpec,
+    build_graph,
+    hookimpl,
+)
+from rlpipe.app.defaults import DEFAULT_CONFIG
 from rlpipe.cli.main import cli
-from rlpipe.core.config import load_config
 from rlpipe.core.plugins import load_registry
-from rlpipe.defaults import DEFAULT_CONFIG
+from rlpipe.runtime.run_config import load_config
 from rlpipe.testing import RecordingStage, fake_distribution, register_plugin
 
 #: What the design names; rlpipe may ship more.

@@ -6,11 +6,17 @@ import re
 import pytest
 from click.testing import CliRunner
 
+from rlpipe.app import timeline as tl
+from rlpipe.app.report import (
+    episode_lanes,
+    loss_keys,
+    read_metrics,
+    smooth,
+    write_report,
+)
 from rlpipe.cli.main import cli
 from rlpipe.core.errors import RunDirError
-from rlpipe.core import timeline as tl
-from rlpipe.core.telemetry import Trace, detail_track
-from rlpipe.report import episode_lanes, loss_keys, read_metrics, smooth, write_report
+from rlpipe.runtime.trace import Trace, detail_track
 
 S = 1e6
 PNG = b"\x89PNG\r\n\x1a\n"

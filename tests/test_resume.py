@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from rlpipe.app.defaults import DEFAULT_CONFIG
+from rlpipe.app.driver import train
 from rlpipe.cli.main import cli
-from rlpipe.core.config import load_config
-from rlpipe.defaults import DEFAULT_CONFIG
-from rlpipe.train import train
+from rlpipe.runtime.run_config import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -49,10 +49,12 @@ def comparable(run_dir: Path) -> list[dict]:
 
 
 def trainer_arrays(run_dir: Path, step: int) -> dict[str, np.ndarray]:
+    import jax
     import orbax.checkpoint as ocp
 
     restored = ocp.StandardCheckpointer().restore(run_dir / "checkpoints" / str(step) / "stage.trainer")
-    return {k: np.asarray(v) for k, v in restored.items()}
+    # A nested tree (checkpoint format 2): compared leaf by leaf, keyed by path.
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(restored)}
 
 
 def assert_same_params(a: Path, b: Path, step: int) -> None:
@@ -217,7 +219,7 @@ def test_corrupt_checkpoint_metadata_names_the_file(uninterrupted, tmp_path):
 
 
 def test_a_checkpoint_with_a_different_model_shape_names_the_array(uninterrupted, tmp_path, registry):
-    from rlpipe.core.checkpoint import CheckpointError, RunCheckpointer
+    from rlpipe.runtime.checkpoint import CheckpointError, RunCheckpointer
 
     ck = RunCheckpointer(uninterrupted["on-policy"] / "checkpoints")
     good = {"params": {"w": np.zeros((3, 4), np.float32)}}

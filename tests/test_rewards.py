@@ -9,8 +9,14 @@ from rlpipe import Batch, BuildContext, StageContext, hookimpl
 from rlpipe.core.plugins import load_registry
 from rlpipe.core.specs import RewardFunctionSpec
 from rlpipe.models.tokenizer import load_tokenizer
-from rlpipe.plugins.rewards import exact_match, final_number, math_answer, partial_match
-from rlpipe.roles.reward import RewardConfig, RewardFunctionError, RewardStage, RewardTerm
+from rlpipe.plugins.rewards import (
+    RewardTerm,
+    exact_match,
+    final_number,
+    math_answer,
+    partial_match,
+)
+from rlpipe.roles.reward import RewardConfig, RewardFunctionError, RewardStage
 from rlpipe.testing import register_plugin
 
 

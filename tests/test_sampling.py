@@ -9,8 +9,15 @@ from flax import nnx
 from rlpipe.core.placement import MeshSpec, RolePlacement, make_mesh
 from rlpipe.models import PRESETS, build, init_cache
 from rlpipe.models.decoder import sequence_logprobs
+from rlpipe.models.generation import (
+    Engine,
+    SamplingParams,
+    _truncate,
+    bucket_length,
+    left_pad,
+    sample,
+)
 from rlpipe.models.loading import init_sharded
-from rlpipe.models.sampling import Engine, SamplingParams, _truncate, bucket_length, left_pad, sample
 
 PROMPTS = np.array([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12], [13, 0, 0, 0, 0]])
 MASK = (PROMPTS != 0).astype(np.int32)

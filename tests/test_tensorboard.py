@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from rlpipe.core.errors import ConfigError
-from rlpipe.tensorboard import TensorBoardSink
+from rlpipe.runtime.tensorboard import TensorBoardSink
 
 
 def read_scalars(log_dir):

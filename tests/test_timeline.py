@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rlpipe.core import timeline as tl
+from rlpipe.app import timeline as tl
 from rlpipe.core.errors import TraceError, UsageError
-from rlpipe.core.telemetry import Trace
+from rlpipe.runtime.trace import Trace
 
 S = 1e6  # microseconds per second
 
@@ -225,7 +225,7 @@ def test_a_resumed_trace_is_windowed_on_the_resumed_part_only():
 
 
 def test_a_roles_device_wait_inside_its_process_span_is_not_busy_but_another_roles_work_is():
-    from rlpipe.core.timeline import Span, Window, busy_intervals
+    from rlpipe.app.timeline import Span, Window, busy_intervals
 
     spans = [Span(role="rollout", name="process", start=0.0, end=10.0),
              Span(role="rollout", name="device_wait", start=2.0, end=6.0),

@@ -9,7 +9,13 @@ import sys
 import pytest
 
 from rlpipe.models.config import PRESETS
-from rlpipe.models.tokenizer import CharTokenizer, HFTokenizer, Tokenizer, TokenizerError, load_tokenizer
+from rlpipe.models.tokenizer import (
+    CharTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    TokenizerError,
+    load_tokenizer,
+)
 
 TEXT = "What is 12+7*(3-1)/2? Answer: [19], 'ok' = \"yes\"!\nnext line ~ 100%"
 

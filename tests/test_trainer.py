@@ -4,15 +4,14 @@ the policy the right way, weights are published, state offloads."""
 import jax
 import numpy as np
 import pytest
+from flax import nnx
+from helpers import config
 
 from rlpipe import Batch, BuildContext, StageContext
-from rlpipe.core import weights
 from rlpipe.core.placement import MeshSpec, RolePlacement
 from rlpipe.models.decoder import sequence_logprobs
-from rlpipe.models.sampling import left_pad
-from flax import nnx
-
-from helpers import config
+from rlpipe.models.generation import left_pad
+from rlpipe.runtime import weights
 
 P, G, N = 4, 2, 6
 
@@ -142,10 +141,10 @@ def test_entropy_metric_is_the_sampled_distributions_mean_token_entropy(registry
 
 
 def test_non_finite_updates_are_skipped_counted_and_abort_the_run_past_the_limit(registry):
-    from rlpipe.roles.training import NonFiniteLossError
-
     import attrs
     import jax.numpy as jnp
+
+    from rlpipe.roles.optimization import NonFiniteLossError
 
     t = trainer(registry, [0], (1, 1), max_skipped_updates=1)
     loss = t.algorithm.loss

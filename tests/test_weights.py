@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlpipe.core import weights
 from rlpipe.core.placement import MeshSpec, RolePlacement, make_mesh
 from rlpipe.models import PRESETS
 from rlpipe.models.loading import init_sharded
 from rlpipe.models.sharding import shardings_for
+from rlpipe.runtime import weights
 
 
 def mesh(devices, shape):
@@ -79,7 +79,7 @@ def test_offload_then_onload_restores_parameters_and_frees_device_buffers():
 def test_a_repeated_cast_sync_compiles_once():
     import jax.numpy as jnp
 
-    from rlpipe.core import weights
+    from rlpipe.runtime import weights
 
     tree = {"w": jnp.ones((8, 8), jnp.float32), "b": jnp.zeros((8,), jnp.float32)}
     shardings = jax.tree_util.tree_map(lambda x: x.sharding, tree)

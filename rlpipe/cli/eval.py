@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from rlpipe.cli.context import registry_of
+
 
 def load_policy(run_dir: Path, config: Any, step: int | None) -> tuple[Any, int]:
     """The trainer's parameters from checkpoint ``step`` (the latest when
@@ -18,8 +20,8 @@ def load_policy(run_dir: Path, config: Any, step: int | None) -> tuple[Any, int]
     """
     from flax import nnx
 
-    from rlpipe.core.checkpoint import CheckpointError, RunCheckpointer
     from rlpipe.models.loading import load_model
+    from rlpipe.runtime.checkpoint import CheckpointError, RunCheckpointer
 
     directory = run_dir / "checkpoints"
     if not directory.is_dir():
@@ -34,7 +36,7 @@ def load_policy(run_dir: Path, config: Any, step: int | None) -> tuple[Any, int]
         raise CheckpointError(f"{directory}: no checkpoint of step {step} (there are: {', '.join(map(str, steps))})")
     # Shapes only: nothing is initialised, the restored arrays are the only copy.
     template = nnx.state(nnx.eval_shape(lambda: load_model(config.model, seed=config.train.seed)))
-    return checkpointer.restore_subtree(step, "trainer", "['params']", template), step
+    return checkpointer.restore_subtree(step, "trainer", ("params",), template), step
 
 
 @click.command("eval")
@@ -53,10 +55,9 @@ def eval_cmd(ctx: click.Context, run_dir: str, step: int | None, initial: bool, 
     split: greedy accuracy, sampled pass@k and mean reward."""
     import yaml
 
-    from rlpipe.cli.main import _registry
-    from rlpipe.core.config import load_config
+    from rlpipe.app.evaluation import evaluate
     from rlpipe.core.errors import RunDirError
-    from rlpipe.evaluate import evaluate
+    from rlpipe.runtime.run_config import load_config
 
     path = Path(run_dir)
     saved = path / "config.yaml"
@@ -66,7 +67,7 @@ def eval_cmd(ctx: click.Context, run_dir: str, step: int | None, initial: bool, 
         data = yaml.safe_load(saved.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise RunDirError(f"{saved}: cannot read the run's config: {str(exc).splitlines()[0]}") from exc
-    reg = _registry(ctx)
+    reg = registry_of(ctx)
     config = load_config(reg, defaults=data if isinstance(data, dict) else {})
     state, used = (None, None) if initial else load_policy(path, config, step)
     result = evaluate(config, reg, model_state=state, split=split, num_examples=num_examples, k=k,

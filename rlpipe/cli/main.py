@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 import click
 
+from rlpipe.cli.context import load_run_config, registry_of
 from rlpipe.core.errors import RlpipeError, RunError, UsageError
 
 
@@ -29,23 +30,6 @@ class _Group(click.Group):
             for line in exc.lines():
                 click.echo(f"error: {line}", err=True)
             ctx.exit(exc.exit_code)
-
-
-def _registry(ctx: click.Context):
-    obj = ctx.find_root().ensure_object(dict)
-    if "registry" not in obj:
-        from rlpipe.core.plugins import load_registry
-
-        obj["registry"] = load_registry(no_plugins=obj.get("no_plugins", False),
-                                        warn=lambda m: click.echo(f"rlpipe: warning: {m}", err=True))
-    return obj["registry"]
-
-
-def _load_config(ctx: click.Context, files: Sequence[str], overrides: Sequence[str]):
-    from rlpipe.core.config import load_config
-    from rlpipe.defaults import DEFAULT_CONFIG
-
-    return load_config(_registry(ctx), defaults=DEFAULT_CONFIG, files=files, overrides=overrides)
 
 
 def config_options(fn: Callable) -> Callable:
@@ -104,7 +88,7 @@ def roles() -> None:
 @click.pass_context
 def roles_list(ctx: click.Context, as_json: bool) -> None:
     """List roles with their provider, status and the fields they consume and produce."""
-    reg = _registry(ctx)
+    reg = registry_of(ctx)
     entries = []
     for name, item in sorted(reg.provided("rlpipe_roles").items()):
         spec = item.spec
@@ -145,9 +129,9 @@ def _options_doc(config_type: type | None) -> list[dict[str, Any]]:
     out = []
     for f in attrs.fields(config_type):
         default = f.default.factory() if isinstance(f.default, attrs.Factory) else f.default
-        from rlpipe.core.config import _plain
+        from rlpipe.core.config import plain_data
 
-        out.append({"name": f.name, "default": _plain(default)})
+        out.append({"name": f.name, "default": plain_data(default)})
     return out
 
 
@@ -161,7 +145,7 @@ def placements() -> None:
 @click.pass_context
 def placements_list(ctx: click.Context, as_json: bool) -> None:
     """List colocation policies with their provider and options."""
-    reg = _registry(ctx)
+    reg = registry_of(ctx)
     entries = []
     for name, item in sorted(reg.provided("rlpipe_placement_policies").items()):
         entries.append({"name": name, "description": item.spec.description,
@@ -195,7 +179,7 @@ def plugins() -> None:
 def plugins_list(ctx: click.Context, as_json: bool) -> None:
     """List plugins (entry points in the 'rlpipe' group): status active, disabled,
     failed or conflict, with the error and what each provides."""
-    reg = _registry(ctx)
+    reg = registry_of(ctx)
     entries = [p.to_json() for p in reg.plugins]
     if as_json:
         _echo_json(entries)
@@ -224,11 +208,10 @@ def config() -> None:
 @click.pass_context
 def config_show(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str, ...], as_json: bool) -> None:
     """Print the resolved config (defaults, then files, then --set) as YAML."""
+    from rlpipe.app.defaults import DEFAULT_CONFIG
     from rlpipe.core.config import dump_yaml
 
-    from rlpipe.defaults import DEFAULT_CONFIG
-
-    cfg = _load_config(ctx, files, overrides)
+    cfg = load_run_config(ctx, files, overrides)
     data = cfg.to_dict()
     # Files merge over the defaults, so a default role this config removed must
     # be shown as removed (null) for the output to load back to the same config.
@@ -251,12 +234,10 @@ def config_validate(ctx: click.Context, files: tuple[str, ...], overrides: tuple
     """
     from rlpipe.core.graph import build_graph
     from rlpipe.core.placement import check_requests
-    from rlpipe.core.planning import role_requests, role_specs
+    from rlpipe.runtime.planning import apply_algorithm, role_requests, role_specs
 
-    from rlpipe.core.planning import apply_algorithm
-
-    reg = _registry(ctx)
-    cfg, notes = apply_algorithm(_load_config(ctx, files, overrides), reg)
+    reg = registry_of(ctx)
+    cfg, notes = apply_algorithm(load_run_config(ctx, files, overrides), reg)
     graph = build_graph(role_specs(cfg, reg))
     check_requests(role_requests(cfg))
     click.echo(f"config is valid: roles {', '.join(graph.order)}; placement policy {cfg.placement.policy}")
@@ -305,7 +286,7 @@ def train_cmd(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str, 
     auto) every process of a multi-process run executes this same command;
     the placement spans all their devices (docs/scaling.md).
     """
-    from rlpipe import distributed
+    from rlpipe.runtime import distributed
 
     # Before anything touches JAX: the distributed runtime must start first.
     session = distributed.initialize(distributed.DistributedOptions(
@@ -344,14 +325,14 @@ def _train(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str, ...
     import time as _time
     from pathlib import Path
 
+    from rlpipe.app.driver import RunControl, train
     from rlpipe.cli.progress import progress_reporter
     from rlpipe.cli.signals import graceful_stop
-    from rlpipe.train import RunControl, train
 
     primary = session is None or session.is_primary
     if steps is not None:
         overrides = (*overrides, f"train.steps={steps}")
-    reg = _registry(ctx)
+    reg = registry_of(ctx)
     if run_dir is None and session is not None:
         raise UsageError("a multi-process run needs --run-dir: every process must name the same directory")
     path = Path(run_dir or f"runs/{_time.strftime('%Y%m%d-%H%M%S')}")
@@ -359,7 +340,7 @@ def _train(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str, ...
         _prepare_run_dir(path, resume=resume, force=force)
     if session is not None:
         session.barrier("prepare-run-dir")  # process 0 may have deleted an old run (--force)
-    cfg = _load_run_config(ctx, path, files, overrides) if resume else _load_config(ctx, files, overrides)
+    cfg = _load_run_config(ctx, path, files, overrides) if resume else load_run_config(ctx, files, overrides)
     who = "rlpipe" if session is None else f"rlpipe[{session.process_index}]"
     log = lambda message: click.echo(f"{who}: {message}", err=True)  # noqa: E731
     log(f"training {cfg.train.steps} steps; run directory {path}")
@@ -396,19 +377,19 @@ def _load_run_config(ctx: click.Context, path, files: Sequence[str], overrides: 
     """A resumed run's config: its own ``config.yaml``, then files and --set."""
     import yaml
 
-    from rlpipe.core.checkpoint import CheckpointError
-    from rlpipe.core.config import load_config
+    from rlpipe.runtime.checkpoint import CheckpointError
+    from rlpipe.runtime.run_config import load_config
 
     saved = path / "config.yaml"
     if not saved.exists():
-        return _load_config(ctx, files, overrides)
+        return load_run_config(ctx, files, overrides)
     try:
         base = yaml.safe_load(saved.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise CheckpointError(f"{saved}: cannot read the run's config: {str(exc).splitlines()[0]}") from exc
     if not isinstance(base, dict):
         raise CheckpointError(f"{saved}: not a config mapping")
-    return load_config(_registry(ctx), defaults=base, files=files, overrides=overrides)
+    return load_config(registry_of(ctx), defaults=base, files=files, overrides=overrides)
 
 
 # -- plan ----------------------------------------------------------------------------
@@ -439,10 +420,10 @@ def plan_cmd(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str, .
     """Show where each role runs: devices, mesh, colocation groups, offload and
     which graph edges block until the global-batch barrier."""
     from rlpipe.core.placement import DeviceInfo
-    from rlpipe.core.planning import plan_run
+    from rlpipe.runtime.planning import plan_run
 
-    reg = _registry(ctx)
-    cfg = _load_config(ctx, files, overrides)
+    reg = registry_of(ctx)
+    cfg = load_run_config(ctx, files, overrides)
     devices = [DeviceInfo(id=i, platform="hypothetical") for i in range(n_devices)] if n_devices else None
     planned = plan_run(cfg, reg, devices)
     plan = planned.plan
@@ -503,6 +484,7 @@ def _platform() -> str:
 
 
 from rlpipe.cli.report import report_cmd  # noqa: E402 - commands in their own modules register here
+
 cli.add_command(report_cmd)
 
 from rlpipe.cli.eval import eval_cmd  # noqa: E402 - registered after the group exists

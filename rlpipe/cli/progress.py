@@ -21,12 +21,19 @@ def _fmt(row: dict[str, Any], key: str, spec: str) -> str:
 
 @contextlib.contextmanager
 def progress_reporter(total: int, *, enabled: bool) -> Iterator[Callable[[dict[str, Any]], None]]:
-    """A ``report(row)`` callback for :func:`rlpipe.train.train`; a no-op when disabled."""
+    """A ``report(row)`` callback for :func:`rlpipe.app.driver.train`; a no-op when disabled."""
     if not enabled:
         yield lambda row: None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     progress = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[stats]}"),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),

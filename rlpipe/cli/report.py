@@ -17,7 +17,7 @@ import click
 def report_cmd(run_dir: str, out_dir: str | None, last_steps: int, as_json: bool) -> None:
     """Write reward, loss and timeline plots and report.md for RUN_DIR, with the
     idle fraction of each device group over the last steps."""
-    from rlpipe.report import build_report
+    from rlpipe.app.report import build_report
 
     report = build_report(run_dir, out_dir=out_dir, last_steps=last_steps or None)
     for note in report.notes:

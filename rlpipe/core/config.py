@@ -19,18 +19,20 @@ import copy
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args, get_origin
+from typing import Any, get_args, get_origin
 
 import attrs
 import cattrs
 import yaml
-from cattrs.errors import BaseValidationError, ForbiddenExtraKeysError, IterableValidationError, IterableValidationNote
+from cattrs.errors import (
+    BaseValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+    IterableValidationNote,
+)
 from cattrs.gen import make_dict_structure_fn
 
 from rlpipe.core.errors import ConfigError, Problem, suggest
-
-if TYPE_CHECKING:
-    from rlpipe.core.plugins import Registry
 
 
 class ConfigValueError(ValueError):
@@ -42,7 +44,8 @@ class ConfigValueError(ValueError):
         self.subpath = tuple(subpath)
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
+    """``repr(value)``, cut to 60 characters: how a bad value appears in a message."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -56,7 +59,7 @@ def check(predicate, reason: str):
 
     def validator(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         if value is not None and not predicate(value):
-            raise ConfigValueError(reason.format(value=_show(value)), (attribute.name,))
+            raise ConfigValueError(reason.format(value=show_value(value)), (attribute.name,))
 
     return validator
 
@@ -127,120 +130,14 @@ class PlacementConfig:
     assumed_prompt_tokens: int = attrs.field(default=256, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
 
 
-@attrs.frozen(kw_only=True)
-class TrainConfig:
-    """``train``: how long to run, how big a global batch is, and how far rollout
-    may run ahead.  A global batch is ``items_per_step`` items of
-    ``prompts_per_item`` prompts, each with ``roles.rollout.num_generations``
-    completions."""
-
-    steps: int = attrs.field(default=20, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
-    seed: int = 0
-    max_staleness: int = attrs.field(default=0, validator=check(lambda v: v >= 0, "must be at least 0, got {value}"))
-    prompts_per_item: int = attrs.field(default=4, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
-    items_per_step: int = attrs.field(default=2, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
-
-
-@attrs.frozen(kw_only=True)
-class CheckpointSection:
-    """``checkpoint``: when run state is saved under ``<run-dir>/checkpoints``.
-
-    A checkpoint is also written after the last step and when a run is
-    stopped by SIGTERM or SIGINT, whatever ``every`` says.
-    """
-
-    every: int = attrs.field(default=10, validator=check(lambda v: v >= 0, "must be at least 0 (0 = only at the end), got {value}"))
-    keep: int = attrs.field(default=3, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
-    asynchronous: bool = True
-    grace_period_s: float = attrs.field(default=120.0, validator=check(lambda v: v > 0, "must be positive, got {value}"))
-
-
-@attrs.frozen(kw_only=True)
-class TelemetrySection:
-    """``telemetry``: outputs beyond ``metrics.jsonl`` and ``trace.json``."""
-
-    tensorboard: bool = False
-
-
-@attrs.frozen(kw_only=True)
-class ModelConfig:
-    """``model``: which policy to train, in which dtype, with which tokenizer.
-
-    Attributes:
-        preset: a built-in shape (``tiny``, ``qwen2.5-0.5b``, ``llama-3.2-1b``),
-            randomly initialised from ``train.seed``; ignored when ``path`` is set.
-        path: a local Hugging Face checkpoint directory (Llama or Qwen2).
-        dtype: parameter and compute dtype, ``float32`` or ``bfloat16``.
-        tokenizer: ``char`` (the built-in character tokenizer), a directory
-            holding ``tokenizer.json``, or ``null``: the checkpoint's own with
-            ``path``, else ``char``.
-    """
-
-    preset: str = "tiny"
-    path: str | None = None
-    dtype: str = attrs.field(default="float32", validator=check(lambda v: v in ("float32", "bfloat16"), "must be 'float32' or 'bfloat16', got {value}"))
-    tokenizer: str | None = None
-
-
-@attrs.frozen(kw_only=True)
-class AlgorithmSection:
-    """``algorithm``: the RL algorithm plugin and its options.
-
-    ``options`` is typed by the selected algorithm, whose defaults are its
-    own (docs/algorithms.md).
-    """
-
-    name: str = "grpo"
-    options: Any = None
-
-
-@attrs.frozen(kw_only=True)
-class TaskSection:
-    """``task``: where prompts come from (a task plugin), its options, and the
-    prompt-length limit (:mod:`rlpipe.data`).
-
-    Attributes:
-        max_prompt_tokens: the longest prompt in tokens, chat template
-            included; ``null``: no limit.
-        overlong_prompts: what happens to a longer prompt: ``truncate`` keeps
-            its last ``max_prompt_tokens`` tokens (the question and the
-            generation prompt are at the end); ``reject`` skips the example.
-    """
-
-    name: str = "reverse"
-    options: Any = None
-    max_prompt_tokens: int | None = attrs.field(default=None, validator=check(lambda v: v >= 1, "must be at least 1 (or null: no limit), got {value}"))
-    overlong_prompts: str = attrs.field(default="truncate", validator=check(lambda v: v in ("truncate", "reject"), "must be 'truncate' or 'reject', got {value}"))
-
-
-@attrs.frozen(kw_only=True)
-class RunConfig:
-    """The whole resolved configuration of a run.
-
-    ``roles`` maps each role in the graph to its section, in config order.
-    """
-
-    model: ModelConfig = attrs.field(factory=ModelConfig)
-    task: TaskSection = attrs.field(factory=lambda: TaskSection())
-    algorithm: AlgorithmSection = attrs.field(factory=lambda: AlgorithmSection())
-    roles: dict[str, RoleConfig] = attrs.field(factory=dict)
-    placement: PlacementConfig = attrs.field(factory=PlacementConfig)
-    train: TrainConfig = attrs.field(factory=TrainConfig)
-    checkpoint: CheckpointSection = attrs.field(factory=CheckpointSection)
-    telemetry: TelemetrySection = attrs.field(factory=TelemetrySection)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (lists, dicts, scalars) that :func:`load_config` reads back."""
-        return _plain(self)
-
-
-def _plain(value: Any) -> Any:
+def plain_data(value: Any) -> Any:
+    """``value`` (attrs records, mappings, sequences) as plain dicts, lists and scalars."""
     if attrs.has(type(value)):
-        return {f.name: _plain(getattr(value, f.name)) for f in attrs.fields(type(value))}
+        return {f.name: plain_data(getattr(value, f.name)) for f in attrs.fields(type(value))}
     if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain_data(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_data(v) for v in value]
     return value
 
 
@@ -256,7 +153,7 @@ def _scalar_hook(t: type):
         if t is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         if not ok:
-            raise ConfigValueError(f"expected {_SCALARS[t]}, got {_show(value)}")
+            raise ConfigValueError(f"expected {_SCALARS[t]}, got {show_value(value)}")
         return value
 
     return hook
@@ -280,7 +177,7 @@ def make_converter() -> cattrs.Converter:
 
         def hook(value: Any, _: Any) -> tuple:
             if not isinstance(value, (list, tuple)):
-                raise ConfigValueError(f"expected a list of {word}, got {_show(value)}")
+                raise ConfigValueError(f"expected a list of {word}, got {show_value(value)}")
             out, problems = [], []
             for i, v in enumerate(value):
                 try:
@@ -303,10 +200,10 @@ def make_converter() -> cattrs.Converter:
 
         def hook(value: Any, _: Any) -> Any:
             if not isinstance(value, Mapping):
-                raise ConfigValueError(f"expected a mapping of {', '.join(f.name for f in attrs.fields(cl))}, got {_show(value)}")
+                raise ConfigValueError(f"expected a mapping of {', '.join(f.name for f in attrs.fields(cl))}, got {show_value(value)}")
             bad = [k for k in value if not isinstance(k, str)]
             if bad:
-                raise ConfigValueError(f"keys must be strings, got {_show(bad[0])}")
+                raise ConfigValueError(f"keys must be strings, got {show_value(bad[0])}")
             return base(value, cl)
 
         return hook
@@ -318,7 +215,7 @@ def make_converter() -> cattrs.Converter:
 _CONVERTER = make_converter()
 
 
-def _key(key: Any) -> str:
+def path_key(key: Any) -> str:
     """A mapping key as it appears in a path: the key itself, or its repr when it
     is empty or would not print on one line (every problem is one line)."""
     text = str(key)
@@ -328,7 +225,7 @@ def _key(key: Any) -> str:
 def _join(path: Sequence[str | int]) -> str:
     out = ""
     for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{_key(p)}" if out else _key(p))
+        out += f"[{p}]" if isinstance(p, int) else (f".{path_key(p)}" if out else path_key(p))
     return out
 
 
@@ -432,25 +329,24 @@ def parse_override(text: str) -> dict[str, Any]:
         value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(Problem(_key(key), f"--set value {raw!r} is not valid YAML: {reason}")) from None
+        raise ConfigError(Problem(path_key(key), f"--set value {raw!r} is not valid YAML: {reason}")) from None
     out: Any = value
     for p in reversed(parts):
         out = {p: out}
     return out
 
 
-#: Sections whose ``options`` belong to the plugin that the named key selects.
-SELECTING_KEYS = {"task": "name", "algorithm": "name", "placement": "policy"}
+def merge_source(data: Mapping[str, Any], source: Mapping[str, Any], selecting: Mapping[str, str] = {}) -> dict[str, Any]:  # noqa: B006 - read only
+    """:func:`merge`, except that a source selecting another plugin replaces
+    that section's ``options`` instead of merging into them: the earlier
+    options were the earlier plugin's.
 
-
-def merge_source(data: Mapping[str, Any], source: Mapping[str, Any]) -> dict[str, Any]:
-    """:func:`merge`, except that a source selecting another plugin (a new
-    ``task.name``, ``algorithm.name`` or ``placement.policy``) replaces that
-    section's ``options`` instead of merging into them: the earlier options
-    were the earlier plugin's (the defaults' digit-task options would be
-    unknown keys to ``task.name: jsonl``)."""
+    Args:
+        selecting: ``section -> key`` of the sections whose ``options`` belong
+            to the plugin that ``section.key`` names (``{"placement": "policy"}``).
+    """
     out = merge(dict(data), source)
-    for section, key in SELECTING_KEYS.items():
+    for section, key in selecting.items():
         old, new = data.get(section), source.get(section)
         if not (isinstance(old, Mapping) and isinstance(new, Mapping) and key in old and key in new):
             continue
@@ -461,94 +357,20 @@ def merge_source(data: Mapping[str, Any], source: Mapping[str, Any]) -> dict[str
     return out
 
 
-def resolve_sources(defaults: Mapping[str, Any], files: Iterable[str | Path] = (), overrides: Iterable[str] = ()) -> dict[str, Any]:
+def resolve_sources(defaults: Mapping[str, Any], files: Iterable[str | Path] = (), overrides: Iterable[str] = (), *,
+                    selecting: Mapping[str, str] = {}) -> dict[str, Any]:  # noqa: B006 - read only
+    """Defaults, then each YAML file in order, then each ``--set`` override,
+    merged with :func:`merge_source`."""
     data = copy.deepcopy(dict(defaults))
     for f in files:
-        data = merge_source(data, read_yaml_file(f))
+        data = merge_source(data, read_yaml_file(f), selecting)
     for o in overrides:
-        data = merge_source(data, parse_override(o))
+        data = merge_source(data, parse_override(o), selecting)
     return data
 
 
-# -- structuring the whole config -------------------------------------------------------
-
-
-def _top_level_keys() -> list[str]:
-    return [f.name for f in attrs.fields(RunConfig)]
-
-
-def build_config(data: Mapping[str, Any], registry: Registry) -> RunConfig:
-    """Structures merged config data into a :class:`RunConfig`, typing role and
-    policy sections by their plugins.  Collects every problem before raising."""
-    problems: list[Problem] = []
-
-    def attempt(fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-            return None
-
-    known = _top_level_keys()
-    for key in data:
-        if key not in known:
-            problems.append(Problem(_key(key), f"unknown section{suggest(str(key), known)} (valid sections: {', '.join(known)})"))
-
-    train = attempt(structure, data.get("train", {}), TrainConfig, ("train",))
-    model = attempt(structure, data.get("model", {}), ModelConfig, ("model",))
-    checkpoint = attempt(structure, data.get("checkpoint", {}), CheckpointSection, ("checkpoint",))
-    telemetry = attempt(structure, data.get("telemetry", {}), TelemetrySection, ("telemetry",))
-
-    def selected(section: str, shell_type: type, hook: str, key: str, what: str):
-        """A section that names a plugin (``key``) and holds ``options`` typed by it."""
-        raw = data.get(section, {})
-        if not isinstance(raw, Mapping):
-            problems.append(Problem(section, f"expected a mapping, got {_show(raw)}"))
-            return None
-        shell = attempt(structure, {k: v for k, v in raw.items() if k != "options"}, shell_type, (section,))
-        if shell is None:
-            return None
-        spec = attempt(registry.get, hook, getattr(shell, key), path=f"{section}.{key}")
-        if spec is None:
-            return None
-        raw_opts = raw.get("options")
-        if spec.config_type is None:
-            if raw_opts is not None and raw_opts != {}:
-                problems.append(Problem(f"{section}.options", f"{what} {getattr(shell, key)!r} takes no options"))
-            return shell
-        opts = attempt(structure, {} if raw_opts is None else raw_opts, spec.config_type, (section, "options"))
-        return None if opts is None else attrs.evolve(shell, options=opts)
-
-    placement = selected("placement", PlacementConfig, "rlpipe_placement_policies", "policy", "policy")
-    algorithm = selected("algorithm", AlgorithmSection, "rlpipe_algorithms", "name", "algorithm")
-    task = selected("task", TaskSection, "rlpipe_tasks", "name", "task")
-
-    roles_raw = data.get("roles", {})
-    roles: dict[str, RoleConfig] = {}
-    if not isinstance(roles_raw, Mapping):
-        problems.append(Problem("roles", f"expected a mapping of role name to section, got {_show(roles_raw)}"))
-    else:
-        for name, section in roles_raw.items():
-            path = f"roles.{_key(name)}"
-            spec = attempt(registry.get, "rlpipe_roles", str(name), path=path)
-            if spec is None:
-                continue
-            cfg = attempt(structure, section if section is not None else {}, spec.config_type, ("roles", str(name)))
-            if cfg is not None:
-                roles[str(name)] = cfg
-
-    if problems:
-        raise ConfigError(problems)
-    return RunConfig(model=model, task=task, algorithm=algorithm, roles=roles, placement=placement, train=train,
-                     checkpoint=checkpoint, telemetry=telemetry)
-
-
-def load_config(registry: Registry, *, defaults: Mapping[str, Any], files: Iterable[str | Path] = (), overrides: Iterable[str] = ()) -> RunConfig:
-    """Defaults, then files in order, then ``--set`` overrides, structured and checked."""
-    return build_config(resolve_sources(defaults, files, overrides), registry)
-
-
-def dump_yaml(config: RunConfig | Mapping[str, Any]) -> str:
-    """YAML that :func:`read_yaml_file` reads back to the same values."""
-    data = config.to_dict() if isinstance(config, RunConfig) else config
+def dump_yaml(config: Any) -> str:
+    """YAML that :func:`read_yaml_file` reads back to the same values (of a
+    mapping, or of an attrs config record)."""
+    data = plain_data(config) if attrs.has(type(config)) else config
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False)

@@ -223,7 +223,7 @@ def rlpipe_tool_parsers() -> Iterable[ToolParserSpec]:
 
         import re
         from rlpipe import ToolParserSpec, hookimpl
-        from rlpipe.agentic import ToolCall
+        from rlpipe.plugins.agentic import ToolCall
 
         class Bracket:
             def describe(self, tools):

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 if TYPE_CHECKING:
-    from rlpipe.core.config import RoleConfig, RunConfig
+    from rlpipe.core.config import RoleConfig
     from rlpipe.core.memory import MemoryEstimate
-    from rlpipe.core.placement import MeshSpec, Placement, RolePlacement
+    from rlpipe.core.placement import MeshSpec, Placement
     from rlpipe.core.stage import Stage
 
 
@@ -35,7 +35,7 @@ class BuildContext:
     """What a role factory may use besides its config and placement; keyword-only.
 
     Attributes:
-        run_config: the whole resolved :class:`rlpipe.core.config.RunConfig`.
+        run_config: the whole resolved run config (:class:`rlpipe.runtime.run_config.RunConfig`).
         registry: the plugin registry (to look up tasks, engines, ...).
         seed: the run's seed.
     """
@@ -96,7 +96,7 @@ class RoleSpec:
     sink: bool = False
     uses_devices: bool = True
     unavailable: str = ""
-    memory_estimate: Callable[[RoleConfig, RunConfig, MeshSpec], MemoryEstimate | None] | None = None
+    memory_estimate: Callable[[RoleConfig, Any, MeshSpec], MemoryEstimate | None] | None = None
     configure: Callable[..., RoleSpec] | None = None
 
 
@@ -199,7 +199,7 @@ class EnvironmentSpec:
     Attributes:
         factory: ``factory(options, *, context) -> Environment``, called once
             per episode (an environment object holds one episode's state);
-            ``context`` is a :class:`rlpipe.agentic.EnvironmentContext`.
+            ``context`` is a :class:`rlpipe.plugins.agentic.EnvironmentContext`.
         config_type: an attrs class typing
             ``roles.rollout.environment.options``, or ``None`` for an
             environment without options.
@@ -246,7 +246,7 @@ class ToolParserSpec:
     described), selected by the tool environment's ``parser`` option.
 
     Attributes:
-        factory: ``factory() -> ToolParser`` (:class:`rlpipe.agentic.ToolParser`).
+        factory: ``factory() -> ToolParser`` (:class:`rlpipe.plugins.agentic.ToolParser`).
     """
 
     name: str = attrs.field(validator=_check_name)

@@ -3,7 +3,7 @@
 A *stage* is one role's work in the execution graph (rollout, reference,
 trainer, critic, or anything a plugin adds).  Stages exchange :class:`Batch`
 items: one micro-batch (or one prompt group) at a time, followed, once per
-global batch, by a barrier.  The executor in :mod:`rlpipe.core.graph` owns the
+global batch, by a barrier.  The executor in :mod:`rlpipe.core.executor` owns the
 threads, the queues and the barriers; a stage only transforms batches.
 """
 
@@ -11,13 +11,46 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, ContextManager, Protocol, runtime_checkable
 
 import attrs
 import jax
 
-if TYPE_CHECKING:
-    from rlpipe.core.telemetry import Trace
+
+@runtime_checkable
+class Tracer(Protocol):
+    """Where the executor and stages record spans of work on named tracks (one
+    per role).  :class:`rlpipe.runtime.trace.Trace` writes them as a Chrome
+    trace; :data:`UNTRACED` drops them.  Times are microseconds from any fixed
+    origin."""
+
+    def now_us(self) -> float: ...
+
+    def complete(self, track: str, name: str, start_us: float, end_us: float, **args: Any) -> None: ...
+
+    def instant(self, track: str, name: str, **args: Any) -> None: ...
+
+    def span(self, track: str, name: str, **args: Any) -> ContextManager[None]: ...
+
+
+class _Untraced:
+    """A :class:`Tracer` that records nothing."""
+
+    def now_us(self) -> float:
+        return 0.0
+
+    def complete(self, track: str, name: str, start_us: float, end_us: float, **args: Any) -> None:
+        pass
+
+    def instant(self, track: str, name: str, **args: Any) -> None:
+        pass
+
+    def span(self, track: str, name: str, **args: Any) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
+
+#: The tracer of a run that keeps no timeline.
+UNTRACED: Tracer = _Untraced()
 
 
 class FieldConflictError(ValueError):
@@ -132,7 +165,7 @@ class StageContext:
     policy_version: int = 0
     behavior_version: int = 0
     seed: int = 0
-    trace: Trace | None = attrs.field(default=None, repr=False, eq=False)
+    trace: Tracer | None = attrs.field(default=None, repr=False, eq=False)
 
     def span(self, name: str, **args: Any):
         """A span named ``name`` on this stage's track of the run's timeline

@@ -1,5 +1,5 @@
 """rlpipe's built-in rollout engine, registered through the ``rlpipe`` entry point
-``engines``: ``jax``, the pure-JAX KV-cache generator of :mod:`rlpipe.models.sampling`."""
+``engines``: ``jax``, the pure-JAX KV-cache generator of :mod:`rlpipe.models.generation`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from rlpipe.core.specs import RolloutEngineSpec
 
 
 def _jax_engine(graphdef, **options):
-    from rlpipe.models.sampling import Engine
+    from rlpipe.models.generation import Engine
 
     return Engine(graphdef, **options)
 

@@ -17,13 +17,13 @@ from typing import Any
 
 import attrs
 
-from rlpipe.agentic.environment import Step
-from rlpipe.agentic.scoring import TaskRewards
-from rlpipe.agentic.tools import ToolError, resolve_arguments, run_tool
 from rlpipe.core.config import check
 from rlpipe.core.hookspecs import hookimpl
 from rlpipe.core.specs import EnvironmentSpec
-from rlpipe.roles.reward import RewardTerm
+from rlpipe.plugins.agentic.environment import Step
+from rlpipe.plugins.agentic.scoring import TaskRewards
+from rlpipe.plugins.agentic.tools import ToolError, resolve_arguments, run_tool
+from rlpipe.plugins.rewards import RewardTerm
 
 _OPTIONS = "roles.rollout.environment.options"
 

@@ -13,8 +13,20 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+import attrs
+
 from rlpipe.core.hookspecs import hookimpl
 from rlpipe.core.specs import RewardFunctionSpec
+
+
+@attrs.frozen(kw_only=True)
+class RewardTerm:
+    """One reward function (a ``rlpipe_reward_functions`` plugin) and its weight,
+    as ``roles.reward.functions`` and environments list them."""
+
+    name: str
+    weight: float = 1.0
+
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 

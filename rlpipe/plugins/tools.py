@@ -38,9 +38,9 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rlpipe.agentic.tools import ToolCall, ToolError
 from rlpipe.core.hookspecs import hookimpl
 from rlpipe.core.specs import ToolParserSpec, ToolSpec
+from rlpipe.plugins.agentic.tools import ToolCall, ToolError
 
 # -- calculator ---------------------------------------------------------------------
 

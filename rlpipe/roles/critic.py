@@ -32,8 +32,8 @@ def estimate_memory(config: CriticConfig, run_config, mesh):
 
 def _factory(config: CriticConfig, placement, *, context):
     # Imported here so that listing roles does not load flax and optax.
-    from rlpipe.core.planning import make_algorithm
-    from rlpipe.roles.training import CriticStage
+    from rlpipe.roles.critic_stage import CriticStage
+    from rlpipe.runtime.planning import make_algorithm
 
     _, algorithm = make_algorithm(context.run_config, context.registry)
     return CriticStage(config, placement, context=context, algorithm=algorithm)

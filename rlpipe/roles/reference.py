@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import attrs
 
-from rlpipe.core import memory
 from rlpipe.core.config import RoleConfig, check
+from rlpipe.core.memory import MemoryEstimate
 from rlpipe.core.specs import RoleSpec
+from rlpipe.models import memory
 from rlpipe.roles.rollout import sequence_shape
 
 
@@ -23,7 +24,7 @@ class ReferenceConfig(RoleConfig):
     micro_batch_size: int = attrs.field(default=8, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
 
 
-def estimate_memory(config: ReferenceConfig, run_config, mesh) -> memory.MemoryEstimate | None:
+def estimate_memory(config: ReferenceConfig, run_config, mesh) -> MemoryEstimate | None:
     """Parameters of the frozen policy (``checkpoint``'s shape if set) on
     ``mesh``, and one forward pass of ``micro_batch_size`` rows over prompt
     bucket plus completion, with logits at every position.  Rows are
@@ -33,7 +34,7 @@ def estimate_memory(config: ReferenceConfig, run_config, mesh) -> memory.MemoryE
         return None
     b = memory.dtype_bytes(run_config.model.dtype)
     seq = sum(sequence_shape(run_config))
-    return memory.MemoryEstimate(
+    return MemoryEstimate(
         parameters=memory.decoder_parameter_bytes(shape, mesh, b),
         activations=memory.forward_activation_bytes(shape, config.micro_batch_size, seq, b),
     )
@@ -41,7 +42,7 @@ def estimate_memory(config: ReferenceConfig, run_config, mesh) -> memory.MemoryE
 
 def _factory(config: ReferenceConfig, placement, *, context):
     # Imported here so that listing roles does not load flax.
-    from rlpipe.roles.inference import ReferenceStage
+    from rlpipe.roles.reference_stage import ReferenceStage
 
     return ReferenceStage(config, placement, context=context)
 

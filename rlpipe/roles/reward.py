@@ -23,14 +23,7 @@ import numpy as np
 from rlpipe.core.config import RoleConfig, check
 from rlpipe.core.errors import RunError
 from rlpipe.core.specs import RoleSpec
-
-
-@attrs.frozen(kw_only=True)
-class RewardTerm:
-    """One reward function (a ``rlpipe_reward_functions`` plugin) and its weight."""
-
-    name: str
-    weight: float = 1.0
+from rlpipe.plugins.rewards import RewardTerm
 
 
 @attrs.frozen(kw_only=True)

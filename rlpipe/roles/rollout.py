@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import attrs
 
-from rlpipe.agentic.environment import EnvironmentSection
-from rlpipe.core import memory
 from rlpipe.core.config import RoleConfig, check
+from rlpipe.core.memory import MemoryEstimate
 from rlpipe.core.specs import RoleSpec
+from rlpipe.models import memory
+from rlpipe.plugins.agentic.environment import EnvironmentSection
 
 #: What an agentic rollout adds to the rollout's fields.
 AGENTIC_FIELDS = frozenset({"completion_attention_mask", "episode_rewards"})
@@ -39,7 +40,7 @@ class RolloutConfig(RoleConfig):
         stop_tokens: token ids that end a completion, besides the tokenizer's
             end-of-sequence token.
         environment: makes the rollout agentic: multi-turn episodes with this
-            environment (:class:`rlpipe.agentic.environment.EnvironmentSection`);
+            environment (:class:`rlpipe.plugins.agentic.environment.EnvironmentSection`);
             ``max_new_tokens`` is then each episode's budget, policy and
             environment tokens together.  ``null``: one completion per row.
         max_concurrency: agentic rollouts: the most episodes in flight at
@@ -85,7 +86,7 @@ def sequence_shape(run_config) -> tuple[int, int]:
     return memory.prompt_bucket(prompt), int(new)
 
 
-def estimate_memory(config: RolloutConfig, run_config, mesh) -> memory.MemoryEstimate | None:
+def estimate_memory(config: RolloutConfig, run_config, mesh) -> MemoryEstimate | None:
     """Parameters on ``mesh``; the KV cache of one item's rows in flight
     (``train.prompts_per_item × num_generations``) over prompt bucket plus
     ``max_new_tokens`` slots; the prefill's activations (one layer at a time,
@@ -103,12 +104,12 @@ def estimate_memory(config: RolloutConfig, run_config, mesh) -> memory.MemoryEst
         # episode, in its bucket), plus the turn's own tokens; at most
         # max_concurrency episodes are in flight.  A cache kept between turns
         # (reuse_cache) has room for every context twice over and one turn
-        # (rlpipe.agentic.episodes._CachedTurns), and a call copies up to all of
-        # it for attention (rlpipe.models.sampling._extend): twice that.
+        # (rlpipe.plugins.agentic.episodes._CachedTurns), and a call copies up to all of
+        # it for attention (rlpipe.models.generation._extend): twice that.
         rows = min(rows, config.max_concurrency or rows)
         prompt, new = memory.prompt_bucket(prompt + new), config.environment.max_turn_tokens or new
         slots = 2 * (2 * prompt + new) if config.environment.reuse_cache else prompt + new
-    return memory.MemoryEstimate(
+    return MemoryEstimate(
         parameters=memory.decoder_parameter_bytes(shape, mesh, b),
         kv_cache=memory.kv_cache_bytes(shape, rows, slots, b),
         activations=memory.forward_activation_bytes(shape, rows, prompt, b, keys=prompt + new, logit_positions=1),
@@ -117,13 +118,14 @@ def estimate_memory(config: RolloutConfig, run_config, mesh) -> memory.MemoryEst
 
 def _factory(config: RolloutConfig, placement, *, context):
     # Imported here so that listing roles does not load flax.
-    if config.environment is not None:
-        from rlpipe.agentic.rollout import AgenticRolloutStage
+    from rlpipe.roles.rollout_stage import RolloutStage, SingleTurn
 
-        return AgenticRolloutStage(config, placement, context=context)
-    from rlpipe.roles.inference import RolloutStage
+    if config.environment is None:
+        return RolloutStage(config, placement, context=context, generator=SingleTurn)
+    from rlpipe.plugins.agentic.rollout import EpisodeGenerator
 
-    return RolloutStage(config, placement, context=context)
+    return RolloutStage(config, placement, context=context,
+                        generator=lambda stage: EpisodeGenerator(stage, context=context))
 
 
 def _configure(config: RolloutConfig, *, run_config, registry) -> RoleSpec:
@@ -136,7 +138,10 @@ def _configure(config: RolloutConfig, *, run_config, registry) -> RoleSpec:
     ``rlpipe plan`` and ``rlpipe config validate``, not a failure mid-run."""
     if config.environment is None:
         return SPEC
-    from rlpipe.agentic.environment import EnvironmentContext, environment_options
+    from rlpipe.plugins.agentic.environment import (
+        EnvironmentContext,
+        environment_options,
+    )
 
     spec, options = environment_options(config.environment, registry)
     spec.factory(options, context=EnvironmentContext(run_config=run_config, registry=registry))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import attrs
 
-from rlpipe.core import memory
 from rlpipe.core.config import RoleConfig, check
+from rlpipe.core.memory import MemoryEstimate
 from rlpipe.core.specs import RoleSpec
+from rlpipe.models import memory
 from rlpipe.roles.rollout import sequence_shape
 
 
@@ -54,7 +55,7 @@ class TrainerConfig(OptimizedRoleConfig):
     max_skipped_updates: int = attrs.field(default=10, validator=check(lambda v: v >= 0, "must be at least 0, got {value}"))
 
 
-def optimized_memory(config: OptimizedRoleConfig, run_config, mesh, *, rows: int, value_head: bool = False) -> memory.MemoryEstimate | None:
+def optimized_memory(config: OptimizedRoleConfig, run_config, mesh, *, rows: int, value_head: bool = False) -> MemoryEstimate | None:
     """A role that trains a copy of the policy on ``mesh``: parameters,
     optimizer state (AdamW keeps two moments per parameter, in the parameter
     dtype as optax creates them; SGD none), one set of gradients, and a
@@ -67,7 +68,7 @@ def optimized_memory(config: OptimizedRoleConfig, run_config, mesh, *, rows: int
     b = memory.dtype_bytes(run_config.model.dtype)
     params = memory.decoder_parameter_bytes(shape, mesh, b) + ((shape.hidden_size + 1) * b if value_head else 0)
     seq = sum(sequence_shape(run_config))
-    return memory.MemoryEstimate(
+    return MemoryEstimate(
         parameters=params,
         optimizer_state=2 * params if config.optimizer == "adamw" else 0,
         gradients=params,
@@ -75,7 +76,7 @@ def optimized_memory(config: OptimizedRoleConfig, run_config, mesh, *, rows: int
     )
 
 
-def estimate_memory(config: TrainerConfig, run_config, mesh) -> memory.MemoryEstimate | None:
+def estimate_memory(config: TrainerConfig, run_config, mesh) -> MemoryEstimate | None:
     """:func:`optimized_memory` with the trainer's rows per device: a
     micro-batch split over the ``fsdp`` axis when that divides it (as the
     trainer splits it), else the whole micro-batch."""
@@ -86,9 +87,8 @@ def estimate_memory(config: TrainerConfig, run_config, mesh) -> memory.MemoryEst
 
 def _factory(config: TrainerConfig, placement, *, context):
     # Imported here so that listing roles does not load flax and optax.
-    from rlpipe.roles.training import TrainerStage
-
-    from rlpipe.core.planning import make_algorithm
+    from rlpipe.roles.trainer_stage import TrainerStage
+    from rlpipe.runtime.planning import make_algorithm
 
     _, algorithm = make_algorithm(context.run_config, context.registry)
     return TrainerStage(config, placement, context=context, algorithm=algorithm)

@@ -6,6 +6,8 @@ third-party package registers its own.
 * :mod:`.losses` — ``ppo_clip``, ``gspo``, ``kl``, ``aggregate``,
   ``truncated_importance_weights``.
 * :mod:`.dapo` — overlong penalty, dynamic sampling, ``top_up``.
+* :mod:`.terms` — the loss as a chain of terms: ``LossInputs``, ``LossTerm``,
+  ``policy_gradient``, ``kl_penalty``, ``entropy_bonus``, ``chain``.
 * :mod:`.algorithm` — :class:`AlgorithmConfig` and :class:`Algorithm`.
 * :mod:`.presets` — each built-in algorithm's defaults.
 
@@ -20,10 +22,37 @@ from typing import Any
 from rlpipe.core.hookspecs import hookimpl
 from rlpipe.core.specs import AdvantageEstimatorSpec, AlgorithmSpec, PolicyLossSpec
 from rlpipe.plugins.algorithms import advantages, losses
-from rlpipe.plugins.algorithms.algorithm import Algorithm, AlgorithmConfig, Estimate, OverlongConfig
+from rlpipe.plugins.algorithms.algorithm import (
+    Algorithm,
+    AlgorithmConfig,
+    Estimate,
+    OverlongConfig,
+)
 from rlpipe.plugins.algorithms.presets import PRESETS, preset
+from rlpipe.plugins.algorithms.terms import (
+    LossInputs,
+    LossTerm,
+    chain,
+    entropy_bonus,
+    kl_penalty,
+    policy_gradient,
+)
 
-__all__ = ["Algorithm", "AlgorithmConfig", "Estimate", "OverlongConfig", "PRESETS", "make_factory", "preset"]
+__all__ = [
+    "PRESETS",
+    "Algorithm",
+    "AlgorithmConfig",
+    "Estimate",
+    "LossInputs",
+    "LossTerm",
+    "OverlongConfig",
+    "chain",
+    "entropy_bonus",
+    "kl_penalty",
+    "make_factory",
+    "policy_gradient",
+    "preset",
+]
 
 _DESCRIPTIONS = {
     "grpo": "GRPO: group-normalised advantages, PPO clip, k3 KL loss (beta 0.04)",
@@ -36,7 +65,8 @@ _DESCRIPTIONS = {
 }
 
 
-def make_factory(name: str, config_type: type[AlgorithmConfig] | None = None) -> Callable[..., Algorithm]:
+def make_factory(name: str, config_type: type[AlgorithmConfig] | None = None, *,
+                 terms: Callable[[dict[str, LossTerm]], Mapping[str, LossTerm]] | None = None) -> Callable[..., Algorithm]:
     """``factory(options=None, *, estimators=None, losses=None) -> Algorithm``: an
     :class:`AlgorithmSpec` factory for the algorithm ``name``.
 
@@ -45,12 +75,15 @@ def make_factory(name: str, config_type: type[AlgorithmConfig] | None = None) ->
         config_type: the :class:`AlgorithmConfig` subclass holding its defaults;
             ``None``: the built-in preset of ``name``.  ``options=None`` builds
             with ``config_type()``.
+        terms: edits the algorithm's loss terms (``Algorithm``'s ``terms``
+            argument), e.g. ``lambda t: {**t, "mine": my_term}``.
     """
     preset_type = PRESETS[name] if config_type is None else config_type
 
     def factory(options: AlgorithmConfig | None = None, *, estimators: Mapping[str, Callable[..., Any]] | None = None,
                 losses: Mapping[str, Callable[..., Any]] | None = None) -> Algorithm:
-        return Algorithm(options if options is not None else preset_type(), estimators=estimators, losses=losses, name=name)
+        return Algorithm(options if options is not None else preset_type(), estimators=estimators, losses=losses, name=name,
+                         terms=terms)
 
     factory.__name__ = f"make_{name.replace('-', '_')}"
     factory.__doc__ = f"Builds the {name!r} algorithm from its options (``None``: the preset)."

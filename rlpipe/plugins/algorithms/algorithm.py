@@ -10,6 +10,10 @@ has a subclass with its own defaults (:mod:`rlpipe.plugins.algorithms.presets`).
     adv = algo.advantages(rewards, completion_mask)            # [P, G, N]
     loss, metrics = algo.loss(logp, {"completion_mask": mask, "old_logprobs": old,
                                      "advantages": adv, "ref_logprobs": ref})
+
+The loss is a chain of terms (:mod:`rlpipe.plugins.algorithms.terms`) built
+from the config; ``Algorithm(config, terms=lambda t: {**t, "mine": my_term})``
+adds a term.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from rlpipe.core.config import ConfigValueError, check
 from rlpipe.core.errors import ConfigError, Problem, choices_text, suggest
 from rlpipe.plugins.algorithms import advantages as adv_lib
 from rlpipe.plugins.algorithms import dapo, losses
+from rlpipe.plugins.algorithms import terms as loss_terms
+from rlpipe.plugins.algorithms.terms import LossInputs, LossTerm
 
 __all__ = ["Algorithm", "AlgorithmConfig", "Estimate", "OverlongConfig", "BUILTIN_ESTIMATORS", "BUILTIN_LOSSES"]
 
@@ -186,15 +192,27 @@ class Algorithm:
             ``None``: the built-ins.
         losses: policy losses by name; ``None``: the built-ins.
         name: the algorithm's name, for messages.
+        terms: edits the loss terms: called once with :meth:`default_terms`
+            (a dict, name to term) and returns the terms to chain, by name, in
+            order — e.g. ``lambda t: {**t, "my_term": my_term}`` adds one,
+            ``lambda t: {**t, "policy_gradient": my_pg}`` swaps one;
+            ``None``: the default terms.
+
+    Attributes:
+        terms: the loss terms by name (after ``terms``).
+        loss_terms: ``chain(*terms.values())``, the loss :meth:`loss` applies.
 
     Raises:
         ConfigError: an unknown estimator or loss name (path
             ``algorithm.options.advantage`` / ``.loss``), or ``dual_clip`` set
             for a loss that does not take it.
+        TypeError: ``terms`` returned something other than a mapping of
+            names to callables.
     """
 
     def __init__(self, config: AlgorithmConfig | None = None, *, estimators: Mapping[str, Callable[..., Any]] | None = None,
-                 losses: Mapping[str, Callable[..., Any]] | None = None, name: str = "custom"):
+                 losses: Mapping[str, Callable[..., Any]] | None = None, name: str = "custom",
+                 terms: Callable[[dict[str, LossTerm]], Mapping[str, LossTerm]] | None = None):
         self.config = config if config is not None else AlgorithmConfig()
         self.name = name
         cfg = self.config
@@ -206,6 +224,11 @@ class Algorithm:
         loss_args = _accepted(self.policy_loss, ("dual_clip",))
         if cfg.dual_clip is not None and loss_args == ():
             raise ConfigError(Problem("algorithm.options.dual_clip", f"the {cfg.loss!r} loss takes no dual_clip; set it to null"))
+        chosen = self.default_terms() if terms is None else terms(self.default_terms())
+        if not isinstance(chosen, Mapping) or not all(isinstance(k, str) and callable(v) for k, v in chosen.items()):
+            raise TypeError(f"terms must return a mapping of names to loss terms (e.g. {{**default, 'mine': term}}), got {chosen!r}")
+        self.terms: dict[str, LossTerm] = dict(chosen)
+        self.loss_terms = loss_terms.chain(*self.terms.values())
 
     def __repr__(self) -> str:
         return f"Algorithm(name={self.name!r}, config={self.config!r})"
@@ -238,7 +261,7 @@ class Algorithm:
         """
         if self.config.dynamic_sampling:
             return dapo.dynamic_sampling_keep(rewards, mask)
-        xp = dapo._xp(rewards)
+        xp = dapo.array_module(rewards)
         return xp.ones(xp.asarray(rewards).shape[0], bool)
 
     def shaped_rewards(self, rewards: jax.Array, mask: jax.Array, *, logprobs: jax.Array | None = None,
@@ -313,72 +336,58 @@ class Algorithm:
 
     # -- the loss -----------------------------------------------------------------------
 
+    def default_terms(self) -> dict[str, LossTerm]:
+        """The loss terms this config asks for, by name, in the order they are summed:
+
+        * ``policy_gradient`` — :func:`~.terms.policy_gradient` with the
+          configured policy loss, clip range, dual clip, ``tis_cap`` and
+          aggregation;
+        * ``kl_penalty`` — :func:`~.terms.kl_penalty` (always present: it
+          reports ``kl`` whenever the batch has ``ref_logprobs``, and adds
+          ``kl_beta * KL`` unless ``kl_in_reward``);
+        * ``entropy_bonus`` — :func:`~.terms.entropy_bonus`, when
+          ``entropy_coef > 0``.
+
+        A subclass may override this; the ``terms`` argument edits its result.
+        """
+        cfg = self.config
+        out: dict[str, LossTerm] = {
+            "policy_gradient": loss_terms.policy_gradient(self.policy_loss, aggregation=cfg.aggregation, eps_low=cfg.eps_low,
+                                                          eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, tis_cap=cfg.tis_cap),
+            "kl_penalty": loss_terms.kl_penalty(cfg.kl_beta, kind=cfg.kl_kind, aggregation=cfg.aggregation,
+                                                in_reward=cfg.kl_in_reward),
+        }
+        if cfg.entropy_coef > 0:
+            out["entropy_bonus"] = loss_terms.entropy_bonus(cfg.entropy_coef, aggregation=cfg.aggregation)
+        return out
+
     def loss(self, logp: jax.Array, batch: Mapping[str, jax.Array], *,
              entropy: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """The scalar training loss and its scalar metrics.
+        """The scalar training loss and its scalar metrics: :attr:`loss_terms`
+        applied to ``LossInputs.create(logp, batch, entropy=entropy)``.
 
         Args:
             logp: ``[P, G, N]`` the current policy's log-probs of the completion
                 tokens (differentiate with respect to these).
-            entropy: ``[P, G, N]`` the current policy's entropy at each
-                completion token (differentiable); needed when
-                ``entropy_coef > 0``.
             batch: ``completion_mask``, ``old_logprobs`` (what the ratio is
                 taken against: the rollout's log-probs, or the trainer's
                 recomputation of them), ``advantages``; ``ref_logprobs`` when
                 ``kl_beta > 0`` (and reported as ``kl`` whenever present);
-                ``rollout_logprobs`` when ``tis_cap`` is set.
+                ``rollout_logprobs`` when ``tis_cap`` is set; whatever a
+                plugin's term reads.
+            entropy: ``[P, G, N]`` the current policy's entropy at each
+                completion token (differentiable); needed when
+                ``entropy_coef > 0``.  The trainer always passes it.
 
         Returns:
-            ``(loss, metrics)``: ``loss = pg_loss + kl_beta * kl -
-            entropy_coef * entropy`` (the KL term only when it is not in the
-            reward); metrics ``loss``, ``pg_loss``, ``kl``, ``entropy_bonus``
-            (the aggregated entropy, with ``entropy_coef``), ``clip_frac_low``, ``clip_frac_high``, ``dual_clip_frac``,
-            ``ratio_mean``, ``ratio_max``, ``tis_weight_mean``,
-            ``tis_clip_frac`` (each when it applies; fractions and means over
-            valid tokens).
+            ``(loss, metrics)``: with the default terms ``loss = pg_loss +
+            kl_beta * kl - entropy_coef * entropy`` (the KL term only when it
+            is not in the reward); metrics ``loss``, ``pg_loss``, ``kl``,
+            ``entropy_bonus`` (the aggregated entropy, without
+            ``entropy_coef``), ``clip_frac_low``, ``clip_frac_high``,
+            ``dual_clip_frac``, ``ratio_mean``, ``ratio_max``,
+            ``tis_weight_mean``, ``tis_clip_frac`` (each when it applies;
+            fractions and means over valid tokens), plus the metrics of any
+            added term.
         """
-        cfg = self.config
-        mask = jnp.asarray(batch["completion_mask"]).astype(bool)
-        old = batch["old_logprobs"]
-        extra = {} if cfg.dual_clip is None else {"dual_clip": cfg.dual_clip}
-        per_token, stats = self.policy_loss(logp=logp, old_logp=old, advantages=batch["advantages"], mask=mask,
-                                            eps_low=cfg.eps_low, eps_high=cfg.eps_high, **extra)
-
-        def token_mean(x):
-            return losses.aggregate(x, mask, "token-mean")
-
-        metrics: dict[str, jax.Array] = {}
-        if cfg.tis_cap is not None:
-            if "rollout_logprobs" not in batch:
-                raise KeyError("tis_cap is set: the batch needs rollout_logprobs (the sampler's log-probs)")
-            w = losses.truncated_importance_weights(old, batch["rollout_logprobs"], mask, cfg.tis_cap)
-            per_token = per_token * w
-            metrics["tis_weight_mean"] = token_mean(w)
-            metrics["tis_clip_frac"] = token_mean(w >= cfg.tis_cap)
-        pg_loss = losses.aggregate(per_token, mask, cfg.aggregation)
-        total = pg_loss
-        if "ref_logprobs" in batch:
-            kl_value = losses.aggregate(losses.kl(logp, batch["ref_logprobs"], cfg.kl_kind, mask), mask, cfg.aggregation)
-            metrics["kl"] = jax.lax.stop_gradient(kl_value)
-            if cfg.kl_beta > 0 and not cfg.kl_in_reward:
-                total = total + cfg.kl_beta * kl_value
-        elif cfg.kl_beta > 0 and not cfg.kl_in_reward:
-            raise KeyError("kl_beta > 0: the batch needs ref_logprobs (the reference role's)")
-        if cfg.entropy_coef > 0:
-            if entropy is None:
-                raise KeyError("entropy_coef > 0: pass the policy's per-token entropy")
-            bonus = losses.aggregate(jnp.where(mask, entropy, 0.0), mask, cfg.aggregation)
-            metrics["entropy_bonus"] = bonus
-            total = total - cfg.entropy_coef * bonus
-        if "ratio" in stats:
-            ratio = stats["ratio"]
-            metrics["ratio_mean"] = token_mean(ratio)
-            metrics["ratio_max"] = jnp.where(mask, ratio, 0.0).max(initial=0.0)
-        for key, name in (("clipped_low", "clip_frac_low"), ("clipped_high", "clip_frac_high"), ("dual_clipped", "dual_clip_frac")):
-            if key in stats:
-                metrics[name] = token_mean(stats[key])
-        metrics = {k: jax.lax.stop_gradient(v) for k, v in metrics.items()}
-        metrics["pg_loss"] = jax.lax.stop_gradient(pg_loss)
-        metrics["loss"] = jax.lax.stop_gradient(total)
-        return total, metrics
+        return self.loss_terms(LossInputs.create(logp, batch, entropy=entropy))

@@ -21,7 +21,8 @@ import numpy as np
 __all__ = ["TopUp", "dynamic_sampling_keep", "overlong_penalty", "top_up"]
 
 
-def _xp(*arrays: Any):
+def array_module(*arrays: Any):
+    """numpy when every argument is a host array or number, else jax.numpy."""
     return np if all(isinstance(a, (np.ndarray, np.generic, int, float)) for a in arrays) else jnp
 
 
@@ -47,7 +48,7 @@ def overlong_penalty(lengths, *, max_len: int, buffer: int, penalty_factor: floa
     """
     if buffer < 0 or buffer > max_len:
         raise ValueError(f"overlong buffer must be in [0, max_len={max_len}], got {buffer}")
-    xp = _xp(lengths)
+    xp = array_module(lengths)
     length = xp.asarray(lengths).astype(xp.float32)
     start = max_len - buffer
     ramp = (start - length) / max(buffer, 1) * penalty_factor
@@ -62,7 +63,7 @@ def dynamic_sampling_keep(rewards, mask=None):
     batch.  With ``mask`` (``[P, G, N]``), fully masked completions are
     ignored; a group with fewer than two valid completions is dropped.
     """
-    xp = _xp(rewards) if mask is None else _xp(rewards, mask)
+    xp = array_module(rewards) if mask is None else array_module(rewards, mask)
     r = xp.asarray(rewards)
     valid = xp.ones(r.shape, bool) if mask is None else xp.asarray(mask).astype(bool).any(axis=-1)
     hi = xp.where(valid, r, -xp.inf).max(axis=-1)

@@ -8,7 +8,10 @@ from rlpipe.core.specs import PolicySpec
 from rlpipe.plugins.placement.auto import AutoPolicy
 from rlpipe.plugins.placement.colocate_all import ColocateAllPolicy
 from rlpipe.plugins.placement.default import DefaultPolicy
-from rlpipe.plugins.placement.disaggregated import DisaggregatedOptions, DisaggregatedPolicy
+from rlpipe.plugins.placement.disaggregated import (
+    DisaggregatedOptions,
+    DisaggregatedPolicy,
+)
 
 
 @hookimpl

@@ -31,10 +31,15 @@ from collections.abc import Sequence
 import attrs
 
 from rlpipe.core.errors import PlacementError, Problem
-from rlpipe.core.memory import DeviceUsage, MemoryBudget, describe_devices, format_bytes, too_big
+from rlpipe.core.memory import DeviceUsage, MemoryBudget, describe_devices, format_bytes
 from rlpipe.core.placement import DeviceInfo, PlacementPlan, PlanContext, RoleRequest
 from rlpipe.plugins.placement.colocate_all import ColocateAllPolicy
-from rlpipe.plugins.placement.disaggregated import DeviceGroup, DisaggregatedOptions, DisaggregatedPolicy
+from rlpipe.plugins.placement.disaggregated import (
+    DeviceGroup,
+    DisaggregatedOptions,
+    DisaggregatedPolicy,
+)
+from rlpipe.runtime.planning import too_big
 
 #: The role that ``disaggregated`` gives a slice of its own.
 ROLLOUT = "rollout"

@@ -7,7 +7,15 @@ from collections.abc import Sequence
 import attrs
 
 from rlpipe.core.errors import PlacementError, Problem
-from rlpipe.core.placement import DeviceInfo, MeshSpec, PlacementPlan, PlanContext, RolePlacement, RoleRequest, finish_plan
+from rlpipe.core.placement import (
+    DeviceInfo,
+    MeshSpec,
+    PlacementPlan,
+    PlanContext,
+    RolePlacement,
+    RoleRequest,
+    finish_plan,
+)
 
 
 @attrs.frozen

@@ -9,7 +9,15 @@ import attrs
 
 from rlpipe.core.config import check
 from rlpipe.core.errors import PlacementError, Problem, suggest
-from rlpipe.core.placement import DeviceInfo, MeshSpec, PlacementPlan, PlanContext, RolePlacement, RoleRequest, finish_plan
+from rlpipe.core.placement import (
+    DeviceInfo,
+    MeshSpec,
+    PlacementPlan,
+    PlanContext,
+    RolePlacement,
+    RoleRequest,
+    finish_plan,
+)
 
 
 @attrs.frozen(kw_only=True)

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlpipe import distributed
 from rlpipe.models.decoder import LayerCache, init_cache
+from rlpipe.runtime import distributed
 
 
 @attrs.frozen(kw_only=True)

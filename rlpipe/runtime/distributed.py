@@ -11,7 +11,7 @@ provides it, and the few primitives stages need when their devices are not all
 local (docs/scaling.md has the whole execution model):
 
 * :class:`RegionOrder`: process 0 decides the order of *global regions* (a
-  stretch of device work, :func:`rlpipe.core.devices.on_devices`, whose
+  stretch of device work, :func:`rlpipe.runtime.devices.on_devices`, whose
   devices span several processes); the other processes follow it, read from
   the coordination service's key-value store.
 * :func:`put`: host arrays that are identical on every process onto any
@@ -148,9 +148,8 @@ def _orbax_barriers_without_collectives() -> None:
     dispatched from its own threads outside any order; its coordination-service
     barrier is not, so checkpoints cannot interleave with stage programs."""
     try:
-        from absl import flags
-
         import orbax.checkpoint  # noqa: F401 - defines the flag
+        from absl import flags
 
         name = "experimental_orbax_use_distributed_barrier"
         if name in flags.FLAGS:
@@ -486,7 +485,7 @@ def initialize(options: DistributedOptions) -> Session | None:
     if count == 1:
         return None
     _SESSION = Session(client, index, count, heartbeat_timeout_s=options.heartbeat_timeout_s)
-    from rlpipe.core import devices
+    from rlpipe.runtime import devices
 
     devices.set_region_order(_SESSION.order)
     atexit.register(_exit_without_barrier)  # runs before JAX's own atexit shutdown (LIFO)
@@ -767,7 +766,7 @@ def broadcast(value: Mapping[str, np.ndarray] | None, source: int, *,
         return {k: np.asarray(v) for k, v in value.items()}
     me = s.process_index
     mesh = _process_mesh()
-    from rlpipe.core.devices import on_devices
+    from rlpipe.runtime.devices import on_devices
 
     with on_devices(mesh.devices.flat):
         if like is None:
@@ -910,7 +909,7 @@ def transfer(source: Any, target_shardings: Any, dtype: Any = None) -> Any:
     like = {str(i): jax.ShapeDtypeStruct(x.shape, x.dtype) for i, x in enumerate(leaves)}
     value = None
     if len(src_procs) > 1:
-        from rlpipe.core.devices import on_devices
+        from rlpipe.runtime.devices import on_devices
 
         devices = {d for x in leaves for d in x.sharding.device_set}
         with on_devices(sorted(devices, key=lambda d: d.id)):  # gathering is a collective among the source's processes

@@ -23,7 +23,7 @@ from typing import Any
 
 _LOCKS: dict[tuple[str, int], threading.RLock] = {}
 _REGISTRY = threading.Lock()
-_ORDER: Any = None  # rlpipe.distributed.RegionOrder in a multi-process run
+_ORDER: Any = None  # rlpipe.runtime.distributed.RegionOrder in a multi-process run
 
 
 def set_region_order(order: Any) -> None:
@@ -72,7 +72,7 @@ def on_devices(where: Any, context: Any = None) -> Iterator[None]:
         start = trace.now_us() if trace is not None else 0.0
         if _ORDER is not None and not held_devices(devices):
             # A multi-process run: devices of several processes are entered in
-            # one order on every process (rlpipe.distributed.RegionOrder).
+            # one order on every process (rlpipe.runtime.distributed.RegionOrder).
             stack.enter_context(_ORDER.region(devices, acquire))
         else:
             acquire()

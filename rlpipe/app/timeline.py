@@ -1,6 +1,6 @@
 """Reading a run's timeline: busy intervals, idle bubbles and overlap per device group.
 
-Pure Python over the Chrome trace events that :class:`rlpipe.core.telemetry.Trace`
+Pure Python over the Chrome trace events that :class:`rlpipe.runtime.trace.Trace`
 writes, so benchmarks and tests can reuse it without JAX or plotting.
 
 Definitions (also in docs/runs.md):
@@ -37,7 +37,7 @@ from typing import Any
 import attrs
 
 from rlpipe.core.errors import TraceError
-from rlpipe.core.telemetry import is_detail_track
+from rlpipe.runtime.trace import is_detail_track
 
 Interval = tuple[float, float]
 
@@ -438,7 +438,7 @@ def analyse(spans: Sequence[Span], groups: Sequence[DeviceGroup], window: Window
 
     A track with spans that is in no group (not a role of the plan, such as
     ``checkpoint``) gets a group of its own named ``<track> (not in plan)``;
-    detail tracks (``rollout/episodes 00``, :func:`rlpipe.core.telemetry.detail_track`)
+    detail tracks (``rollout/episodes 00``, :func:`rlpipe.runtime.trace.detail_track`)
     are left out.
     """
     spans = [s for s in spans if not is_detail_track(s.role)]  # their work is inside their role's spans

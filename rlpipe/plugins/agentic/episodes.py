@@ -18,7 +18,7 @@ num_generations``) to the end:
   reproducible however many workers there are.
 
 Each episode's completion is laid out as ``reset observation | turn 1 | obs 1
-| turn 2 | ...`` (see :mod:`rlpipe.agentic.environment`): the policy's
+| turn 2 | ...`` (see :mod:`rlpipe.plugins.agentic.environment`): the policy's
 tokens have loss mask 1 and their sampling log-probs, the environment's have
 loss mask 0 (and log-prob 0) but attention mask 1, so the trainer computes
 log-probs in the context the policy saw and trains only on what it chose.
@@ -46,17 +46,17 @@ import heapq
 import json
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ContextManager
 
 import attrs
 import numpy as np
 
-from rlpipe.agentic.environment import EnvironmentContext
-from rlpipe.agentic.tools import CallTimeout, call_with_timeout
-from rlpipe.core.telemetry import detail_track
-from rlpipe.data import pad_prompts
+from rlpipe.models.prompts import pad_prompts
+from rlpipe.plugins.agentic.environment import EnvironmentContext
+from rlpipe.plugins.agentic.tools import CallTimeout, call_with_timeout
+from rlpipe.runtime.trace import detail_track
 
 #: Rows of a generation call are padded up to a power of two, at least this
 #: many, so a handful of programs are compiled however many episodes remain.
@@ -167,7 +167,7 @@ class EpisodeRunner:
     Args:
         spec: the environment's :class:`rlpipe.core.specs.EnvironmentSpec`.
         options: its options (already structured).
-        section: the :class:`~rlpipe.agentic.environment.EnvironmentSection`
+        section: the :class:`~rlpipe.plugins.agentic.environment.EnvironmentSection`
             (turn limit, per-turn tokens, timeout).
         engine: a rollout engine (``generate(state, tokens, mask, key, params,
             *, sharding)``).
@@ -207,7 +207,7 @@ class EpisodeRunner:
             device: a context manager around each generation call (the
                 rollout's ``on_devices(mesh)``).
             seed: mixed into each episode's environment seed.
-            host: a :class:`rlpipe.distributed.HostLeader` when the rollout's
+            host: a :class:`rlpipe.runtime.distributed.HostLeader` when the rollout's
                 devices span several processes: the leader runs the
                 environments and the others take its episodes (generation
                 runs on every process, in lockstep); ``None``: this process
@@ -482,13 +482,13 @@ class _PrefilledTurns:
 
 
 def chunk_bucket(width: int) -> int:
-    from rlpipe.models.sampling import chunk_bucket as bucket
+    from rlpipe.models.generation import chunk_bucket as bucket
 
     return bucket(width)
 
 
 class _CachedTurns:
-    """Generation calls on a :class:`~rlpipe.models.sampling.CacheSession`:
+    """Generation calls on a :class:`~rlpipe.models.generation.CacheSession`:
     each episode keeps a row of the KV cache from turn to turn, so a turn
     prefills only what is new in its context (the environment's last
     observation; the whole prompt when the episode starts).  When the next

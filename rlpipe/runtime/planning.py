@@ -8,19 +8,42 @@ config -> role specs (from plugins) -> :func:`build_graph` -> role requests
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
 
-from rlpipe.core.config import RunConfig
-from rlpipe.core.errors import GraphError, PlacementError, PluginError, Problem, RlpipeError, RoleNotRunnableError
+from rlpipe.core.errors import (
+    GraphError,
+    PlacementError,
+    PluginError,
+    Problem,
+    RlpipeError,
+    RoleNotRunnableError,
+)
 from rlpipe.core.graph import StageGraph, build_graph
-from rlpipe.core.memory import DeviceCapacity, MemoryBudget, MemoryEstimate, describe_devices, device_capacity, format_bytes, too_big
-from rlpipe.core.placement import DeviceInfo, MeshSpec, PlacementPlan, PlanContext, RoleRequest, check_requests, device_pool
+from rlpipe.core.memory import (
+    DeviceCapacity,
+    MemoryBudget,
+    MemoryEstimate,
+    describe_devices,
+    device_capacity,
+    format_bytes,
+)
+from rlpipe.core.placement import (
+    DeviceInfo,
+    MeshSpec,
+    PlacementPlan,
+    PlanContext,
+    RoleRequest,
+    check_requests,
+    device_pool,
+)
 from rlpipe.core.plugins import Registry
 from rlpipe.core.specs import BuildContext, RoleSpec
 from rlpipe.core.stage import Stage
+from rlpipe.runtime.run_config import RunConfig
 
 #: ``colocate_with`` aliases.
 ROLE_ALIASES = {"actor": "trainer"}
@@ -233,3 +256,30 @@ def build_stages(planned: Planned, *, context: BuildContext) -> dict[str, Stage]
         raise RoleNotRunnableError("\n".join(f"roles.{n}: {s.unavailable or 'this role has no stage to run'}" for n, s in missing))
     return {name: spec.factory(planned.config.roles[name], planned.plan.role(name), context=context)
             for name, spec in planned.roles.items()}
+
+
+#: What to change when one role does not fit, by the kind of memory that dominates.
+REMEDIES = {
+    "parameters": "more devices on its mesh's fsdp axis, or model.dtype=bfloat16",
+    "optimizer_state": "more devices on its mesh's fsdp axis, model.dtype=bfloat16, or optimizer=sgd",
+    "gradients": "more devices on its mesh's fsdp axis, or model.dtype=bfloat16",
+    "kv_cache": "fewer rows in flight (train.prompts_per_item, roles.rollout.num_generations), shorter "
+                "sequences (roles.rollout.max_new_tokens, task.max_prompt_tokens), or model.dtype=bfloat16",
+    "activations": "a smaller roles.<role>.micro_batch_size, shorter sequences (roles.rollout.max_new_tokens, "
+                   "task.max_prompt_tokens), or model.dtype=bfloat16",
+}
+
+
+def too_big(role: str, estimate: MemoryEstimate, mesh: MeshSpec, capacity: DeviceCapacity, *, why: str = "") -> str:
+    """The one-line reason a role does not fit on its devices, with what to change
+    (``why`` is appended to the reason, before the remedy)."""
+    parts = {f.name: getattr(estimate, f.name) for f in attrs.fields(MemoryEstimate)}
+    largest = max(parts, key=parts.get)
+    shown = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in parts.items() if v)
+    # A generating role's activations scale with its rows in flight, not a micro-batch.
+    remedy = REMEDIES["kv_cache" if largest == "activations" and estimate.kv_cache else largest].replace("<role>", role)
+    n = math.prod(mesh.shape)
+    return (f"needs an estimated {format_bytes(estimate.total)} per device ({shown}) on mesh {list(mesh.shape)} "
+            f"({', '.join(mesh.axes)}) over {n} device{'s' if n != 1 else ''}, but a device holds "
+            f"{format_bytes(capacity.bytes)} ({capacity.source}){why}; offloading other roles cannot help it: try "
+            f"{remedy}; `rlpipe plan` shows the breakdown")

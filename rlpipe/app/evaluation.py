@@ -41,35 +41,16 @@ overlong example is left out and counted in ``prompts_rejected``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from rlpipe.core.config import RunConfig
-from rlpipe.core.errors import RunError
+from rlpipe.app.held_out import EvaluationError, evaluation_examples, pass_at_k
 from rlpipe.core.plugins import Registry
-from rlpipe.data import encode_prompt, fit_prompt, pad_prompts
-
-
-#: :func:`evaluate` stops looking for more distinct examples after this many
-#: draws in a row (or ten times ``num_examples``) brought none.
-MAX_DRAWS_WITHOUT_NEW = 1000
-
-
-class EvaluationError(RunError):
-    """A reward function raised while scoring an evaluation sample (and
-    ``roles.reward.on_error`` is ``fail``)."""
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """The unbiased pass@k estimate from ``n`` samples of which ``c`` are correct:
-    ``1 - C(n - c, k) / C(n, k)``, computed as a stable product."""
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+from rlpipe.models.loading import policy_state
+from rlpipe.models.prompts import pad_prompts
+from rlpipe.runtime.run_config import RunConfig
 
 
 def _reward_terms(config: RunConfig, registry: Registry) -> tuple[list[tuple[str, float, Any]], tuple[str, Any], str]:
@@ -89,101 +70,6 @@ def _reward_terms(config: RunConfig, registry: Registry) -> tuple[list[tuple[str
              for i, (n, w) in enumerate(names)]
     primary = spec.rewards[0] if spec.rewards else names[0][0]
     return terms, (primary, fn(primary, f"task {config.task.name!r}: reward function 0")), getattr(reward, "on_error", "fail")
-
-
-def _policy(config: RunConfig, mesh: Any, model_state: Any) -> tuple[Any, Any, Any]:
-    """The policy's graphdef, parameter state on ``mesh``, and dtype.  Without
-    ``model_state``: built as the rollout role builds it.  With it: only the
-    model's shapes are derived (no random init, no checkpoint read) and
-    ``model_state`` is laid out on ``mesh``."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from rlpipe.models.decoder import Decoder
-    from rlpipe.models.loading import load_model, preset
-    from rlpipe.models.sharding import shardings_for
-
-    if model_state is None:
-        model = load_model(config.model, mesh=mesh, seed=config.train.seed)
-        graphdef, state = nnx.split(model)
-        return graphdef, state, model.dtype
-    if config.model.path:
-        import json
-        from pathlib import Path
-
-        from rlpipe.models.hf import config_from_hf
-
-        file = Path(config.model.path) / "config.json"
-        shape = config_from_hf(json.loads(file.read_text()), source=str(file))
-    else:
-        shape = preset(config.model.preset)
-    dtype = jnp.dtype(config.model.dtype)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(shape, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(params=config.train.seed))))
-    return graphdef, _install(abstract, model_state, shardings_for(abstract, mesh), dtype), dtype
-
-
-def _install(state: Any, model_state: Any, shardings: Any, dtype: Any) -> Any:
-    """``model_state`` laid out as ``shardings`` and cast to ``dtype``, after
-    checking that it has the structure and shapes of ``state``."""
-    import jax
-
-    from rlpipe.core import weights
-
-    want, got = jax.tree_util.tree_structure(state), jax.tree_util.tree_structure(model_state)
-    if want != got:
-        raise ValueError("model_state does not have the policy's parameter structure (an nnx state like "
-                         f"nnx.split(model)[1]); expected {want}, got {got}")
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree_util.tree_leaves(model_state)):
-        if tuple(a.shape) != tuple(np.shape(b)):
-            raise ValueError(f"model_state{jax.tree_util.keystr(path)}: shape {tuple(np.shape(b))}, "
-                             f"the policy's is {tuple(a.shape)}")
-    if not all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(model_state)):
-        model_state = jax.device_put(model_state, shardings)  # host arrays (e.g. a restored checkpoint)
-    return weights.sync(model_state, shardings, dtype=dtype)
-
-
-def _distinct(stream: Iterator[dict[str, Any]], count: int) -> Iterator[dict[str, Any]]:
-    """The first ``count`` distinct examples (by prompt and answer) of ``stream``;
-    fewer when ``MAX_DRAWS_WITHOUT_NEW`` draws in a row bring nothing new (a
-    generated task whose held-out split is smaller than ``count``)."""
-    seen: set[tuple[str, str]] = set()
-    stale = 0
-    while len(seen) < count and stale < max(MAX_DRAWS_WITHOUT_NEW, 10 * count):
-        ex = next(stream, None)
-        if ex is None:
-            return
-        key = (str(ex["prompt"]), str(ex.get("answer")))
-        if key in seen:
-            stale += 1
-            continue
-        seen.add(key)
-        stale = 0
-        yield ex
-
-
-def evaluation_examples(config: RunConfig, registry: Registry, *, split: str, num_examples: int,
-                        data_seed: int) -> tuple[list[dict[str, Any]], list[list[int]], int, int]:
-    """The examples evaluation uses (see the module docstring) and their
-    encoded, length-limited prompts: ``(examples, prompts, rejected,
-    truncated)``."""
-    from rlpipe.models.loading import load_tokenizer
-
-    task = registry.get("rlpipe_tasks", config.task.name, path="task.name").factory(config.task.options)
-    size = getattr(task, "size", None)
-    count = min(num_examples, size(split)) if callable(size) else num_examples
-    tokenizer = load_tokenizer(config.model)
-    examples, prompts = [], []
-    rejected = truncated = 0
-    for ex in _distinct(task.examples(seed=data_seed, split=split), count):
-        ids = encode_prompt(tokenizer, ex["prompt"])
-        fitted = fit_prompt(ids, config.task.max_prompt_tokens, config.task.overlong_prompts)
-        if fitted is None:
-            rejected += 1
-            continue
-        truncated += len(fitted) < len(ids)
-        examples.append(ex)
-        prompts.append(fitted)
-    return examples, prompts, rejected, truncated
 
 
 def evaluate(config: RunConfig, registry: Registry, *, model_state: Any = None, split: str = "eval",
@@ -220,16 +106,16 @@ def evaluate(config: RunConfig, registry: Registry, *, model_state: Any = None, 
         ``sampled/pass@k``, ...), counts and the settings they were measured with.
         A metric over no examples is ``None``.  A config whose rollout has an
         environment is evaluated by episodes instead
-        (:func:`rlpipe.agentic.evaluation.evaluate_agentic`: success rate and
+        (:func:`rlpipe.app.agentic_evaluation.evaluate_agentic`: success rate and
         tool-use statistics).
     """
     import jax
     from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
     from rlpipe.core.placement import make_mesh
-    from rlpipe.core.planning import plan_run
+    from rlpipe.models.generation import SamplingParams
     from rlpipe.models.loading import load_tokenizer
-    from rlpipe.models.sampling import SamplingParams
+    from rlpipe.runtime.planning import plan_run
 
     n = k if num_samples is None else num_samples
     if k < 0 or n < k or num_examples < 0 or batch_size < 1:
@@ -238,7 +124,7 @@ def evaluate(config: RunConfig, registry: Registry, *, model_state: Any = None, 
     seed = config.train.seed if seed is None else seed
     rollout_config = config.roles.get("rollout")
     if getattr(rollout_config, "environment", None) is not None:
-        from rlpipe.agentic.evaluation import evaluate_agentic
+        from rlpipe.app.agentic_evaluation import evaluate_agentic
 
         return evaluate_agentic(config, registry, model_state=model_state, split=split, num_examples=num_examples, k=k,
                                 num_samples=n, batch_size=batch_size, seed=seed, data_seed=data_seed,
@@ -259,7 +145,7 @@ def evaluate(config: RunConfig, registry: Registry, *, model_state: Any = None, 
     # -- the policy, as the rollout role builds it ----------------------------------
     if mesh is None:
         mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tp"), axis_types=(AxisType.Auto,) * 2)
-    graphdef, state, dtype = _policy(config, mesh, model_state)
+    graphdef, state, dtype = policy_state(config.model, mesh, model_state, seed=config.train.seed)
     engine = registry.get("rlpipe_rollout_engines", rollout.engine, path="roles.rollout.engine").factory(
         graphdef, cache_dtype=dtype)
     placement = NamedSharding(mesh, PartitionSpec())

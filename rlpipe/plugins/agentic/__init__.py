@@ -8,10 +8,26 @@ tool-call formats (``rlpipe_tool_parsers``).
 
 from __future__ import annotations
 
-from rlpipe.agentic.environment import Environment, EnvironmentContext, EnvironmentSection, Step
-from rlpipe.agentic.episodes import Episode, EpisodeBatch, EpisodeRunner, episode_metrics
-from rlpipe.agentic.scoring import TaskRewards
-from rlpipe.agentic.tools import ToolCall, ToolError, ToolParser, resolve_arguments, run_tool
+from rlpipe.plugins.agentic.environment import (
+           Environment,
+           EnvironmentContext,
+           EnvironmentSection,
+           Step,
+)
+from rlpipe.plugins.agentic.episodes import (
+           Episode,
+           EpisodeBatch,
+           EpisodeRunner,
+           episode_metrics,
+)
+from rlpipe.plugins.agentic.scoring import TaskRewards
+from rlpipe.plugins.agentic.tools import (
+           ToolCall,
+           ToolError,
+           ToolParser,
+           resolve_arguments,
+           run_tool,
+)
 
 __all__ = ["Environment", "EnvironmentContext", "EnvironmentSection", "Episode", "EpisodeBatch", "EpisodeRunner",
            "Step", "TaskRewards", "ToolCall", "ToolError", "ToolParser", "episode_metrics", "resolve_arguments",

@@ -1,18 +1,18 @@
 """A training run: prompts from a task, the planned stages, the executor, the run directory.
 
 The path from ``rlpipe train`` down: resolve config and plugins
-(:mod:`rlpipe.core.config`), plan placement (:func:`rlpipe.core.planning.plan_run`),
-build each role's stage on its placement (:func:`~rlpipe.core.planning.build_stages`),
+(:mod:`rlpipe.core.config`), plan placement (:func:`rlpipe.runtime.planning.plan_run`),
+build each role's stage on its placement (:func:`~rlpipe.runtime.planning.build_stages`),
 connect the trainer's weight publish to the rollout, restore the latest
 checkpoint when the run directory has one, and run the stage graph
-(:class:`rlpipe.core.graph.Executor`) on items made from the task's examples.
+(:class:`rlpipe.core.executor.Executor`) on items made from the task's examples.
 
 The run directory (docs/runs.md) holds ``config.yaml`` (resolved),
 ``plan.json``, ``metrics.jsonl`` (one object per step, written as each step
-ends), ``checkpoints/`` (orbax, :mod:`rlpipe.core.checkpoint`) and
+ends), ``checkpoints/`` (orbax, :mod:`rlpipe.runtime.checkpoint`) and
 ``trace.json`` (Chrome trace events, written at the end, also after a failure).
 
-In a multi-process run (:mod:`rlpipe.distributed`, docs/scaling.md) every
+In a multi-process run (:mod:`rlpipe.runtime.distributed`, docs/scaling.md) every
 process calls :func:`train` with the same config: process 0 alone writes
 ``config.yaml``, ``plan.json``, ``metrics.jsonl`` and TensorBoard; every
 process writes its own timeline (``trace.json`` for process 0,
@@ -32,17 +32,19 @@ from typing import Any
 
 import attrs
 
-from rlpipe import __version__, distributed
-from rlpipe.core.checkpoint import CheckpointError, RunCheckpointer
-from rlpipe.core.config import RunConfig, dump_yaml
+from rlpipe import __version__
+from rlpipe.core.config import dump_yaml
 from rlpipe.core.errors import RunError, UsageError
-from rlpipe.core.graph import Executor, RunSummary, Snapshot
-from rlpipe.core.planning import build_stages, plan_run
+from rlpipe.core.executor import Executor, RunSummary, Snapshot
 from rlpipe.core.plugins import Registry
 from rlpipe.core.specs import BuildContext
 from rlpipe.core.stage import StatefulStage
-from rlpipe.data import PromptCounters, prompt_items
-from rlpipe.core.telemetry import Trace
+from rlpipe.models.prompts import PromptCounters, prompt_items
+from rlpipe.runtime import distributed
+from rlpipe.runtime.checkpoint import CheckpointError, RunCheckpointer
+from rlpipe.runtime.planning import build_stages, plan_run
+from rlpipe.runtime.run_config import RunConfig
+from rlpipe.runtime.trace import Trace
 
 #: Config keys a resumed run may change; any other change is refused.
 RESUMABLE_CHANGES = ("train.steps", "checkpoint.", "telemetry.")
@@ -137,7 +139,7 @@ def _check_multiprocess_plan(planned: Any, session: distributed.Session | None, 
     """What a multi-process run needs of the plan: process 0 writes the
     metrics, so it holds some of the sink's devices (the built-in policies give
     the trainer device 0 first); and a stateful role on a single process must
-    be on process 0 (see :func:`rlpipe.core.checkpoint.single_process`)."""
+    be on process 0 (see :func:`rlpipe.runtime.checkpoint.single_process`)."""
     if session is None:
         return
     import jax
@@ -171,7 +173,7 @@ def _same_config(config: RunConfig, session: distributed.Session) -> None:
 class _SamePrompts:
     """Checks that this process made the same prompts as process 0: arrays fed to
     programs that span processes are assembled from each process's own copy
-    (:func:`rlpipe.distributed.put`), so data that differs between processes
+    (:func:`rlpipe.runtime.distributed.put`), so data that differs between processes
     would silently mix.  The check never makes the data source wait for
     process 0; steps not yet comparable are compared later, the rest at the
     end of the run (:meth:`finish`)."""
@@ -327,7 +329,7 @@ def train(config: RunConfig, registry: Registry, *, run_dir: str | Path,
         (run_dir / "plan.json").write_text(json.dumps(planned.plan.to_json(), indent=2) + "\n")
     sink = None
     if config.telemetry.tensorboard and primary:  # created up front: a missing extra is a config error, not a stage failure
-        from rlpipe.tensorboard import TensorBoardSink
+        from rlpipe.runtime.tensorboard import TensorBoardSink
 
         sink = TensorBoardSink(run_dir / "tensorboard")
     trace = Trace(process_index=distributed.process_index())

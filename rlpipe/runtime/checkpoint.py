@@ -5,12 +5,16 @@ holds, as orbax items:
 
 * ``stage.<role>``: every stateful stage's ``state()`` after its barrier of
   step ``k`` (trainer and critic parameters and optimizer states), arrays
-  only, keyed by their pytree path;
+  only, as a nested tree of plain dicts that keeps the state's structure
+  (see :func:`tree_of`): the trainer's item reads
+  ``{"params": {"layers": {"0": {...}}}, "opt_state": {"0": {"mu": ...}}}``;
 * ``pending``: the fields the head stages (rollout) produced for steps
-  ``k + 1 .. k + lag`` of an asynchronous run: generated, not yet trained on;
+  ``k + 1 .. k + lag`` of an asynchronous run: generated, not yet trained on,
+  as ``{role: {"<step>": {"<index>": {field: array}}}}``;
 * ``meta`` (JSON): the step, the policy version, the data position, the seed,
-  the scalar leaves of the stage states, and a fingerprint of the config
-  keys that must not change between runs.
+  the scalar leaves of the stage states (``scalars``: ``{role: nested tree}``,
+  the same nesting as the arrays), and a fingerprint of the config keys that
+  must not change between runs.
 
 Saves are asynchronous (the arrays are already in host memory when a save
 starts) and atomic: orbax writes into a temporary directory and renames it,
@@ -20,7 +24,7 @@ how many are kept.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +34,7 @@ import numpy as np
 from rlpipe.core.errors import UsageError
 
 #: Bumped when the checkpoint layout changes incompatibly.
-FORMAT = 1
+FORMAT = 2
 
 
 class CheckpointError(UsageError):
@@ -47,32 +51,104 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
 
 
-def flatten(tree: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Splits a pytree into ``{path: array}`` and ``{path: scalar}`` (JSON-able)."""
-    arrays, scalars = {}, {}
+def _entry(entry: Any) -> str:
+    """The plain-dict key of one pytree path entry: a dict key, an attribute
+    name (optax NamedTuples, nnx Variables' ``value``) or a sequence index."""
+    if isinstance(entry, jax.tree_util.DictKey):
+        return str(entry.key)
+    if isinstance(entry, jax.tree_util.GetAttrKey):
+        return entry.name
+    if isinstance(entry, jax.tree_util.SequenceKey):
+        return str(entry.idx)
+    if isinstance(entry, jax.tree_util.FlattenedIndexKey):
+        return str(entry.key)
+    return str(entry)
+
+
+def keys_of(path: Sequence[Any]) -> tuple[str, ...]:
+    """A pytree path (``tree_flatten_with_path``'s) as plain-dict keys."""
+    return tuple(_entry(e) for e in path)
+
+
+def show(keys: Sequence[str]) -> str:
+    """A readable path: ``params/layers/0/mlp/up_proj/kernel``."""
+    return "/".join(keys) or "(the whole state)"
+
+
+def _insert(tree: dict, keys: tuple[str, ...], value: Any) -> None:
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise TypeError(f"state paths {show(keys[:i + 1])} and {show(keys)} collide as plain-dict keys")
+    if not keys:
+        raise TypeError("a stage state is a tree of arrays and scalars (a dict, an nnx State, ...), not a single leaf")
+    if keys[-1] in node:
+        raise TypeError(f"state path {show(keys)} collides with another one as plain-dict keys")
+    node[keys[-1]] = value
+
+
+def _lookup(tree: Any, keys: Sequence[str]) -> Any:
+    """``tree[k0][k1]...``; ``KeyError`` when a key is missing."""
+    for key in keys:
+        if not isinstance(tree, Mapping) or key not in tree:
+            raise KeyError(key)
+        tree = tree[key]
+    return tree
+
+
+def tree_of(tree: Any, *, array: Callable[[tuple[str, ...], Any], Any] = lambda keys, x: x
+            ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Splits a pytree into two nested plain-dict trees that keep its
+    structure, ``(arrays, scalars)``: dict keys stay keys, attribute names
+    (NamedTuple fields) and sequence indices become string keys.  ``array``
+    maps each array leaf (with its keys) to what the tree holds.
+
+    Raises:
+        TypeError: a leaf that is neither an array nor a JSON-able scalar.
+    """
+    arrays: dict[str, Any] = {}
+    scalars: dict[str, Any] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        key = jax.tree_util.keystr(path)
+        keys = keys_of(path)
         if _is_array(leaf):
-            arrays[key] = leaf
+            _insert(arrays, keys, array(keys, leaf))
         elif isinstance(leaf, (bool, int, float, str, np.generic)) or leaf is None:
-            scalars[key] = leaf.item() if isinstance(leaf, np.generic) else leaf
+            _insert(scalars, keys, leaf.item() if isinstance(leaf, np.generic) else leaf)
         else:
-            raise TypeError(f"state leaf {key} is a {type(leaf).__name__}; a stage state holds arrays and scalars only")
+            raise TypeError(f"state leaf {show(keys)} is a {type(leaf).__name__}; a stage state holds arrays and "
+                            "scalars only")
     return arrays, scalars
 
 
-def unflatten(template: Any, arrays: Mapping[str, Any], scalars: Mapping[str, Any]) -> Any:
-    """The inverse of :func:`flatten`, shaped like ``template``."""
+def from_tree(template: Any, arrays: Any, scalars: Any, *, where: str = "the checkpoint") -> Any:
+    """The inverse of :func:`tree_of`, shaped like ``template`` (its pytree
+    node types: nnx States, optax NamedTuples, ...).
+
+    Raises:
+        CheckpointError: a leaf of ``template`` that the trees lack, named.
+    """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     out = []
-    for path, _ in leaves:
-        key = jax.tree_util.keystr(path)
-        out.append(arrays[key] if key in arrays else scalars[key])
+    for path, leaf in leaves:
+        keys = keys_of(path)
+        try:
+            out.append(_lookup(arrays if _is_array(leaf) else scalars, keys))
+        except KeyError:
+            what = "array" if _is_array(leaf) else "scalar"
+            raise CheckpointError(f"{where}: no {what} {show(keys)}; the stage state changed since the checkpoint "
+                                  "was written") from None
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _pending_arrays(pending: Mapping[str, Mapping[int, Mapping[int, Mapping[str, Any]]]]) -> dict[str, np.ndarray]:
-    out = {}
+def _leaves(tree: Any) -> dict[tuple[str, ...], Any]:
+    """``{keys: leaf}`` of a nested tree (of arrays or orbax array metadata)."""
+    return {keys_of(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _pending_save(pending: Mapping[str, Mapping[int, Mapping[int, Mapping[str, Any]]]]) -> dict[str, Any]:
+    """``{role: {"<step>": {"<index>": {field: array}}}}`` (orbax keys are strings)."""
+    out: dict[str, Any] = {}
     for role, by_step in pending.items():
         for step, by_index in by_step.items():
             for index, fields in by_index.items():
@@ -80,16 +156,16 @@ def _pending_arrays(pending: Mapping[str, Mapping[int, Mapping[int, Mapping[str,
                     value = np.asarray(value)
                     if value.dtype == object:
                         raise TypeError(f"{role} produced field {name!r} as Python objects; only arrays can be checkpointed")
-                    out[f"{role}|{step}|{index}|{name}"] = value
+                    out.setdefault(role, {}).setdefault(str(step), {}).setdefault(str(index), {})[name] = value
     return out
 
 
-def _pending_tree(flat: Mapping[str, Any]) -> dict[str, dict[int, dict[int, dict[str, np.ndarray]]]]:
-    out: dict = {}
-    for key, value in flat.items():
-        role, step, index, name = key.split("|")
-        out.setdefault(role, {}).setdefault(int(step), {}).setdefault(int(index), {})[name] = np.asarray(value)
-    return out
+def _pending_restored(tree: Mapping[str, Any]) -> dict[str, dict[int, dict[int, dict[str, np.ndarray]]]]:
+    """The inverse of :func:`_pending_save`: integer steps and indices, numpy fields."""
+    return {role: {int(step): {int(index): {name: np.asarray(value) for name, value in fields.items()}
+                               for index, fields in by_index.items()}
+                   for step, by_index in by_step.items()}
+            for role, by_step in tree.items()}
 
 
 class RunCheckpointer:
@@ -113,12 +189,13 @@ class RunCheckpointer:
         items: dict[str, Any] = {}
         scalars: dict[str, dict[str, Any]] = {}
         for role, state in states.items():
-            arrays, scalars[role] = flatten(state)
-            arrays = {k: _saveable(f"stage.{role}", k, v) for k, v in arrays.items()}
-            items[f"stage.{role}"] = ocp.args.StandardSave(arrays)
-        flat_pending = _pending_arrays(pending)
-        if flat_pending:
-            items["pending"] = ocp.args.StandardSave(flat_pending)
+            item = f"stage.{role}"
+            arrays, scalars[role] = tree_of(state, array=lambda keys, x, item=item: _saveable(item, show(keys), x))
+            if arrays:  # orbax refuses an empty item; a state of scalars only lives in meta
+                items[item] = ocp.args.StandardSave(arrays)
+        saved_pending = _pending_save(pending)
+        if saved_pending:
+            items["pending"] = ocp.args.StandardSave(saved_pending)
         record = {"format": FORMAT, "step": step, "roles": sorted(states), "scalars": scalars,
                   "pending_steps": sorted({s for by_step in pending.values() for s in by_step}), **meta}
         items["meta"] = ocp.args.JsonSave(record)
@@ -178,53 +255,66 @@ class RunCheckpointer:
                     ([f"holds state for role(s) {', '.join(extra)} that this run does not have"] if extra else [])
             raise CheckpointError(f"{base}: the checkpoint {' and '.join(parts)}; the roles changed since it was written")
         items: dict[str, Any] = {}
-        abstract_by_role = {}
         for role, template in templates.items():
-            arrays, _ = flatten(template)
-            abstract = {k: np.empty(v.shape, v.dtype) if single_process(v) is not None  # saved as numpy: see _saveable
-                        else jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=_restore_sharding(v)) for k, v in arrays.items()}
-            self._check_shapes(base / f"stage.{role}", step, f"stage.{role}", abstract)
-            abstract_by_role[role] = abstract
-            items[f"stage.{role}"] = ocp.args.StandardRestore(abstract)
+            abstract, _ = tree_of(template, array=lambda keys, v: (
+                np.empty(v.shape, v.dtype) if single_process(v) is not None  # saved as numpy: see _saveable
+                else jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=_restore_sharding(v))))
+            if abstract or (base / f"stage.{role}").is_dir():
+                self._check_shapes(base / f"stage.{role}", step, f"stage.{role}", abstract)
+            if abstract:
+                items[f"stage.{role}"] = ocp.args.StandardRestore(abstract)
         if meta["pending_steps"]:
             items["pending"] = ocp.args.StandardRestore()
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as exc:  # noqa: BLE001 - named by file
             raise CheckpointError(f"{base}: cannot restore the checkpoint: {_reason(exc)}") from exc
-        states = {role: unflatten(templates[role], restored[f"stage.{role}"], meta["scalars"].get(role, {}))
+        states = {role: from_tree(templates[role], restored[f"stage.{role}"] if f"stage.{role}" in items else {},
+                                  meta["scalars"].get(role, {}), where=str(base / f"stage.{role}"))
                   for role in templates}
-        pending = _pending_tree(restored["pending"]) if meta["pending_steps"] else {}
+        pending = _pending_restored(restored["pending"]) if meta["pending_steps"] else {}
         return states, pending, meta
 
-    def restore_subtree(self, step: int, role: str, prefix: str, template: Any) -> Any:
-        """Reads only the arrays of ``role``'s state under ``prefix`` (e.g. the
-        trainer's ``['params']``, without its optimizer state), shaped and
-        placed like ``template``.
+    def restore_subtree(self, step: int, role: str, path: Sequence[Any], template: Any) -> Any:
+        """Reads only the arrays of ``role``'s state under the tree path
+        ``path``, a tuple of keys into it (e.g. the trainer's ``("params",)``,
+        without its optimizer state), shaped and placed like ``template``.
+
+        Keys are matched as the saved tree spells them: strings, with sequence
+        indices as their decimal string (``("params", "layers", 0)`` works too).
 
         Raises:
             CheckpointError: naming the file and the array that is missing or
                 does not match.
         """
         ocp = _ocp()
-        self.meta(step)
-        path = self.directory / str(step) / f"stage.{role}"
-        arrays, _ = flatten(template)
-        abstract = {prefix + k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=_restore_sharding(v))
-                    for k, v in arrays.items()}
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: missing from the checkpoint (the run has no {role!r} state)")
-        self._check_shapes(path, step, f"stage.{role}", abstract, partial=True)
+        meta = self.meta(step)
+        where = self.directory / str(step) / f"stage.{role}"
+        if isinstance(path, (str, bytes)):
+            raise TypeError(f"restore_subtree takes a tuple of keys as its path, not the string {path!r}")
+        prefix = tuple(str(k) for k in path)
+        sub, _ = tree_of(template, array=lambda keys, v: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                                                               sharding=_restore_sharding(v)))
+        abstract: dict[str, Any] = sub
+        for key in reversed(prefix):
+            abstract = {key: abstract}
+        if not where.is_dir():
+            raise CheckpointError(f"{where}: missing from the checkpoint (the run has no {role!r} state)")
+        self._check_shapes(where, step, f"stage.{role}", abstract, partial=True)
         from etils import epath
 
         try:
             restored = ocp.PyTreeCheckpointer().restore(
-                epath.Path(path), args=ocp.args.PyTreeRestore(
+                epath.Path(where), args=ocp.args.PyTreeRestore(
                     item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-                    partial_restore=True))
+                    partial_restore=True)) if sub else {}
         except Exception as exc:  # noqa: BLE001 - named by file
-            raise CheckpointError(f"{path}: cannot restore the checkpoint: {_reason(exc)}") from exc
-        return unflatten(template, {k[len(prefix):]: v for k, v in restored.items()}, {})
+            raise CheckpointError(f"{where}: cannot restore the checkpoint: {_reason(exc)}") from exc
+        try:
+            scalars = _lookup(meta.get("scalars", {}).get(role, {}), prefix)
+        except KeyError:
+            scalars = {}
+        return from_tree(template, _lookup(restored, prefix) if sub else {}, scalars, where=str(where))
 
     def _check_shapes(self, path: Path, step: int, item: str, abstract: Mapping[str, Any], *, partial: bool = False) -> None:
         """Names the first array whose saved shape differs from the run's, or
@@ -235,20 +325,23 @@ class RunCheckpointer:
         try:
             from etils import epath
 
-            saved = dict(_ocp().StandardCheckpointHandler().metadata(epath.Path(path)))
+            metadata = _ocp().StandardCheckpointHandler().metadata(epath.Path(path))
+            saved = _leaves(getattr(metadata, "tree", metadata))
         except Exception as exc:  # noqa: BLE001
             raise CheckpointError(f"{path}: cannot read the checkpoint: {_reason(exc)}") from exc
-        for key, want in abstract.items():
-            if key not in saved:
-                raise CheckpointError(f"{path}: no array {key}; the model or optimizer changed since the checkpoint was written")
-            got = saved[key]
-            shape = tuple(getattr(got, "shape", ()))
+        wanted = _leaves(abstract)
+        for keys, want in wanted.items():
+            if keys not in saved:
+                raise CheckpointError(f"{path}: no array {show(keys)}; the model or optimizer changed since the "
+                                      "checkpoint was written")
+            shape = tuple(getattr(saved[keys], "shape", ()))
             if shape != tuple(want.shape):
-                raise CheckpointError(f"{path}: {key} has shape {list(shape)} in the checkpoint but {list(want.shape)} "
-                                      "in this run (did the model config change?)")
-        unknown = [] if partial else sorted(set(saved) - set(abstract))
+                raise CheckpointError(f"{path}: {show(keys)} has shape {list(shape)} in the checkpoint but "
+                                      f"{list(want.shape)} in this run (did the model config change?)")
+        unknown = [] if partial else sorted(set(saved) - set(wanted))
         if unknown:
-            raise CheckpointError(f"{path}: array {unknown[0]} is not part of this run's state (did the model or optimizer change?)")
+            raise CheckpointError(f"{path}: array {show(unknown[0])} is not part of this run's state (did the model "
+                                  "or optimizer change?)")
 
 
 def single_process(x: Any) -> int | None:

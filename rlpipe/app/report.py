@@ -13,7 +13,7 @@
   last step's first item — each episode's span, its turns' ``generate`` and ``step``
   spans and its ``tool`` calls (the detail tracks ``rollout/episodes NN``);
 * ``report.md``: run facts, the images, and the idle fraction of each device
-  group with each role's busy time (definitions in :mod:`rlpipe.core.timeline`).
+  group with each role's busy time (definitions in :mod:`rlpipe.app.timeline`).
 
 A crashed run is reported on as far as its files go: unreadable metrics lines
 are skipped and a missing trace leaves out the timeline, each with a note.
@@ -30,9 +30,9 @@ from typing import Any
 
 import attrs
 
-from rlpipe.core import timeline as tl
+from rlpipe.app import timeline as tl
 from rlpipe.core.errors import RunDirError
-from rlpipe.core.telemetry import DETAIL_SEPARATOR, is_detail_track
+from rlpipe.runtime.trace import DETAIL_SEPARATOR, is_detail_track
 
 DEFAULT_LAST_STEPS = 5
 
@@ -131,7 +131,7 @@ def _read_json_object(path: Path, notes: list[str]) -> dict[str, Any] | None:
 
 
 def _check_plan(path: Path, plan: dict[str, Any] | None) -> dict[str, Any] | None:
-    """``plan`` if its roles are what :func:`rlpipe.core.timeline.device_groups` reads."""
+    """``plan`` if its roles are what :func:`rlpipe.app.timeline.device_groups` reads."""
     if plan is None:
         return None
     roles = plan.get("roles")

@@ -1,8 +1,8 @@
 """Evaluating an agentic config: episodes on held-out examples.
 
-:func:`rlpipe.evaluate.evaluate` comes here when ``roles.rollout.environment``
+:func:`rlpipe.app.evaluation.evaluate` comes here when ``roles.rollout.environment``
 is set.  The policy, examples and seeds are chosen as for a plain task
-(:mod:`rlpipe.evaluate`); each example is run as **episodes** with the run's
+(:mod:`rlpipe.app.evaluation`); each example is run as **episodes** with the run's
 environment and limits: one greedy episode, and ``num_samples`` sampled ones
 at the rollout's settings.  For ``greedy`` and ``sampled``:
 
@@ -27,8 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from rlpipe.agentic.environment import environment_options
-from rlpipe.agentic.episodes import Episode, EpisodeRunner
+from rlpipe.app.held_out import evaluation_examples, pass_at_k
+from rlpipe.models.loading import policy_state
+from rlpipe.plugins.agentic.environment import environment_options
+from rlpipe.plugins.agentic.episodes import Episode, EpisodeRunner
 
 
 def _successful(ep: Episode, threshold: float) -> bool:
@@ -65,7 +67,7 @@ def evaluate_agentic(config: Any, registry: Any, *, model_state: Any = None, spl
                      data_seed: int = 0, correct_threshold: float = 1.0, mesh: Any = None,
                      details: bool = False) -> dict[str, Any]:
     """Evaluates an agentic config's policy by episodes (see the module
-    docstring); the arguments are :func:`rlpipe.evaluate.evaluate`'s, with
+    docstring); the arguments are :func:`rlpipe.app.evaluation.evaluate`'s, with
     ``batch_size`` the most episodes in flight at once.
 
     Returns:
@@ -77,10 +79,9 @@ def evaluate_agentic(config: Any, registry: Any, *, model_state: Any = None, spl
     from jax.sharding import NamedSharding, PartitionSpec
 
     from rlpipe.core.placement import make_mesh
-    from rlpipe.core.planning import plan_run
-    from rlpipe.evaluate import _policy, evaluation_examples, pass_at_k
+    from rlpipe.models.generation import SamplingParams
     from rlpipe.models.loading import load_tokenizer
-    from rlpipe.models.sampling import SamplingParams
+    from rlpipe.runtime.planning import plan_run
 
     n = k if num_samples is None else num_samples
     if k < 0 or n < k or num_examples < 0 or batch_size < 1:
@@ -97,7 +98,7 @@ def evaluate_agentic(config: Any, registry: Any, *, model_state: Any = None, spl
     examples, prompts, rejected, truncated = evaluation_examples(config, registry, split=split, num_examples=num_examples,
                                                                  data_seed=data_seed)
     tokenizer = load_tokenizer(config.model)
-    graphdef, state, dtype = _policy(config, mesh, model_state)
+    graphdef, state, dtype = policy_state(config.model, mesh, model_state, seed=config.train.seed)
     engine = registry.get("rlpipe_rollout_engines", rollout.engine, path="roles.rollout.engine").factory(graphdef, cache_dtype=dtype)
     stops = tuple(dict.fromkeys(t for t in (tokenizer.eos_id, *rollout.stop_tokens) if t is not None))
     turn = section.max_turn_tokens or rollout.max_new_tokens

@@ -7,7 +7,7 @@ Weight sync is a function of (source placement, target placement):
 * disjoint devices: ``jax.device_put`` to the target shardings (a device to
   device transfer), then the cast, if any, on the target;
 * disjoint devices of several processes (a multi-process run): a transfer
-  every process takes part in (:func:`rlpipe.distributed.transfer`).
+  every process takes part in (:func:`rlpipe.runtime.distributed.transfer`).
 
 Host offload moves arrays to the ``pinned_host`` memory kind with
 ``jax.device_put``, device to host directly, never through numpy (which is
@@ -25,7 +25,8 @@ HOST_MEMORY = "pinned_host"
 DEVICE_MEMORY = "device"
 
 
-def _devices(tree: Any) -> frozenset:
+def devices_of(tree: Any) -> frozenset:
+    """Every device that holds a shard of some array of ``tree``."""
     out = set()
     for x in jax.tree_util.tree_leaves(tree):
         out |= set(x.sharding.device_set) if hasattr(x, "sharding") else set(x.device_set)
@@ -46,15 +47,14 @@ def sync(source: Any, target_shardings: Any, dtype: Any = None) -> Any:
     same_dtype = dtype is None or all(x.dtype == dtype for x in leaves)
     if same_layout and same_dtype:
         return source
-    cast = (lambda x: x) if dtype is None else (lambda x: x.astype(dtype))
     target_devices = frozenset(d for s in shards for d in s.device_set)
-    if _devices(source) != target_devices:
-        from rlpipe import distributed
+    if devices_of(source) != target_devices:
+        from rlpipe.runtime import distributed
 
         if distributed.current() is not None:
             # A multi-process run: no device_put between processes; every process takes part.
             return distributed.transfer(source, target_shardings, dtype)
-    if _devices(source) == target_devices:
+    if devices_of(source) == target_devices:
         return _cast_program(dtype, target_shardings)(source)
     moved = jax.device_put(source, target_shardings)
     return moved if same_dtype else _cast_program(dtype, target_shardings)(moved)

@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-
 #: Separates a role from a detail lane in a track's name (``rollout/episodes 03``).
 DETAIL_SEPARATOR = "/"
 
@@ -27,7 +26,7 @@ def detail_track(role: str, lane: str) -> str:
     """The name of a **detail track** of ``role``: a lane of finer spans (an
     agentic rollout's episodes) shown under the role in Perfetto.  The work
     on it is already inside the role's own spans, so timeline analysis
-    (:mod:`rlpipe.core.timeline`) leaves detail tracks out."""
+    (:mod:`rlpipe.app.timeline`) leaves detail tracks out."""
     return f"{role}{DETAIL_SEPARATOR}{lane}"
 
 

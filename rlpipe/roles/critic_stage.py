@@ -1,0 +1,142 @@
+"""The critic stage: a value model trained at the global-batch barrier (PPO's critic)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from rlpipe.core.placement import RolePlacement
+from rlpipe.core.specs import BuildContext
+from rlpipe.core.stage import Batch, StageContext
+from rlpipe.roles.optimization import (
+    OptimizedState,
+    attention_mask,
+    flat_rows,
+    group_items,
+    init_optimizer_state,
+    make_optimizer,
+    on_mesh,
+)
+from rlpipe.runtime import distributed
+from rlpipe.runtime.devices import on_devices
+
+
+class ValueModel(nnx.Module):
+    """The critic: the policy's decoder trunk plus a scalar head."""
+
+    def __init__(self, trunk: Any, *, seed: int):
+        from rlpipe.models.decoder import Linear
+
+        self.trunk = trunk
+        # Starts at 0 so early value estimates do not swamp the returns.
+        self.value_head = Linear(trunk.config.hidden_size, 1, bias=True, param_dtype=trunk.dtype, rngs=nnx.Rngs(params=seed))
+        self.value_head.kernel[...] = jnp.zeros_like(self.value_head.kernel[...])
+
+    def values(self, prompt, prompt_mask, completion, completion_mask, completion_attention=None):
+        """``[rows, completion_len]``: the value of the state before each completion
+        token (0 where ``completion_mask`` is 0); the forward pass attends to
+        ``completion_attention`` (default: ``completion_mask``)."""
+        tokens = jnp.concatenate([prompt, completion], axis=1)
+        attend = completion_mask if completion_attention is None else completion_attention
+        mask = jnp.concatenate([prompt_mask, attend], axis=1).astype(bool)
+        positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+        h, _ = self.trunk.hidden(tokens, positions, mask)
+        p = prompt.shape[1]
+        v = self.value_head(h[:, p - 1:-1])[..., 0].astype(jnp.float32)
+        return jnp.where(completion_mask.astype(bool), v, 0.0)
+
+
+def clipped_value_loss(values, old_values, returns, mask, clip: float):
+    """PPO's clipped value loss: ``0.5 * max((v - R)^2, (clip(v) - R)^2)``,
+    token-mean over valid tokens."""
+    clipped = old_values + jnp.clip(values - old_values, -clip, clip)
+    per_token = 0.5 * jnp.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    m = mask.astype(jnp.float32)
+    return jnp.sum(per_token * m) / jnp.maximum(m.sum(), 1.0)
+
+
+class CriticStage(OptimizedState):
+    """Values for every completion token as items pass; at the barrier, trains
+    on the algorithm's returns (GAE) with the clipped value loss."""
+
+    def __init__(self, config: Any, placement: RolePlacement, *, context: BuildContext, algorithm: Any):
+        run = context.run_config
+        model = ValueModel(self._build_model(config, placement, context, algorithm), seed=context.seed + 1)
+        self.graphdef, params = nnx.split(model)
+        self.params = on_mesh(params, self.mesh)  # the trunk keeps its sharding, the head is replicated
+        self.optimizer = make_optimizer(config, run.train.steps)
+        self.opt_state = init_optimizer_state(self.optimizer, self.params, self.mesh)
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.items: list[Batch] = []
+        self.last_metrics: dict[str, float] = {}
+        self._values = jax.jit(lambda params, *rows: nnx.merge(self.graphdef, params).values(*rows))
+        self._grad = jax.jit(self._grad_fn)
+        self._apply = jax.jit(self._apply_fn, donate_argnums=(0, 1))
+        if placement.offload:
+            self.offload()
+
+    def _grad_fn(self, params, rows, scale):
+        def loss_fn(p):
+            v = nnx.merge(self.graphdef, p).values(rows["prompt"], rows["prompt_mask"], rows["completion"], rows["completion_mask"],
+                                                   attention_mask(rows))
+            return clipped_value_loss(v, rows["values"], rows["returns"], rows["completion_mask"], self.config.value_clip) * scale
+
+        return jax.value_and_grad(loss_fn)(params)
+
+    def _apply_fn(self, params, opt_state, grads):
+        updates, opt_state = self.optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def _micro_batches(self, rows: dict[str, np.ndarray]):
+        mb = self.config.micro_batch_size
+        n = len(rows["prompt"])
+        padded = -(-n // mb) * mb
+        if padded != n:  # zero rows (mask 0) so every call has one shape
+            rows = {k: np.concatenate([v, np.zeros((padded - n, *v.shape[1:]), v.dtype)]) for k, v in rows.items()}
+        for lo in range(0, padded, mb):
+            yield distributed.put({k: v[lo:lo + mb] for k, v in rows.items()}, self.replicated)
+
+    def process(self, batch: Batch, *, context: StageContext) -> Batch:
+        grouped = group_items([batch], self.pad_id)
+        rows = flat_rows(grouped)
+        keys = ("prompt", "prompt_mask", "completion", "completion_mask", *(["completion_attention_mask"] if "completion_attention_mask" in rows else []))
+        p, g, n = grouped["completion"].shape
+
+        def compute() -> dict[str, np.ndarray]:
+            with on_devices(self.mesh, context):
+                outs = [self._values(self.params, *(c[k] for k in keys)) for c in self._micro_batches({k: rows[k] for k in keys})]
+                return {"values": np.concatenate(distributed.to_host(outs))[: p * g].reshape(p, g, n)}
+
+        values = distributed.share(self.mesh, compute)["values"]  # every process gets them (multi-process runs)
+        out = batch.add(values=values)
+        self.items.append(out)
+        return out
+
+    def on_barrier(self, *, context: StageContext) -> None:
+        grouped = group_items(self.items, self.pad_id)
+        self.items = []
+        if not distributed.owns(self.mesh):
+            return  # trained by the processes that hold its devices (multi-process runs)
+        estimate = self.algorithm.estimate(jnp.asarray(grouped["rewards"]), jnp.asarray(grouped["completion_mask"]),
+                                           jnp.asarray(grouped["values"]))
+        if estimate.returns is None:
+            raise ValueError(f"advantage estimator {self.algorithm.config.advantage!r} gives no returns to train a critic on")
+        rows = flat_rows(grouped)
+        rows = {k: rows[k] for k in ("prompt", "prompt_mask", "completion", "completion_mask", "completion_attention_mask", "values")
+                if k in rows}
+        rows["returns"] = np.asarray(estimate.returns, np.float32).reshape(rows["completion"].shape)
+        n_chunks = -(-len(rows["prompt"]) // self.config.micro_batch_size)
+        grads, losses = None, []
+        with on_devices(self.mesh, context):
+            for chunk in self._micro_batches(rows):
+                loss, g = self._grad(self.params, chunk, jnp.float32(1.0 / n_chunks))
+                grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
+                losses.append(loss)
+            self.params, self.opt_state = self._apply(self.params, self.opt_state, grads)
+            self.last_metrics = {"value_loss": float(np.sum(distributed.to_host(losses)))}

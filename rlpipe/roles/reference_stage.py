@@ -1,0 +1,85 @@
+"""The reference stage: per-token log-probs of the completions under a frozen policy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import jax
+import numpy as np
+from flax import nnx
+
+from rlpipe.core.placement import RolePlacement, make_mesh
+from rlpipe.core.specs import BuildContext
+from rlpipe.core.stage import Batch, StageContext
+from rlpipe.models.decoder import sequence_logprobs
+from rlpipe.models.generation import bucket_length, left_pad
+from rlpipe.models.loading import load_model, load_tokenizer
+from rlpipe.roles.model_holder import ModelHolder
+from rlpipe.roles.rollout import sampling_temperature
+from rlpipe.runtime import distributed
+from rlpipe.runtime.devices import on_devices
+
+
+def _logprobs_fn(graphdef, temperature: float):
+    def fn(state, prompt, prompt_mask, completion, completion_mask):
+        return sequence_logprobs(nnx.merge(graphdef, state), prompt, prompt_mask, completion, completion_mask, temperature)
+
+    return jax.jit(fn)
+
+
+class ReferenceStage:
+    """Per-token log-probs of the completions under a frozen policy: the initial
+    policy, or ``roles.reference.checkpoint``.  Micro-batched over rows."""
+
+    def __init__(self, config: Any, placement: RolePlacement, *, context: BuildContext):
+        run = context.run_config
+        self.config = config
+        mesh = make_mesh(placement)
+        model_config = run.model
+        if config.checkpoint:
+            model_config = attrs.evolve(model_config, path=config.checkpoint)
+        model = load_model(model_config, mesh=mesh, seed=context.seed)
+        self.holder = ModelHolder(model, placement, mesh)
+        self.pad_id = load_tokenizer(run.model).pad_id
+        # The same tempered distribution the rollout sampled from, so KL compares like with like.
+        self._fn = _logprobs_fn(self.holder.graphdef, sampling_temperature(run))
+        if placement.offload:
+            self.holder.offload()
+
+    def process(self, batch: Batch, *, context: StageContext) -> Batch:
+        prompts, pmask = np.asarray(batch["prompt_tokens"]), np.asarray(batch["prompt_mask"])
+        comp = np.asarray(batch["completion_tokens"])
+        loss_mask = np.asarray(batch["completion_mask"]).astype(bool)
+        # Agentic episodes: environment tokens are context (attended) but not scored.
+        cmask = np.asarray(batch.get("completion_attention_mask", batch["completion_mask"]))
+        rows, g, n = comp.shape
+        length = bucket_length(int(pmask.sum(axis=1).max(initial=1)))
+        prompts, pmask = left_pad(prompts, pmask, length, self.pad_id)
+        prompts, pmask = np.repeat(prompts, g, axis=0), np.repeat(pmask, g, axis=0)
+        comp, cmask = comp.reshape(rows * g, n), cmask.reshape(rows * g, n)
+        state = self.holder.state
+        mb = self.config.micro_batch_size
+        total = rows * g
+        padded = -(-total // mb) * mb
+        if padded != total:  # pad to whole micro-batches: every call has one shape (one compile)
+            prompts, pmask, comp, cmask = (np.concatenate([a, np.zeros((padded - total, *a.shape[1:]), a.dtype)])
+                                           for a in (prompts, pmask, comp, cmask))
+        # Dispatch every micro-batch, then fetch once: no host round trip between them.
+        def score() -> dict[str, np.ndarray]:
+            with on_devices(self.holder.mesh, context):
+                outs = [self._fn(state, *distributed.put([a[s:s + mb] for a in (prompts, pmask, comp, cmask)], self.holder.replicated))
+                        for s in range(0, padded, mb)]
+                return {"logprobs": np.concatenate(distributed.to_host(outs))[:total]}
+
+        with context.span("logprobs"):
+            # Multi-process runs: processes without the reference's devices receive its log-probs.
+            logprobs = distributed.share(self.holder.mesh, score)["logprobs"]
+        logprobs = np.where(loss_mask, logprobs.reshape(rows, g, n), 0.0)
+        return batch.add(ref_logprobs=logprobs.astype(np.float32))
+
+    def offload(self) -> None:
+        self.holder.offload()
+
+    def onload(self) -> None:
+        self.holder.onload()

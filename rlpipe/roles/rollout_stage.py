@@ -1,0 +1,146 @@
+"""The rollout stage: generates completions with the policy it holds.
+
+It holds the policy on its own placement's mesh (:class:`ModelHolder`), by
+policy version, and receives new versions through :meth:`RolloutStage.load_weights`
+(weight sync).  *What* it generates with those weights is a
+:class:`Generator` it is composed with: :class:`SingleTurn` (one completion
+per row, the rollout engine's ``generate``) by default, or an episode runner
+such as :class:`rlpipe.plugins.agentic.rollout.EpisodeGenerator` for agentic
+rollouts.  Items carry completions grouped per prompt: the fields are
+``[prompts, num_generations, tokens]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from rlpipe.core.placement import RolePlacement, make_mesh
+from rlpipe.core.specs import BuildContext
+from rlpipe.core.stage import Batch, StageContext
+from rlpipe.models.generation import SamplingParams
+from rlpipe.models.loading import load_model, load_tokenizer
+from rlpipe.roles.model_holder import ModelHolder
+from rlpipe.runtime import distributed, weights
+from rlpipe.runtime.devices import on_devices
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """What a rollout stage generates for one item, with the weights it chose.
+
+    ``generate`` returns the fields to add to the item (at least
+    ``completion_tokens``, ``completion_mask`` and ``rollout_logprobs``, each
+    ``[prompts, num_generations, max_new_tokens]``); the stage adds
+    ``policy_version``.  It must use ``state`` (policy version ``version``)
+    for every token it samples.  A generator may also have
+    ``on_barrier(*, context) -> dict[str, float]``: metrics of the step, logged
+    as ``rollout/<name>``.
+    """
+
+    def generate(self, batch: Batch, state: Any, version: int, *, context: StageContext) -> Mapping[str, np.ndarray]: ...
+
+
+class SingleTurn:
+    """One completion per row: the rollout engine's ``generate`` over every
+    prompt repeated ``num_generations`` times."""
+
+    def __init__(self, stage: RolloutStage):
+        self.stage = stage
+
+    def generate(self, batch: Batch, state: Any, version: int, *, context: StageContext) -> dict[str, np.ndarray]:
+        stage = self.stage
+        prompts = np.asarray(batch["prompt_tokens"])
+        mask = np.asarray(batch["prompt_mask"])
+        g = stage.config.num_generations
+
+        def generate() -> dict[str, np.ndarray]:
+            with on_devices(stage.holder.mesh, context):
+                out = stage.engine.generate(state, np.repeat(prompts, g, axis=0), np.repeat(mask, g, axis=0), context.key(),
+                                            stage.params, sharding=stage.holder.replicated)
+            return {"tokens": out.tokens, "mask": out.mask, "logprobs": out.logprobs}
+
+        with context.span("generate", policy_version=version):
+            # Multi-process runs: processes without the rollout's devices receive its completions.
+            out = distributed.share(stage.holder.mesh, generate)
+        rows, n = prompts.shape[0], stage.params.max_new_tokens
+        return {"completion_tokens": out["tokens"].reshape(rows, g, n),
+                "completion_mask": out["mask"].reshape(rows, g, n),
+                "rollout_logprobs": out["logprobs"].reshape(rows, g, n)}
+
+
+class RolloutStage:
+    """Generates ``num_generations`` completions per prompt.
+
+    New weights arrive through :meth:`load_weights` (from the trainer, at its
+    barrier).  Step ``s`` is generated with exactly policy version
+    ``context.behavior_version`` (``s - lag``), whatever the thread timing, so
+    asynchronous runs are reproducible; the stage keeps each published version
+    until no upcoming step needs it (at most ``lag + 1`` versions).  A
+    generation uses one version from start to end.
+    """
+
+    def __init__(self, config: Any, placement: RolePlacement, *, context: BuildContext,
+                 generator: Callable[[RolloutStage], Generator] = SingleTurn):
+        run = context.run_config
+        self.config = config
+        mesh = make_mesh(placement)
+        self.tokenizer = load_tokenizer(run.model)
+        model = load_model(run.model, mesh=mesh, seed=context.seed)
+        self.holder = ModelHolder(model, placement, mesh)
+        spec = context.registry.get("rlpipe_rollout_engines", config.engine, path="roles.rollout.engine")
+        self.engine = spec.factory(self.holder.graphdef, cache_dtype=model.dtype)
+        stops = tuple(dict.fromkeys([t for t in (self.tokenizer.eos_id, *config.stop_tokens) if t is not None]))
+        self.params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                     top_k=config.top_k, top_p=config.top_p, stop_tokens=stops,
+                                     pad_id=self.tokenizer.pad_id)
+        self._published = False  # no trainer publishes: generate with the initial weights
+        self.last_metrics: dict[str, float] = {}
+        self.generator: Generator = generator(self)
+        if placement.offload:
+            self.holder.offload()
+
+    @property
+    def policy_version(self) -> int:
+        """The newest policy version held."""
+        return self.holder.versions()[-1]
+
+    def load_weights(self, state: Any, version: int) -> None:
+        """Weight sync (DESIGN §4): shares, re-lays/casts in one jitted step, or
+        reshards across meshes, depending on where ``state`` lives."""
+        shared = weights.devices_of(state) & set(self.holder.mesh.devices.flat)
+        # Re-laying out on shared devices runs a program with collectives there.
+        with on_devices(self.holder.mesh) if shared else contextlib.nullcontext():
+            self.holder.put(version, weights.sync(state, self.holder.shardings, dtype=self.holder.dtype))
+        self._published = True
+
+    def _weights_for(self, version: int) -> tuple[Any, int]:
+        held = self.holder.versions()
+        if version in held:
+            return self.holder.version_state(version), version
+        if not self._published:
+            return self.holder.state, held[-1]
+        # The executor emits step s only after version s - lag was published,
+        # so this is a wiring bug (e.g. a resumed run without its pending rollouts).
+        raise RuntimeError(f"this step must be generated with policy version {version}, "
+                           f"but the rollout holds versions {held}")
+
+    def process(self, batch: Batch, *, context: StageContext) -> Batch:
+        state, version = self._weights_for(context.behavior_version)
+        fields = self.generator.generate(batch, state, version, context=context)
+        rows = np.asarray(batch["prompt_tokens"]).shape[0]
+        return batch.add(**fields, policy_version=np.full((rows,), version, np.int32))
+
+    def on_barrier(self, *, context: StageContext) -> None:
+        metrics = getattr(self.generator, "on_barrier", None)
+        if metrics is not None:
+            self.last_metrics = dict(metrics(context=context))
+
+    def offload(self) -> None:
+        self.holder.offload()
+
+    def onload(self) -> None:
+        self.holder.onload()

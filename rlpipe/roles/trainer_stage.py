@@ -1,0 +1,254 @@
+"""The trainer stage: policy-gradient updates at the global-batch barrier.
+
+Items arriving during a global batch are kept (they are small host arrays);
+at the barrier the trainer
+
+1. computes advantages with its algorithm (per group of completions);
+2. recomputes the current policy's log-probs of every completion (the "old"
+   log-probs the PPO ratio is taken against; the rollout's own log-probs are
+   kept for truncated importance sampling of stale rollouts);
+3. for ``num_iterations`` passes, splits the rows into mini-batches, and for
+   each accumulates gradients over micro-batches and applies one optax update;
+4. publishes the new weights (policy version + 1) to its subscribers — the
+   rollout's ``load_weights``.
+
+Every device computation is a jitted pure function of (params, optimizer
+state, arrays): ``nnx.split`` / ``nnx.merge`` happen inside the jit
+boundary, the optimizer state is donated to the update.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from rlpipe.core.placement import RolePlacement
+from rlpipe.core.specs import BuildContext
+from rlpipe.core.stage import Batch, StageContext
+from rlpipe.models.decoder import sequence_logprobs
+from rlpipe.models.sharding import shardings_for
+from rlpipe.roles.optimization import (
+    NonFiniteLossError,
+    OptimizedState,
+    attention_mask,
+    flat_rows,
+    group_items,
+    init_optimizer_state,
+    make_optimizer,
+)
+from rlpipe.roles.rollout import sampling_temperature
+from rlpipe.runtime import distributed
+from rlpipe.runtime.devices import on_devices
+
+
+def _takes_entropy(loss: Callable[..., Any]) -> bool:
+    """Whether ``loss`` accepts ``entropy=`` (a parameter of that name, or ``**kwargs``)."""
+    try:
+        params = inspect.signature(loss).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is p.VAR_KEYWORD or (p.name == "entropy" and p.kind is not p.POSITIONAL_ONLY) for p in params)
+
+
+class TrainerStage(OptimizedState):
+    """The policy update.  See the module docstring for what happens when."""
+
+    def __init__(self, config: Any, placement: RolePlacement, *, context: BuildContext, algorithm: Any):
+        run = context.run_config
+        self.graphdef, params = nnx.split(self._build_model(config, placement, context, algorithm))
+        self.shardings = shardings_for(params, self.mesh)
+        self.temperature = sampling_temperature(run)
+        self.optimizer = make_optimizer(config, run.train.steps * config.num_iterations)
+        self.params = params
+        self.opt_state = init_optimizer_state(self.optimizer, params, self.mesh)
+        self.version = 0
+        self.skipped_updates = 0
+        self.items: list[Batch] = []
+        self.subscribers: list[Callable[[Any, int], None]] = []
+        self.last_metrics: dict[str, float] = {}
+        fsdp = self.mesh.shape.get("fsdp", 1)
+        # Rows are split over the fsdp axis (data parallel) when it exists and divides them.
+        split = fsdp > 1 and config.micro_batch_size % fsdp == 0
+        self.row_sharding = NamedSharding(self.mesh, PartitionSpec("fsdp") if split else PartitionSpec())
+        self._grad = jax.jit(self._grad_fn)
+        # The optimizer state is donated; parameters are not, because a rollout on
+        # the same mesh and dtype shares the published buffers (zero-copy sync).
+        self._apply = jax.jit(self._apply_fn, donate_argnums=(1,))
+        self._logprobs = jax.jit(self._logprobs_fn)
+        if placement.offload:
+            self.offload()
+
+    # -- pure functions under jit ----------------------------------------------------
+
+    def _policy_logprobs(self, params, rows):
+        # Sampling used logits / T; the ratio must compare the same distribution.
+        lp = sequence_logprobs(nnx.merge(self.graphdef, params), rows["prompt"], rows["prompt_mask"],
+                               rows["completion"], attention_mask(rows), self.temperature)
+        return jnp.where(rows["completion_mask"].astype(bool), lp, 0.0)  # environment tokens are not scored
+
+    def _logprobs_fn(self, params, rows):
+        return self._policy_logprobs(params, rows)
+
+    def _grad_fn(self, params, rows, scale):
+        def loss_fn(p):
+            logp, entropy = sequence_logprobs(nnx.merge(self.graphdef, p), rows["prompt"], rows["prompt_mask"],
+                                              rows["completion"], attention_mask(rows), self.temperature,
+                                              with_entropy=True)
+            logp = jnp.where(rows["completion_mask"].astype(bool), logp, 0.0)  # environment tokens are not scored
+            # An Algorithm's loss always takes the entropy (its entropy_bonus term uses it when
+            # configured).  A third-party algorithm object's loss(logp, rows) without an ``entropy``
+            # parameter is called without it: decided from its signature here, which runs once
+            # when the step is traced (not per step), so a loss swapped in after construction counts.
+            algorithm_loss = self.algorithm.loss
+            if _takes_entropy(algorithm_loss):
+                loss, metrics = algorithm_loss(logp, rows, entropy=entropy)
+            else:
+                loss, metrics = algorithm_loss(logp, rows)
+            mask = rows["completion_mask"].astype(jnp.float32)
+            # The sampled distribution's entropy per completion token (a diagnostic; the
+            # algorithm's entropy_coef, when set, is what puts it in the gradient).
+            metrics = {**metrics, "entropy": jax.lax.stop_gradient((entropy * mask).sum() / jnp.maximum(mask.sum(), 1.0))}
+            return loss * scale, metrics
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, loss, metrics
+
+    def _apply_fn(self, params, opt_state, grads, loss):
+        """One optimizer update; skipped (state unchanged) when the loss or the
+        gradient is not finite, so one bad batch cannot poison the policy."""
+        gnorm = optax.tree.norm(grads)
+        ok = jnp.isfinite(gnorm) & jnp.isfinite(loss)
+        updates, new_opt = self.optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        return keep(new_params, params), keep(new_opt, opt_state), gnorm, ~ok
+
+    # -- stage protocol --------------------------------------------------------------
+
+    def process(self, batch: Batch, *, context: StageContext) -> Batch:
+        self.items.append(batch)
+        return batch
+
+    def subscribe(self, callback: Callable[[Any, int], None]) -> None:
+        """``callback(params, version)`` is called with every published policy."""
+        self.subscribers.append(callback)
+
+    def _rows(self) -> dict[str, np.ndarray]:
+        """The global batch as flat rows ``[prompts * generations, ...]`` (host),
+        with the algorithm's advantages."""
+        grouped = group_items(self.items, self.pad_id)
+        self._reward_mean = float(grouped["rewards"].mean())
+        estimate = self.algorithm.estimate(
+            jnp.asarray(grouped["rewards"]), jnp.asarray(grouped["completion_mask"]),
+            None if "values" not in grouped else jnp.asarray(grouped["values"]),
+            logprobs=jnp.asarray(grouped["rollout_logprobs"]),
+            ref_logprobs=None if "ref_logprobs" not in grouped else jnp.asarray(grouped["ref_logprobs"]))
+        # Dynamic sampling (DAPO): groups whose rewards are all equal carry no signal and leave the
+        # loss — their loss mask is zeroed, so shapes (and compiled programs) stay the same.
+        keep_groups = getattr(self.algorithm, "keep_groups", None)
+        keep = np.ones(grouped["rewards"].shape[0], bool) if keep_groups is None else \
+            np.asarray(keep_groups(grouped["rewards"], grouped["completion_mask"]), bool)
+        self._kept_groups = float(keep.mean()) if keep.size else 1.0
+        if not keep.all():
+            grouped = {**grouped, "completion_mask": grouped["completion_mask"] * keep[:, None, None].astype(grouped["completion_mask"].dtype)}
+        rows = flat_rows(grouped)
+        rows["advantages"] = np.asarray(estimate.advantages, np.float32).reshape(rows["completion"].shape)
+        return rows
+
+    def on_barrier(self, *, context: StageContext) -> None:
+        if not distributed.owns(self.mesh):
+            # A multi-process run whose trainer is on other processes' devices:
+            # they train; this process only advances the version and takes part
+            # in the weight sync (a transfer every process joins).
+            self.items = []
+            self.version += 1
+            with context.span("weight_sync", policy_version=self.version):
+                for publish in self.subscribers:
+                    publish(self.params, self.version)
+            return
+        start = time.perf_counter()
+        rows = self._rows()
+        self.items = []
+        n_rows = len(rows["prompt"])
+        mb = self.config.micro_batch_size
+        mini = self.config.mini_batch_size or n_rows
+        if n_rows % mb or mini % mb or n_rows % mini:
+            raise ValueError(f"global batch of {n_rows} rows must split into mini-batches of {mini} rows and "
+                             f"micro-batches of {mb} rows (roles.trainer.mini_batch_size / micro_batch_size)")
+        versions = rows.pop("policy_version")
+        rows.pop("values", None)  # the critic's business; advantages already hold them
+        device_rows = {k: v for k, v in rows.items()}
+
+        def chunk(lo, hi):
+            return distributed.put({k: v[lo:hi] for k, v in device_rows.items()}, self.row_sharding)
+
+        with on_devices(self.mesh, context):  # colocated roles run device programs one at a time
+            # The "old" policy: current weights before any update of this global batch.
+            with context.span("logprobs", policy_version=self.version):
+                old = [self._logprobs(self.params, chunk(i, i + mb)) for i in range(0, n_rows, mb)]
+                device_rows["old_logprobs"] = np.concatenate(distributed.to_host(old))
+            metrics_acc: dict[str, list] = {}
+            grad_norms, skips = [], []
+            with context.span("train", policy_version=self.version):
+                for _ in range(self.config.num_iterations):
+                    for lo in range(0, n_rows, mini):
+                        grads, parts, total = None, [], 0.0
+                        for i in range(lo, lo + mini, mb):
+                            g, loss, metrics = self._grad(self.params, chunk(i, i + mb), jnp.float32(mb / mini))
+                            grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
+                            total = total + loss
+                            parts.append((loss, metrics))
+                        self.params, self.opt_state, gnorm, skipped = self._apply(self.params, self.opt_state, grads, total)
+                        grad_norms.append(gnorm)
+                        skips.append(skipped)
+                        for loss, metrics in parts:
+                            metrics_acc.setdefault("loss", []).append(loss * (mini / mb))
+                            for k, v in metrics.items():
+                                metrics_acc.setdefault(k, []).append(v)
+                fetched = distributed.to_host((metrics_acc, grad_norms, skips))  # inside: the span covers the device work
+            finite = [x for x in fetched[1] if np.isfinite(x)]
+            self.last_metrics = {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+                                 for k, v in fetched[0].items()}
+            self.last_metrics["grad_norm"] = float(np.mean(finite)) if finite else float("nan")
+            self.skipped_updates += int(np.sum(fetched[2]))
+            self.last_metrics["skipped_updates"] = self.skipped_updates
+            self.last_metrics["reward/mean"] = self._reward_mean
+            if getattr(getattr(self.algorithm, "config", None), "dynamic_sampling", False):
+                self.last_metrics["dynamic_sampling/kept_groups"] = self._kept_groups
+            tokens = float(rows["completion_mask"].sum())
+            self.last_metrics["tokens_per_s"] = tokens * self.config.num_iterations / max(time.perf_counter() - start, 1e-9)
+            self.last_metrics["staleness_mean"] = float(np.mean(self.version - versions))
+            self.last_metrics["staleness_max"] = float(np.max(self.version - versions))
+            if self.skipped_updates > self.config.max_skipped_updates:
+                raise NonFiniteLossError(
+                    f"{self.skipped_updates} updates were skipped because the loss or gradient was not finite "
+                    f"(more than roles.trainer.max_skipped_updates = {self.config.max_skipped_updates}); "
+                    "lower the learning rate or check the rewards")
+        self.version += 1
+        # Outside on_devices: a weight sync to another process's devices waits
+        # for its turn (rlpipe.runtime.distributed.RegionOrder), never holding devices.
+        with context.span("weight_sync", policy_version=self.version):
+            for publish in self.subscribers:
+                publish(self.params, self.version)
+
+    def state(self) -> Any:
+        return {**super().state(), "version": self.version, "skipped_updates": self.skipped_updates}
+
+    def restore(self, state: Any) -> None:
+        super().restore(state)
+        self.version = int(state["version"])
+        self.skipped_updates = int(state["skipped_updates"])
+
+    def publish(self) -> None:
+        """Sends the current policy to every subscriber (after a restore)."""
+        for callback in self.subscribers:
+            callback(self.params, self.version)

@@ -1,0 +1,218 @@
+"""The schema of a run's configuration: its sections, structured from YAML.
+
+The machinery — merging defaults, files and ``--set`` overrides, strict
+cattrs structuring, one-line problems with their paths — is the core's
+(:mod:`rlpipe.core.config`); this module says what a *run* is made of: a
+model, a task, an algorithm, roles, placement, the training loop,
+checkpoints and telemetry.  The ``roles.<name>`` sections are typed by the
+plugin that provides each role, ``placement.options``, ``algorithm.options``
+and ``task.options`` by the selected plugin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from rlpipe.core.config import (
+    PlacementConfig,
+    RoleConfig,
+    check,
+    path_key,
+    plain_data,
+    resolve_sources,
+    show_value,
+    structure,
+)
+from rlpipe.core.errors import ConfigError, Problem, suggest
+from rlpipe.core.plugins import Registry
+
+
+@attrs.frozen(kw_only=True)
+class TrainConfig:
+    """``train``: how long to run, how big a global batch is, and how far rollout
+    may run ahead.  A global batch is ``items_per_step`` items of
+    ``prompts_per_item`` prompts, each with ``roles.rollout.num_generations``
+    completions."""
+
+    steps: int = attrs.field(default=20, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
+    seed: int = 0
+    max_staleness: int = attrs.field(default=0, validator=check(lambda v: v >= 0, "must be at least 0, got {value}"))
+    prompts_per_item: int = attrs.field(default=4, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
+    items_per_step: int = attrs.field(default=2, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
+
+
+@attrs.frozen(kw_only=True)
+class CheckpointSection:
+    """``checkpoint``: when run state is saved under ``<run-dir>/checkpoints``.
+
+    A checkpoint is also written after the last step and when a run is
+    stopped by SIGTERM or SIGINT, whatever ``every`` says.
+    """
+
+    every: int = attrs.field(default=10, validator=check(lambda v: v >= 0, "must be at least 0 (0 = only at the end), got {value}"))
+    keep: int = attrs.field(default=3, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
+    asynchronous: bool = True
+    grace_period_s: float = attrs.field(default=120.0, validator=check(lambda v: v > 0, "must be positive, got {value}"))
+
+
+@attrs.frozen(kw_only=True)
+class TelemetrySection:
+    """``telemetry``: outputs beyond ``metrics.jsonl`` and ``trace.json``."""
+
+    tensorboard: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class ModelConfig:
+    """``model``: which policy to train, in which dtype, with which tokenizer.
+
+    Attributes:
+        preset: a built-in shape (``tiny``, ``qwen2.5-0.5b``, ``llama-3.2-1b``),
+            randomly initialised from ``train.seed``; ignored when ``path`` is set.
+        path: a local Hugging Face checkpoint directory (Llama or Qwen2).
+        dtype: parameter and compute dtype, ``float32`` or ``bfloat16``.
+        tokenizer: ``char`` (the built-in character tokenizer), a directory
+            holding ``tokenizer.json``, or ``null``: the checkpoint's own with
+            ``path``, else ``char``.
+    """
+
+    preset: str = "tiny"
+    path: str | None = None
+    dtype: str = attrs.field(default="float32", validator=check(lambda v: v in ("float32", "bfloat16"), "must be 'float32' or 'bfloat16', got {value}"))
+    tokenizer: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class AlgorithmSection:
+    """``algorithm``: the RL algorithm plugin and its options.
+
+    ``options`` is typed by the selected algorithm, whose defaults are its
+    own (docs/algorithms.md).
+    """
+
+    name: str = "grpo"
+    options: Any = None
+
+
+@attrs.frozen(kw_only=True)
+class TaskSection:
+    """``task``: where prompts come from (a task plugin), its options, and the
+    prompt-length limit (:mod:`rlpipe.models.prompts`).
+
+    Attributes:
+        max_prompt_tokens: the longest prompt in tokens, chat template
+            included; ``null``: no limit.
+        overlong_prompts: what happens to a longer prompt: ``truncate`` keeps
+            its last ``max_prompt_tokens`` tokens (the question and the
+            generation prompt are at the end); ``reject`` skips the example.
+    """
+
+    name: str = "reverse"
+    options: Any = None
+    max_prompt_tokens: int | None = attrs.field(default=None, validator=check(lambda v: v >= 1, "must be at least 1 (or null: no limit), got {value}"))
+    overlong_prompts: str = attrs.field(default="truncate", validator=check(lambda v: v in ("truncate", "reject"), "must be 'truncate' or 'reject', got {value}"))
+
+
+@attrs.frozen(kw_only=True)
+class RunConfig:
+    """The whole resolved configuration of a run.
+
+    ``roles`` maps each role in the graph to its section, in config order.
+    """
+
+    model: ModelConfig = attrs.field(factory=ModelConfig)
+    task: TaskSection = attrs.field(factory=lambda: TaskSection())
+    algorithm: AlgorithmSection = attrs.field(factory=lambda: AlgorithmSection())
+    roles: dict[str, RoleConfig] = attrs.field(factory=dict)
+    placement: PlacementConfig = attrs.field(factory=PlacementConfig)
+    train: TrainConfig = attrs.field(factory=TrainConfig)
+    checkpoint: CheckpointSection = attrs.field(factory=CheckpointSection)
+    telemetry: TelemetrySection = attrs.field(factory=TelemetrySection)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (lists, dicts, scalars) that :func:`load_config` reads back."""
+        return plain_data(self)
+
+
+
+#: Sections whose ``options`` belong to the plugin that the named key selects.
+SELECTING_KEYS = {"task": "name", "algorithm": "name", "placement": "policy"}
+
+
+def _top_level_keys() -> list[str]:
+    return [f.name for f in attrs.fields(RunConfig)]
+
+
+def build_config(data: Mapping[str, Any], registry: Registry) -> RunConfig:
+    """Structures merged config data into a :class:`RunConfig`, typing role and
+    policy sections by their plugins.  Collects every problem before raising."""
+    problems: list[Problem] = []
+
+    def attempt(fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            return None
+
+    known = _top_level_keys()
+    for key in data:
+        if key not in known:
+            problems.append(Problem(path_key(key), f"unknown section{suggest(str(key), known)} (valid sections: {', '.join(known)})"))
+
+    train = attempt(structure, data.get("train", {}), TrainConfig, ("train",))
+    model = attempt(structure, data.get("model", {}), ModelConfig, ("model",))
+    checkpoint = attempt(structure, data.get("checkpoint", {}), CheckpointSection, ("checkpoint",))
+    telemetry = attempt(structure, data.get("telemetry", {}), TelemetrySection, ("telemetry",))
+
+    def selected(section: str, shell_type: type, hook: str, key: str, what: str):
+        """A section that names a plugin (``key``) and holds ``options`` typed by it."""
+        raw = data.get(section, {})
+        if not isinstance(raw, Mapping):
+            problems.append(Problem(section, f"expected a mapping, got {show_value(raw)}"))
+            return None
+        shell = attempt(structure, {k: v for k, v in raw.items() if k != "options"}, shell_type, (section,))
+        if shell is None:
+            return None
+        spec = attempt(registry.get, hook, getattr(shell, key), path=f"{section}.{key}")
+        if spec is None:
+            return None
+        raw_opts = raw.get("options")
+        if spec.config_type is None:
+            if raw_opts is not None and raw_opts != {}:
+                problems.append(Problem(f"{section}.options", f"{what} {getattr(shell, key)!r} takes no options"))
+            return shell
+        opts = attempt(structure, {} if raw_opts is None else raw_opts, spec.config_type, (section, "options"))
+        return None if opts is None else attrs.evolve(shell, options=opts)
+
+    placement = selected("placement", PlacementConfig, "rlpipe_placement_policies", "policy", "policy")
+    algorithm = selected("algorithm", AlgorithmSection, "rlpipe_algorithms", "name", "algorithm")
+    task = selected("task", TaskSection, "rlpipe_tasks", "name", "task")
+
+    roles_raw = data.get("roles", {})
+    roles: dict[str, RoleConfig] = {}
+    if not isinstance(roles_raw, Mapping):
+        problems.append(Problem("roles", f"expected a mapping of role name to section, got {show_value(roles_raw)}"))
+    else:
+        for name, section in roles_raw.items():
+            path = f"roles.{path_key(name)}"
+            spec = attempt(registry.get, "rlpipe_roles", str(name), path=path)
+            if spec is None:
+                continue
+            cfg = attempt(structure, section if section is not None else {}, spec.config_type, ("roles", str(name)))
+            if cfg is not None:
+                roles[str(name)] = cfg
+
+    if problems:
+        raise ConfigError(problems)
+    return RunConfig(model=model, task=task, algorithm=algorithm, roles=roles, placement=placement, train=train,
+                     checkpoint=checkpoint, telemetry=telemetry)
+
+
+def load_config(registry: Registry, *, defaults: Mapping[str, Any], files: Iterable[str | Path] = (), overrides: Iterable[str] = ()) -> RunConfig:
+    """Defaults, then files in order, then ``--set`` overrides, structured and checked."""
+    return build_config(resolve_sources(defaults, files, overrides, selecting=SELECTING_KEYS), registry)
