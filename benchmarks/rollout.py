@@ -6,6 +6,7 @@ Usage::
     python benchmarks/rollout.py                                   # CPU defaults: tiny, batches 8 and 32
     python benchmarks/rollout.py --preset qwen2.5-0.5b --dtype bfloat16 \\
         --batch 64 256 --prompt-len 64 --new-tokens 960            # the H200 run (cache 1024)
+    python benchmarks/rollout.py --devices 8 --batch 32            # + data-parallel: mesh (1,1) vs (8,1)
 
 Every measurement is one JSON line on stdout with ``name``, ``value`` and
 ``unit``; where a physical ceiling applies also ``ceiling`` and ``ratio``
@@ -39,6 +40,14 @@ Measurements:
   new_tokens, i.e. the steady-state cost of one sample + one decode step
   (with the roofline's step time as ``roofline_ms``), and batch / that, with
   the roofline tokens/s as ceiling.
+* with ``--devices N`` (N > 1; on CPU, N fake devices): the data-parallel
+  case, per batch size and per mesh ``(1, 1)`` and ``(N, 1)`` (axes
+  ``fsdp``, ``tp``; rows split over ``fsdp`` as the rollout role does):
+  ``dp_generate_throughput`` (tokens/s of one ``generate`` call, median) and
+  ``dp_cache_bytes_per_device`` (the KV cache's bytes on one device, read
+  from the prefill's arrays), with ``same_tokens``: whether the completions
+  equal the single-device ones (same key).  Fake CPU devices share the host's
+  cores, so no speed-up is expected there; the cache bytes show the split.
 * with ``--inspect-hlo``: ``cache_relayouts_per_step``, the whole-cache
   copies or transposes inside the compiled decode loop (0 is ideal: the cache
   is updated in place and read once), plus whether the prefill materialises
@@ -56,15 +65,25 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import fake_devices
+
+if __name__ == "__main__" and "jax" not in sys.modules:
+    # --devices N: fake CPU devices must be requested before JAX is imported.
+    _pre = argparse.ArgumentParser(add_help=False)
+    _pre.add_argument("--devices", type=int, default=None)
+    if (_pre.parse_known_args()[0].devices or 1) > 1:
+        fake_devices.request(_pre.parse_known_args()[0].devices)
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from results import Sink, log, record, stdout_sink, timed
 
+from rlpipe.core.placement import MeshSpec, RolePlacement, make_mesh
 from rlpipe.models.config import PRESETS, DecoderConfig
 from rlpipe.models.decoder import init_cache
-from rlpipe.models.generation import Engine, SamplingParams, bucket_length
+from rlpipe.models.generation import Engine, SamplingParams, bucket_length, row_sharding
 from rlpipe.models.loading import init_sharded
 
 GB = 1e9
@@ -201,7 +220,9 @@ def inspect_generate_hlo(engine: Engine, state, tokens, mask, key, params: Sampl
     fn = getattr(engine, "_fn", None)
     if fn is None:
         raise RuntimeError("Engine has no _fn any more; update inspect_generate_hlo")
-    compiled = fn.lower(state, tokens, mask, key, params=params, cache_dtype=engine.cache_dtype).compile()
+    done = np.zeros((tokens.shape[0],), bool)
+    compiled = fn.lower(state, tokens, mask, done, key, params=params, cache_dtype=engine.cache_dtype,
+                        rows_sharding=None).compile()
     text = compiled.as_text()
     per_step, once = cache_relayouts(text, cache_shape)
     out: dict[str, Any] = {
@@ -230,8 +251,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also report ceilings at this bandwidth (e.g. 4300 for the DESIGN §9 H200 figure)")
     p.add_argument("--inspect-hlo", action="store_true", help="compile generate once more and report cache copies / logits shapes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--devices", type=int, default=None,
+                   help="also measure data-parallel generation on a (N, 1) fsdp mesh against (1, 1) (fake CPU devices on CPU)")
     args = p.parse_args(argv)
-    for name in ("batch", "prompt_len", "new_tokens", "repeats", "copy_mib"):
+    for name in ("batch", "prompt_len", "new_tokens", "repeats", "copy_mib", "devices"):
         value = getattr(args, name)
         if value is not None and min(value if isinstance(value, list) else [value]) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -358,11 +381,58 @@ def measure(*, preset: str = "tiny", dtype: str = "float32", batches: Sequence[i
     return records
 
 
+def measure_data_parallel(*, devices: int, preset: str = "tiny", dtype: str = "float32", batches: Sequence[int] = (32,),
+                          prompt_len: int = 32, new_tokens: int = 64, repeats: int | None = None, seed: int = 0,
+                          emit: Sink | None = None) -> list[dict[str, Any]]:
+    """Data-parallel generation (see the module docstring): meshes (1, 1) and
+    (``devices``, 1), rows split over ``fsdp`` as the rollout role splits them."""
+    emit = emit or stdout_sink()
+    if len(jax.devices()) < devices:
+        raise RuntimeError(f"{devices} devices asked for, JAX sees {len(jax.devices())} (run as a script for fake CPU devices)")
+    config = PRESETS[preset]
+    jdtype = jnp.dtype(dtype)
+    dev = jax.devices()[0]
+    repeats = repeats or (5 if dev.platform == "cpu" else 3)
+    base = {"preset": preset, "dtype": dtype, "platform": dev.platform, "device_kind": dev.device_kind,
+            "jax": jax.__version__, "prompt_len": prompt_len, "new_tokens": new_tokens}
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0)
+    rng = np.random.default_rng(seed)
+    key = jax.random.key(seed)
+    records = []
+    for batch in batches:
+        prompts = rng.integers(1, config.vocab_size, size=(batch, prompt_len), dtype=np.int32)
+        mask = np.ones_like(prompts, dtype=bool)
+        reference = None
+        for shape in ((1, 1), (devices, 1)):
+            mesh = make_mesh(RolePlacement(name="rollout", devices=range(shape[0] * shape[1]),
+                                           mesh=MeshSpec(shape, ("fsdp", "tp"))))
+            graphdef, state = nnx.split(init_sharded(config, mesh, seed=seed, dtype=jdtype))
+            engine, sharding = Engine(graphdef, cache_dtype=jdtype), row_sharding(mesh)
+            log(f"data-parallel: batch {batch}, mesh {shape}: compiling ...")
+            out = engine.generate(state, prompts, mask, key, params, sharding=sharding)
+            reference = out.tokens if reference is None else reference
+            times = timed(lambda: engine.generate(state, prompts, mask, key, params, sharding=sharding), repeats)
+            cache, _ = engine.prefill_cache(state, prompts, mask, params, sharding=sharding)
+            leaves = jax.tree_util.tree_leaves(cache)
+            on_first = sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == mesh.devices.flat[0])
+            fields = {**base, "batch": batch, "mesh": list(shape), "rows_per_device": leaves[0].addressable_shards[0].data.shape[0]}
+            records.append(emit(_rec({"name": "dp_generate_throughput", "value": batch * new_tokens / statistics.median(times),
+                                      "unit": "tokens/s", **fields, "same_tokens": bool(np.array_equal(out.tokens, reference)),
+                                      "times_s": [round(x, 6) for x in times]})))
+            records.append(emit(_rec({"name": "dp_cache_bytes_per_device", "value": on_first, "unit": "bytes", **fields,
+                                      "cache_bytes_total": sum(x.nbytes for x in leaves)})))
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     records = measure(preset=args.preset, dtype=args.dtype, batches=args.batch, prompt_len=args.prompt_len,
                       new_tokens=args.new_tokens, repeats=args.repeats, copy_mib=args.copy_mib,
                       nominal_bandwidth=args.nominal_bandwidth, inspect_hlo=args.inspect_hlo, seed=args.seed)
+    if (args.devices or 1) > 1:
+        records += measure_data_parallel(devices=args.devices, preset=args.preset, dtype=args.dtype, batches=args.batch,
+                                         prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
+                                         seed=args.seed)
     table(records)
     return 0
 
@@ -374,7 +444,8 @@ def table(records: list[dict[str, Any]]) -> None:
         ceiling = f"{r['ceiling']:.4g}" if r.get("ceiling") else "-"
         ratio = f"{100 * r['ratio']:.1f}%" if r.get("ratio") is not None else "-"
         value = "?" if r["value"] is None else f"{r['value']:.4g}"
-        row = (r["name"], str(r.get("batch", "-")), value, r["unit"], ceiling, ratio)
+        name = r["name"] + (f" {tuple(r['mesh'])}" if "mesh" in r else "")
+        row = (name, str(r.get("batch", "-")), value, r["unit"], ceiling, ratio)
         if nominal:
             row += (f"{100 * r['ratio_nominal']:.1f}%" if r.get("ratio_nominal") is not None else "-",)
         rows.append(row)

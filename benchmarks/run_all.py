@@ -40,6 +40,12 @@ peak-memory counter reflects them and not the micro-benchmarks):
     estimated peak for that device, with the device's ``bytes_limit`` as
     ceiling.  JAX's CPU backend reports no memory statistics, so on a CPU
     ``memory_peak`` has value ``None`` and needs a GPU.
+``train_memory``
+    benchmarks/train_memory.py: XLA's own ``memory_analysis()`` of the
+    trainer's step (remat on and off), the reference's log-probs and the
+    rollout's prefill at 8 x (512 + 1536) tokens, compiled with abstract
+    inputs (nothing allocated), each next to the estimator's figure
+    (``estimate_over_temp``).
 ``transfer``
     ``copy_bandwidth`` (a jitted in-place ``a + 1``, benchmarks/rollout.py),
     ``host_to_device_bandwidth`` / ``device_to_host_bandwidth`` (one large
@@ -51,6 +57,10 @@ peak-memory counter reflects them and not the micro-benchmarks):
     of float32 parameters to bfloat16 on the same device (bytes read + written
     per second) against ``copy_bandwidth``, with ``compiles_per_call`` and the
     time of the same cast compiled once (``cached_cast_s``).
+``rollout_dp``
+    benchmarks/rollout.py's data-parallel case: mesh (1, 1) against (n, 1)
+    over every device of the process, rows and KV cache split over ``fsdp``
+    (tokens/s and per-device cache bytes); needs 2 or more devices.
 ``rollout``, ``train_step``, ``agentic``
     benchmarks/rollout.py, benchmarks/train_step.py and benchmarks/agentic.py
     (multi-turn episodes: KV cache kept between turns vs prefilled every
@@ -96,7 +106,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
 #: leave the caches, small enough for a shared workstation.
 PROBE_MIB = {"cpu": {"copy": 256, "host": 256}, "accelerator": {"copy": 4096, "host": 1024}}
 OVERHEAD_TARGET = 0.05
-PARTS = ("run", "memory", "transfer", "rollout", "train_step", "agentic", "pipeline")
+PARTS = ("run", "memory", "train_memory", "transfer", "rollout", "rollout_dp", "train_step", "agentic", "pipeline")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -396,6 +406,34 @@ def part_rollout(args: argparse.Namespace, emit: Sink, state: dict[str, Any]) ->
                     bandwidth=state.get("bandwidth"), emit=emit)
 
 
+def part_train_memory(args: argparse.Namespace, emit: Sink, state: dict[str, Any]) -> None:
+    """XLA's own memory_analysis() of the train step (remat on and off), the
+    reference's log-probs and the rollout's prefill at 8 x 2048 tokens, with
+    abstract inputs (nothing is allocated), next to the estimator's figure."""
+    import train_memory
+
+    for remat in (True, False):
+        train_memory.measure(preset=args.preset, rows=8, prompt=512, completion=1536, remat=remat,
+                             programs=("train",) if not remat else ("train", "reference", "prefill"),
+                             dtype=state["dtype"], emit=emit)
+
+
+def part_rollout_dp(args: argparse.Namespace, emit: Sink, state: dict[str, Any]) -> None:
+    """Data-parallel generation: mesh (1, 1) against (n, 1) over every device,
+    rows and KV cache split over fsdp (per-device cache bytes read from the arrays)."""
+    import jax
+    import rollout
+
+    n = len(jax.devices())
+    if n < 2:
+        emit(record("rollout_dp_tokens_per_s", None, "tokens/s", note=f"needs 2 or more devices, this process has {n}"))
+        return
+    s = state["settings"]
+    rollout.measure_data_parallel(devices=n, preset=args.preset, dtype=state["dtype"],
+                                  batches=args.rollout_batch or s["rollout_batch"], prompt_len=s["prompt_len"],
+                                  new_tokens=args.new_tokens or s["new_tokens"], repeats=args.repeats, emit=emit)
+
+
 def part_train_step(args: argparse.Namespace, emit: Sink, state: dict[str, Any]) -> None:
     import train_step
 
@@ -454,7 +492,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = {"platform": devices[0].platform, "device_kind": devices[0].device_kind, "devices": len(devices),
             "jax": jax.__version__, "python": platform.python_version()}
     log(f"{base['platform']} ({base['device_kind']}) x {base['devices']}, jax {base['jax']}, preset {args.preset}")
-    parts = {"run": part_run, "memory": part_memory, "transfer": part_transfer, "rollout": part_rollout,
+    parts = {"run": part_run, "memory": part_memory, "train_memory": part_train_memory, "transfer": part_transfer,
+             "rollout": part_rollout, "rollout_dp": part_rollout_dp,
              "train_step": part_train_step, "agentic": part_agentic, "pipeline": part_pipeline}
     wanted = args.only or [p for p in PARTS if p != "pipeline" or args.pipeline]
     failed = []

@@ -83,9 +83,9 @@ def test_plan_table_shows_devices_meshes_groups_and_blocking_edges():
     assert "mode: colocated+offload" in out and "devices: 8 (cpu)" in out
     assert "stages: rollout, reward, reference, trainer (in topological order)" in out
     # the last column is the per-device memory estimate (host roles have none)
-    assert "rollout    0-3      [1, 4] (fsdp, tp)  reference, reward, trainer   yes        772.6 MiB" in out
+    assert "rollout    0-3      [1, 4] (fsdp, tp)  reference, reward, trainer   yes        740.6 MiB" in out
     assert "reward     0-3      [4, 1] (fsdp, tp)  reference, rollout, trainer  host role  -" in out
-    assert "trainer    0-3      [4, 1] (fsdp, tp)  reference, reward, rollout   yes        97.7 MiB" in out
+    assert "trainer    0-3      [4, 1] (fsdp, tp)  reference, reward, rollout   yes        162.6 MiB" in out
     assert "rollout -> reward: streams items as they arrive" in out
     assert "rollout -> reference: blocks until the global-batch barrier" in out
     assert "reward -> trainer: streams items as they arrive" in out

@@ -42,9 +42,21 @@ SMALL = {
 TINY_PER_LAYER = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 192 + 2 * 64   # q k v o, mlp, 2 norms
 TINY_PARAMS = 2 * TINY_PER_LAYER + 2 * 128 * 64 + 64                              # + embed, lm_head, final norm
 TINY_NORMS = 5 * 64                                                                 # replicated on any mesh
-# Activations of one tiny layer for r rows, s tokens, t key slots, fp32: per token
-# 2h + 2(H+K)d + 3I = 128 + 192 + 576 = 896 values, scores+probs r*H*s*t*(4+4).
-TINY_LAYER = lambda r, s, t: r * s * 896 * 4 + r * 4 * s * t * 8  # noqa: E731
+# Activations of the tiny preset in fp32 (the formulas of rlpipe.models.memory; at these
+# sizes one attention block and one logit chunk hold every position).  Per token
+# (h + (H + 2K)d) * 4 + 4I = (64 + 8 * 16) * 4 + 4 * 192 = 1536 bytes; one fp32 score
+# array r * H * s * t * 4; logits (and their exponentials) 2 * r * positions * V * 4.
+TINY_TOKEN = 1536
+TINY_SCORES = lambda r, s, t: r * 4 * s * t * 4
+# One layer's working set, for r rows, s tokens, t key slots: without a cache (t == s)
+# 4 x tokens + 2.5 x scores, with a cache (prefill, t > s) 2 x tokens + 2 x scores.
+TINY_LAYER = lambda r, s, t: (4 * r * s * TINY_TOKEN + 5 * TINY_SCORES(r, s, t) // 2 if t == s
+                              else 2 * r * s * TINY_TOKEN + 2 * TINY_SCORES(r, s, t))
+# Training without remat: each of the 2 layers keeps 4 x tokens and 3.5 x scores (one
+# attention block: not rematerialised); then the logits and the head's fp32 gradient.
+TINY_TRAIN_BODY = lambda r, s: 2 * (4 * r * s * TINY_TOKEN + 7 * TINY_SCORES(r, s, s) // 2)
+# Logits only at the c completion positions (default: every position).
+TINY_TRAIN = lambda r, s, c=None: TINY_TRAIN_BODY(r, s) + 2 * r * (s if c is None else c) * 128 * 4 + 128 * 64 * 4
 
 
 def estimates(registry, data, n=1, shape=None, axes=("fsdp", "tp")):
@@ -87,8 +99,8 @@ def test_trainer_estimate_on_one_device(registry):
     est = estimates(registry, SMALL)["trainer"]
     p = TINY_PARAMS * 4
     assert est == MemoryEstimate(parameters=p, optimizer_state=2 * p, gradients=p, kv_cache=0,
-                                 activations=2 * TINY_LAYER(4, 32, 32) + 2 * 4 * 32 * 128 * 4)
-    assert est.total == 3_150_848
+                                 activations=TINY_TRAIN(4, 32, 16))
+    assert est.total == 3_970_048
 
 
 def test_trainer_estimate_on_four_devices_divides_parameters_and_rows(registry):
@@ -96,8 +108,8 @@ def test_trainer_estimate_on_four_devices_divides_parameters_and_rows(registry):
     p = ((TINY_PARAMS - TINY_NORMS) // 4 + TINY_NORMS) * 4
     # a micro-batch of 4 rows is split over fsdp=4: one row per device
     assert est == MemoryEstimate(parameters=p, optimizer_state=2 * p, gradients=p, kv_cache=0,
-                                 activations=2 * TINY_LAYER(1, 32, 32) + 2 * 1 * 32 * 128 * 4)
-    assert est.total == 791_552
+                                 activations=TINY_TRAIN(1, 32, 16))
+    assert est.total == 1_020_928
     # tensor parallelism shards parameters the same, but rows are not split over tp
     tp = estimates(registry, SMALL, n=4, shape=(1, 4))["trainer"]
     assert tp.parameters == p and tp.activations == estimates(registry, SMALL)["trainer"].activations
@@ -109,23 +121,37 @@ def test_rollout_estimate_counts_the_kv_cache_of_the_rows_in_flight(registry):
     kv = rows * 2 * 2 * 2 * 16 * slots * 4  # rows x layers x (k, v) x kv_heads x head_dim x slots x fp32
     prefill = TINY_LAYER(rows, 16, slots) + 2 * rows * 1 * 128 * 4  # one layer at a time, last position's logits
     assert one == MemoryEstimate(parameters=TINY_PARAMS * 4, kv_cache=kv, activations=prefill)
-    assert four == attrs.evolve(one, parameters=((TINY_PARAMS - TINY_NORMS) // 4 + TINY_NORMS) * 4)
+    # Data-parallel inference: fsdp=4 splits the 8 rows (cache and activations) 2 per device.
+    assert four == MemoryEstimate(parameters=((TINY_PARAMS - TINY_NORMS) // 4 + TINY_NORMS) * 4, kv_cache=kv // 4,
+                                  activations=TINY_LAYER(2, 16, slots) + 2 * 2 * 1 * 128 * 4)
+    # Rows that fsdp does not divide are padded: 8 rows on fsdp=3 hold 3 per device; tp does not split rows.
+    three = estimates(registry, SMALL, n=3)["rollout"]
+    assert three.kv_cache == kv // rows * 3
+    tp = estimates(registry, SMALL, n=4, shape=(1, 4))["rollout"]
+    assert (tp.kv_cache, tp.activations) == (kv, prefill)
 
 
 def test_reference_and_critic_estimates(registry):
     est = estimates(registry, {**SMALL, "algorithm": {"name": "ppo"}, "roles": {**SMALL["roles"], "critic": {"micro_batch_size": 4}}})
     assert est["reference"] == MemoryEstimate(parameters=TINY_PARAMS * 4,
-                                              activations=TINY_LAYER(4, 32, 32) + 2 * 4 * 32 * 128 * 4)
+                                              activations=TINY_LAYER(4, 32, 32) + 2 * 4 * 16 * 128 * 4)  # logits at the completion
+    # Its micro-batch of 4 rows split over fsdp=4: one row per device.
+    assert estimates(registry, SMALL, n=4)["reference"].activations == TINY_LAYER(1, 32, 32) + 2 * 1 * 16 * 128 * 4
     head = (64 + 1) * 4
     p = TINY_PARAMS * 4 + head
     assert est["critic"] == MemoryEstimate(parameters=p, optimizer_state=2 * p, gradients=p,
-                                           activations=2 * TINY_LAYER(4, 32, 32))  # a value per token: no vocab logits
+                                           activations=TINY_TRAIN_BODY(4, 32))  # a value per token: no vocab logits
 
 
-def test_bfloat16_halves_parameters_and_sgd_keeps_no_optimizer_state(registry):
-    f32 = estimates(registry, SMALL)["trainer"]
-    bf16 = estimates(registry, {**SMALL, "model": {"dtype": "bfloat16"}})["trainer"]
-    assert bf16.parameters * 2 == f32.parameters and bf16.optimizer_state * 2 == f32.optimizer_state
+def test_bfloat16_compute_halves_inference_copies_not_the_trainers_masters_and_sgd_keeps_no_optimizer_state(registry):
+    f32 = estimates(registry, SMALL)
+    bf16 = estimates(registry, {**SMALL, "model": {"compute_dtype": "bfloat16"}})
+    # float32 master parameters, moments and gradients whatever the compute dtype
+    assert bf16["trainer"].parameters == f32["trainer"].parameters
+    assert bf16["trainer"].optimizer_state == f32["trainer"].optimizer_state
+    assert bf16["trainer"].activations < f32["trainer"].activations
+    for role in ("rollout", "reference"):
+        assert bf16[role].parameters * 2 == f32[role].parameters
     sgd = estimates(registry, {**SMALL, "roles": {**SMALL["roles"], "trainer": {"optimizer": "sgd", "micro_batch_size": 4}}})
     assert sgd["trainer"].optimizer_state == 0
 
@@ -175,7 +201,8 @@ def test_a_checkpoint_path_is_estimated_from_its_config_json(registry, tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(PRESETS["qwen2.5-0.5b"].to_hf()))
     by_path = estimates(registry, {**SMALL, "model": {"path": str(tmp_path), "dtype": "bfloat16"}})
     by_preset = estimates(registry, {**SMALL, "model": {"preset": "qwen2.5-0.5b", "dtype": "bfloat16"}})
-    assert by_path == by_preset and by_path["trainer"].parameters == 988_065_536
+    assert by_path == by_preset and by_path["trainer"].parameters == 2 * 988_065_536  # float32 masters
+    assert by_path["rollout"].parameters == 988_065_536  # bfloat16 copies
     missing = estimates(registry, {**SMALL, "model": {"path": str(tmp_path / "elsewhere")}})
     assert missing["trainer"] is None  # planning for another machine: unknown, not an error
 
@@ -194,9 +221,9 @@ def test_capacity_comes_from_the_devices_or_the_config():
 def test_plan_fills_estimates_of_device_roles_on_their_placed_mesh(registry):
     planned = plan_run(config(registry, SMALL), registry, fake_devices(4))
     by_name = {r.name: r for r in planned.plan.roles}
-    assert by_name["trainer"].memory_estimate_bytes == 791_552
+    assert by_name["trainer"].memory_estimate_bytes == 1_020_928
     assert by_name["reward"].memory_estimate_bytes is None
-    assert planned.memory["trainer"].total == 791_552 and planned.capacity.bytes is None
+    assert planned.memory["trainer"].total == 1_020_928 and planned.capacity.bytes is None
 
 
 # -- a role that does not fit ---------------------------------------------------------------
@@ -262,7 +289,7 @@ def test_auto_colocates_when_everything_fits_at_once(registry):
     assert p.notes[0].endswith("of 80.0 GiB per device")
 
 
-# Many rows in flight make the rollout's (unshardable) cache and activations dominate.
+# Many rows in flight make the rollout's cache and activations dominate (split over fsdp only).
 BIG_ROLLOUT = {**SMALL, "roles": {**SMALL["roles"], "rollout": {"num_generations": 64, "max_new_tokens": 16}}}
 
 
@@ -312,7 +339,7 @@ def test_auto_error_when_nothing_fits_names_role_need_and_capacity(registry):
     assert "\n" not in line
     assert line.startswith(f"roles.rollout: needs an estimated {format_bytes(need)} per device")
     assert "placement.policy=auto finds no arrangement that fits" in line
-    assert "roles.rollout.num_generations" in line and "more devices" not in line  # the cache is replicated
+    assert "roles.rollout.num_generations" in line and "fsdp axis (rows are split over it)" in line  # the cache's remedies name rows
 
 
 def test_auto_is_listed_with_the_other_policies():

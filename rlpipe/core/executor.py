@@ -9,6 +9,12 @@ the last item, it runs its barrier work and passes the barrier on.  The source
 starts step ``n`` only when the policy version is at least ``n - lag``, which
 bounds staleness: ``lag`` is 0 when the head stage (rollout) time-shares
 devices with the sink (trainer), ``train.max_staleness`` otherwise.
+
+With offload, roles that share devices hand them over cleanly: a stage passes
+its barrier to the roles it time-shares with only after its ``offload()``, and
+an offloaded stage's ``onload()`` waits until every other offloaded role that
+shares one of its devices has finished its ``offload()`` (a ``device_wait``
+span), so the devices never hold two time-sharing roles' state at once.
 """
 
 from __future__ import annotations
@@ -155,6 +161,10 @@ class Executor:
         self._recorded: dict[str, dict[int, dict[int, Mapping[str, Any]]]] = {h: defaultdict(dict) for h in graph.heads}
         self._counts: dict[str, dict[int, int]] = {h: {} for h in graph.heads}
         self._snapshot_queue: queue.Queue = queue.Queue()
+        # -- the hand-over of time-shared devices -------------------------------------
+        self._sharers = self._device_sharers()
+        self._handover = threading.Condition()
+        self._resident: set[str] = set()  # offloading roles whose state is on their devices
 
     def _lag(self, max_staleness: int) -> int:
         if self.plan is None or self.graph.sink is None:
@@ -166,6 +176,37 @@ class Executor:
 
     def _offloads(self, role: str) -> bool:
         return self.plan is not None and self.plan.role(role).offload
+
+    def _device_sharers(self) -> dict[str, frozenset[str]]:
+        """For each role the executor offloads, the other offloaded roles that
+        share at least one of its devices: the roles it hands the devices to and
+        takes them from."""
+        if self.plan is None:
+            return {}
+        takers = [r for r in self.graph.order if self._offloads(r) and isinstance(self.stages[r], OffloadableStage)]
+        devices = {r: set(self.plan.role(r).devices) for r in takers}
+        return {r: frozenset(o for o in takers if o != r and devices[r] & devices[o]) for r in takers}
+
+    def _take_devices(self, role: str, step: int) -> None:
+        """Waits until no other offloaded role sharing ``role``'s devices holds
+        them (its ``offload()`` has returned), then marks ``role`` as holding
+        them.  Roles start offloaded, so the first to come takes the devices at
+        once; the wait shows as a ``device_wait`` span."""
+        sharers = self._sharers.get(role, frozenset())
+        with self._handover:
+            if self._resident & sharers:
+                start, held_by = self.trace.now_us(), sorted(self._resident & sharers)
+                while self._resident & sharers:
+                    if self._stop.is_set():
+                        raise _Stopped
+                    self._handover.wait(timeout=self._poll)
+                self.trace.complete(role, "device_wait", start, self.trace.now_us(), step=step, held_by=held_by)
+            self._resident.add(role)
+
+    def _release_devices(self, role: str) -> None:
+        with self._handover:
+            self._resident.discard(role)
+            self._handover.notify_all()
 
     def _blocking(self, upstream: str, role: str) -> bool:
         return self.plan is not None and upstream != SOURCE and self.plan.is_blocking(upstream, role)
@@ -304,12 +345,26 @@ class Executor:
         on_device = not offloads
         wait_start: float | None = None
 
+        # Downstream roles that time-share devices with this one get its barrier
+        # only after its offload: they cannot use the devices before anyway.
+        after_offload = {d for d in downs if offloads and self.plan is not None
+                         and time_shared(self.plan.role(role), self.plan.role(d))}
+
         def onload() -> None:
             nonlocal on_device
             if offloads and not on_device:
+                self._take_devices(role, step)
                 with self.trace.span(role, "onload", step=step):
                     stage.onload()
                 on_device = True
+
+        def offload() -> None:
+            nonlocal on_device
+            if offloads and on_device:
+                with self.trace.span(role, "offload", step=step):
+                    stage.offload()
+                on_device = False
+                self._release_devices(role)
 
         def end() -> None:
             for d in downs:
@@ -356,13 +411,17 @@ class Executor:
                     if index == counts.pop():
                         onload()
                         self._barrier(role, stage, step, index)
+                        # The phase switch: this role's device buffers are released
+                        # before any role sharing its devices onloads (_take_devices).
                         if forward:
                             for d in downs:
-                                self._put(d, _Barrier(role, step, index))
-                        if offloads and on_device:
-                            with self.trace.span(role, "offload", step=step):
-                                stage.offload()
-                            on_device = False
+                                if d not in after_offload:
+                                    self._put(d, _Barrier(role, step, index))
+                        offload()
+                        if forward:
+                            for d in downs:
+                                if d in after_offload:
+                                    self._put(d, _Barrier(role, step, index))
                         del items[step], barriers[step]
                         step, index = step + 1, 0
                         continue
@@ -517,6 +576,8 @@ class Executor:
                 every thread has stopped when it is raised.
         """
         self._inbox = {r: queue.Queue(maxsize=self._queue_size) for r in self.graph.order}
+        with self._handover:
+            self._resident = set()  # offloaded stages start in host memory
         self._steps = steps
         self._replay = {h: {s: dict(v) for s, v in by_step.items()} for h, by_step in (replay or {}).items()}
         with self._version_cond:

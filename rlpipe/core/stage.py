@@ -10,6 +10,7 @@ threads, the queues and the barriers; a stage only transforms batches.
 from __future__ import annotations
 
 import contextlib
+import zlib
 from collections.abc import Iterator, Mapping
 from typing import Any, ContextManager, Protocol, runtime_checkable
 
@@ -177,11 +178,14 @@ class StageContext:
 
     def key(self) -> jax.Array:
         """A PRNG key that depends only on (seed, role, step, index): runs are reproducible
-        whatever the thread interleaving."""
-        role_id = int.from_bytes(self.role.encode()[:4].ljust(4, b"\0"), "little") & 0x7FFFFFFF
+        whatever the thread interleaving.  The role enters as a stable hash of its
+        whole name (CRC-32 of the UTF-8 bytes, folded into 31 bits; not Python's
+        per-process ``hash``), so ``reward_a`` and ``reward_b`` draw different numbers."""
+        role_id = zlib.crc32(self.role.encode("utf-8")) & 0x7FFFFFFF
         k = jax.random.fold_in(jax.random.key(self.seed), role_id)
         k = jax.random.fold_in(k, self.step)
-        return jax.random.fold_in(k, -1 if self.index is None else self.index)
+        # The barrier (no index) folds in 2**32 - 1: ``fold_in`` takes uint32 data, so -1 overflows.
+        return jax.random.fold_in(k, 0xFFFFFFFF if self.index is None else self.index)
 
 
 @runtime_checkable

@@ -68,6 +68,46 @@ def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (xf * cos + rotated * sin).astype(x.dtype)
 
 
+#: Attention without a cache runs over blocks of queries so that one block's
+#: float32 scores ``[batch, heads, block, keys]`` hold at most about this many elements.
+ATTENTION_BLOCK_ELEMENTS = 1 << 26
+
+
+def attention_query_block(batch: int, heads: int, seq: int) -> int:
+    """Queries per block of :func:`_attention` (``seq`` when one block holds them all)."""
+    per_query = batch * heads * seq
+    block = max(16, ATTENTION_BLOCK_ELEMENTS // per_query // 16 * 16)
+    return min(block, seq)
+
+
+def _attention(q, k, v, kv_valid, scale):
+    """Causal attention with a key-validity mask, without a cache: ``q`` ``[batch, seq,
+    heads, dim]``, ``k``/``v`` ``[batch, seq, kv_heads, dim]`` (query heads grouped per
+    key head), ``kv_valid`` ``[batch, seq]``.
+
+    ``jax.nn.dot_product_attention`` over blocks of :func:`attention_query_block`
+    queries (a ``lax.map`` whose body is rematerialised), so the scores of one block
+    exist at a time, in the forward and the backward pass.  Keys and values enter
+    the blocks in float32 so that their gradients accumulate over blocks in float32.
+    """
+    b, s, n, d = q.shape
+    block = attention_query_block(b, n, s)
+    if block >= s:
+        return jax.nn.dot_product_attention(q, k, v, mask=kv_valid[:, None, None, :], is_causal=True, scale=scale)
+    blocks = -(-s // block)
+    qb = jnp.pad(q, ((0, 0), (0, blocks * block - s), (0, 0), (0, 0))).reshape(b, blocks, block, n, d).transpose(1, 0, 2, 3, 4)
+    dtype = q.dtype
+
+    @jax.checkpoint
+    def one(k, v, q, start):
+        allowed = (jnp.arange(s)[None, :] <= (start + jnp.arange(block))[:, None])[None, None] & kv_valid[:, None, None, :]
+        return jax.nn.dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask=allowed, scale=scale)
+
+    k32, v32 = k.astype(jnp.float32), v.astype(jnp.float32)
+    out = jax.lax.map(lambda xs: one(k32, v32, *xs), (qb, jnp.arange(blocks) * block))
+    return out.transpose(1, 0, 2, 3, 4).reshape(b, blocks * block, n, d)[:, :s]
+
+
 class Linear(nnx.Module):
     """``x @ kernel (+ bias)`` with kernel ``[in, out]``."""
 
@@ -106,16 +146,22 @@ class Attention(nnx.Module):
         b, s, _ = x.shape
         kvh, g, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         q = _rope(self.q_proj(x).reshape(b, s, kvh, g, d), cos[:, :, None], sin[:, :, None])
-        k = _rope(self.k_proj(x).reshape(b, s, kvh, d), cos, sin).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(b, s, kvh, d).transpose(0, 2, 1, 3)
+        k = _rope(self.k_proj(x).reshape(b, s, kvh, d), cos, sin)
+        v = self.v_proj(x).reshape(b, s, kvh, d)
         if cache is None:
-            keys, values, q_slot = k, v, jnp.arange(s)
-        else:
-            start = (0, 0, cache_index, 0)
-            keys = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
-            values = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
-            cache = LayerCache(keys, values)
-            q_slot = cache_index + jnp.arange(s)
+            # Training and scoring: jax.nn.dot_product_attention, causal within the sequence
+            # plus the key-validity mask (left- and right-padding); grouped-query attention by
+            # grouping the query heads of each key head, as laid out here.
+            out = _attention(q.reshape(b, s, kvh * g, d), k, v, kv_valid.astype(bool), 1.0 / math.sqrt(d))
+            return self.o_proj(out.reshape(b, s, kvh * g * d)), None
+        # With a cache (prefill, decode): the cache is read in its heads-major layout by the
+        # einsums below; handing it to dot_product_attention ([batch, slots, heads, dim])
+        # would re-lay the whole cache every decode step.
+        start = (0, 0, cache_index, 0)
+        keys = jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype), start)
+        values = jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), start)
+        cache = LayerCache(keys, values)
+        q_slot = cache_index + jnp.arange(s)
         t = keys.shape[2]
         scores = jnp.einsum("bskgd,bktd->bkgst", q, keys.astype(q.dtype), preferred_element_type=jnp.float32) / math.sqrt(d)
         allowed = (jnp.arange(t)[None, :] <= q_slot[:, None])[None, None, None] & kv_valid[:, None, None, None, :]
@@ -147,6 +193,31 @@ class Block(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
+def _remat_layers(layers, x, cos, sin, kv_valid):
+    """The blocks applied in turn without a cache, each recomputed in the backward pass.
+
+    A ``lax.scan`` over the layers' parameters, stacked here (cast to the compute
+    dtype first, which every use casts them to anyway, so the values and gradients
+    are those of the unrolled layers) with a rematerialised body: the backward pass
+    keeps each layer's input and one layer's working set at a time.  A loop is what
+    makes that hold: XLA's CPU compiler drops the optimization barriers of an
+    unrolled ``jax.checkpoint`` and merges the recomputation back into the forward
+    pass.  The parameter tree itself is unchanged (``layers[i]``), and the program
+    has one copy of the block however deep the model.
+    """
+    graphdef, _ = nnx.split(layers[0])
+    dtype = x.dtype
+    cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+    stacked = jax.tree.map(lambda *a: jnp.stack([cast(t) for t in a]), *[nnx.split(layer)[1] for layer in layers])
+
+    @jax.checkpoint
+    def body(x, state):
+        return nnx.merge(graphdef, state)(x, cos, sin, kv_valid, None, None)[0]
+
+    x, _ = jax.lax.scan(lambda x, state: (body(x, state), None), x, stacked)
+    return x
+
+
 class Decoder(nnx.Module):
     """The policy (and reference, and critic trunk) model.
 
@@ -168,12 +239,22 @@ class Decoder(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
         self.lm_head = None if config.tie_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False, param_dtype=param_dtype, rngs=rngs)
 
-    def hidden(self, tokens, positions, kv_valid, cache=None, cache_index=None):
-        """Final normalised hidden states ``[batch, seq, hidden]`` (and the new cache)."""
+    def hidden(self, tokens, positions, kv_valid, cache=None, cache_index=None, *, remat: bool = False):
+        """Final normalised hidden states ``[batch, seq, hidden]`` (and the new cache).
+
+        ``remat``: recompute each layer in the backward pass instead of keeping its
+        activations (the layers run as a rematerialised ``lax.scan``, see
+        :func:`_remat_layers`): a training step then keeps only each layer's input
+        plus one layer's working set at a time.  Meant for gradients (the trainer's
+        ``roles.trainer.remat``); it changes nothing in the values, and is ignored
+        with a cache.
+        """
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)
         freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(self.config)
         emb = jnp.concatenate([freqs, freqs], axis=-1)
         cos, sin = jnp.cos(emb)[:, :, None], jnp.sin(emb)[:, :, None]
+        if remat and cache is None:
+            return self.norm(_remat_layers(self.layers, x, cos, sin, kv_valid)), None
         new_cache = []
         for i, layer in enumerate(self.layers):
             x, c = layer(x, cos, sin, kv_valid, None if cache is None else cache[i], cache_index)
@@ -186,7 +267,7 @@ class Decoder(nnx.Module):
             return jnp.einsum("bsh,vh->bsv", h, w, preferred_element_type=jnp.float32)
         return jnp.einsum("bsh,hv->bsv", h, self.lm_head.kernel[...].astype(h.dtype), preferred_element_type=jnp.float32)
 
-    def forward(self, tokens, positions, kv_valid, cache=None, cache_index=None):
+    def forward(self, tokens, positions, kv_valid, cache=None, cache_index=None, *, remat: bool = False):
         """Logits ``[batch, seq, vocab]`` (float32) and the updated cache.
 
         Args:
@@ -196,8 +277,9 @@ class Decoder(nnx.Module):
                 equal ``seq`` without a cache, the cache length with one.
             cache: per-layer :class:`LayerCache`, or ``None``.
             cache_index: the slot where ``tokens[:, 0]`` is written.
+            remat: recompute each layer in the backward pass (see :meth:`hidden`).
         """
-        h, cache = self.hidden(tokens, positions, kv_valid, cache, cache_index)
+        h, cache = self.hidden(tokens, positions, kv_valid, cache, cache_index, remat=remat)
         return self.logits(h), cache
 
     def __call__(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -218,8 +300,37 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
+#: Logits are computed ``logit_chunk_tokens(vocab)`` positions at a time, so that one
+#: chunk's float32 ``[tokens, vocab]`` array holds about this many elements (128 MiB).
+LOGIT_CHUNK_ELEMENTS = 1 << 25
+
+
+def logit_chunk_tokens(vocab_size: int) -> int:
+    """Positions per chunk of :func:`sequence_logprobs`'s head and log-softmax: a
+    multiple of 8, at least 8, with ``tokens × vocab`` at most about
+    :data:`LOGIT_CHUNK_ELEMENTS`."""
+    return max(8, LOGIT_CHUNK_ELEMENTS // vocab_size // 8 * 8)
+
+
+def _chunk_stats(w, h, targets, *, tied: bool, temperature: float, with_entropy: bool):
+    """Log-prob of ``targets`` (and the entropy) under ``softmax(h @ head / T)`` for
+    one chunk of positions: ``h`` ``[tokens, hidden]``, ``targets`` ``[tokens]``.
+    ``w`` is cast to ``h``'s dtype here, inside the chunk, so that the head's
+    gradient accumulates over chunks in the parameter dtype."""
+    wc = w.astype(h.dtype)
+    eq = "nh,vh->nv" if tied else "nh,hv->nv"
+    z = jnp.einsum(eq, h, wc, preferred_element_type=jnp.float32) / temperature
+    logz = jax.nn.logsumexp(z, axis=-1)
+    lp = jnp.take_along_axis(z, targets[:, None], axis=-1)[:, 0] - logz
+    if not with_entropy:
+        return lp, None
+    entropy = logz - jnp.sum(jnp.exp(z - logz[:, None]) * z, axis=-1)  # H = log Z - E[z]
+    return lp, entropy
+
+
 def sequence_logprobs(model: Decoder, prompt: jax.Array, prompt_mask: jax.Array, completion: jax.Array,
-                      completion_mask: jax.Array, temperature: float = 1.0, *, with_entropy: bool = False):
+                      completion_mask: jax.Array, temperature: float = 1.0, *, with_entropy: bool = False,
+                      remat: bool = False):
     """Per-token log-probs ``[batch, completion_len]`` of ``completion`` given
     ``prompt`` (left-padded), in one full-sequence forward; 0 where masked.
 
@@ -227,18 +338,37 @@ def sequence_logprobs(model: Decoder, prompt: jax.Array, prompt_mask: jax.Array,
     reference and trainer log-probs describe the same distribution.  With
     ``with_entropy``, also returns the entropy of that distribution at each
     completion position (0 where masked): ``(logprobs, entropy)``.
+
+    Memory: hidden states are computed for the whole sequence, but the head runs
+    only at the completion's positions, :func:`logit_chunk_tokens` positions at a
+    time (a ``lax.map`` over chunks whose body is rematerialised), so no
+    ``[batch, completion_len, vocab]`` float32 array exists, in the forward or the
+    backward pass.  ``remat`` recomputes each layer in the backward pass
+    (:meth:`Decoder.hidden`); use it for training.
     """
     tokens = jnp.concatenate([prompt, completion], axis=1)
     mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-    logits, _ = model.forward(tokens, positions, mask)
+    h, _ = model.hidden(tokens, positions, mask, remat=remat)
     p = prompt.shape[1]
-    # logits at position t predict token t + 1
-    scaled = logits[:, p - 1:-1] / temperature
-    lp = jnp.where(completion_mask.astype(bool), token_logprobs(scaled, completion), 0.0)
+    b, c = completion.shape
+    # the hidden state at position t predicts token t + 1
+    hc = h[:, p - 1:-1].reshape(b * c, h.shape[-1])
+    targets = completion.reshape(b * c)
+    tied = model.lm_head is None
+    w = model.embed_tokens[...] if tied else model.lm_head.kernel[...]
+    n = b * c
+    chunk = min(n, logit_chunk_tokens(model.config.vocab_size))
+    chunks = -(-n // chunk)
+    pad = chunks * chunk - n
+    if pad:
+        hc = jnp.concatenate([hc, jnp.zeros((pad, hc.shape[-1]), hc.dtype)])
+        targets = jnp.concatenate([targets, jnp.zeros((pad,), targets.dtype)])
+    body = jax.checkpoint(lambda w, h, t: _chunk_stats(w, h, t, tied=tied, temperature=temperature,
+                                                         with_entropy=with_entropy))
+    lp, entropy = jax.lax.map(lambda xs: body(w, *xs), (hc.reshape(chunks, chunk, -1), targets.reshape(chunks, chunk)))
+    keep = completion_mask.astype(bool)
+    lp = jnp.where(keep, lp.reshape(-1)[:n].reshape(b, c), 0.0)
     if not with_entropy:
         return lp
-    z = scaled.astype(jnp.float32)
-    logz = jax.nn.logsumexp(z, axis=-1)
-    entropy = logz - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)  # H = log Z - E[z]
-    return lp, jnp.where(completion_mask.astype(bool), entropy, 0.0)
+    return lp, jnp.where(keep, entropy.reshape(-1)[:n].reshape(b, c), 0.0)

@@ -1,12 +1,8 @@
 """Memory formulas of the decoder: what a role holding one needs on each device.
 
-A role plugin may give its :class:`rlpipe.core.specs.RoleSpec` a
-``memory_estimate(role_config, run_config, mesh) -> MemoryEstimate | None``;
-planning calls it for the mesh each role is placed on, fills
-``RolePlacement.memory_estimate_bytes`` with the total, and compares the
-roles that share a device with that device's capacity.  The ``auto`` policy
-uses the same numbers to choose between colocated, disaggregated and
-colocated+offload.
+The built-in roles' ``memory_estimate`` functions (and a plugin role's, if
+it holds a decoder) build their :class:`rlpipe.core.memory.MemoryEstimate`
+from these; :mod:`rlpipe.core.memory` says how planning uses it.
 
 These are **estimates**, computed from shapes alone, before anything is
 compiled.  They count
@@ -19,25 +15,41 @@ compiled.  They count
   them in;
 * activations by the formulas below.
 
-They leave out: XLA's temporary buffers and workspace (which can be large for
-attention), fragmentation, compiled programs, the arrays of the batch
-itself, communication buffers of collectives, a second copy of gradients
-while micro-batches accumulate, copies made by weight sync, and any
-rematerialisation XLA chooses.  Treat a total close to capacity as not
-fitting.
+They leave out: XLA's workspace beyond the arrays counted below,
+fragmentation, compiled programs, the arrays of the batch itself,
+communication buffers of collectives, a second copy of gradients while
+micro-batches accumulate, and copies made by weight sync.  Treat a total
+close to capacity as not fitting.
 
-Activations (``b`` = bytes of the compute dtype, ``h`` hidden size, ``I``
+Activations are what XLA counts as the program's temporaries
+(``compiled.memory_analysis().temp_size_in_bytes``), as the decoder of
+:mod:`rlpipe.models.decoder` compiles them: the formulas' shapes follow the
+program, their coefficients (how many arrays of each size XLA holds at once)
+were fitted to compiles of the tiny and qwen2.5-0.5b presets and agree with
+them within 20 % (docs/performance.md §10, tests/test_training_memory.py).
+With ``b`` the bytes of the compute dtype, ``h`` hidden size, ``I``
 intermediate size, ``H``/``K`` query/key-value heads of width ``d``, ``V``
-vocabulary, ``rows`` × ``seq`` the tokens of one forward pass, ``keys`` the
-key slots attended to)::
+vocabulary, ``rows × seq`` the tokens of one pass, ``keys`` the key slots
+attended to, ``L`` layers and ``P`` one layer's parameters::
 
-    layer  = rows × seq × (2h + 2(H + K)d + 3I) × b      # norm inputs, q/k/v/attention out, MLP
-           + rows × H × seq × keys × (4 + b)             # attention scores (fp32) and probabilities
-    logits = 2 × rows × positions × V × 4                # fp32 logits and their log-softmax / gradient
+    tokens = rows × seq × ((h + (H + 2K)d) × b + 4I)     # hidden, q/k/v; one fp32 MLP product
+    scores = rows × H × block × keys × 4                 # one fp32 score array
+             block = attention_query_block(rows, H, seq) without a cache, seq with one
+    layer  = 4 tokens + 2.5 scores                       # forward without a cache (blocked attention)
+           | 2 tokens + 2 scores                         # prefill into a cache (keys > seq)
+    logits = 2 × min(rows × positions, chunk) × V × 4    # one chunk of logit_chunk_tokens(V) positions
 
 A forward pass without gradients (rollout prefill, reference) keeps one
-layer's working set at a time: ``layer + logits``.  A training step keeps
-every layer's for the backward pass: ``layers × layer + logits``.
+layer's working set at a time: ``layer + logits`` (plus the weights' copies
+in the compute dtype when parameters are kept in another: the head's,
+``V × h × b``, for the log-prob forward; every layer's, ``L × P × b``, for
+the prefill).  A training step without remat keeps ``4 tokens`` per layer
+and ``3.5 scores`` once (blocked attention is rematerialised; unblocked, per
+layer); with remat (the layers under a rematerialised scan) each layer's
+input ``rows × seq × h × b``, the layers' weights stacked in the compute
+dtype and their gradient ``2 × L × P × b``, and one layer's backward working
+set ``5.5 tokens + 3.5 scores``.  Both add ``logits`` and the head's gradient
+accumulated over the chunks, ``V × h`` in the parameter dtype.
 """
 
 from __future__ import annotations
@@ -50,6 +62,7 @@ from typing import Any
 from rlpipe.core.errors import ConfigError, Problem, choices_text, suggest
 from rlpipe.core.placement import MeshSpec
 from rlpipe.models.config import PRESETS, DecoderConfig
+from rlpipe.models.decoder import attention_query_block, logit_chunk_tokens
 from rlpipe.models.hf import CheckpointError, config_from_hf
 from rlpipe.models.sharding import DEFAULT_RULES, logical_axes
 
@@ -140,34 +153,100 @@ def kv_cache_bytes(config: DecoderConfig, rows: int, slots: int, itemsize: int) 
     return rows * config.num_layers * 2 * config.num_kv_heads * config.dim_per_head * slots * itemsize
 
 
-def layer_activation_bytes(config: DecoderConfig, rows: int, seq: int, keys: int, itemsize: int) -> int:
-    """One decoder layer's activations for ``rows × seq`` tokens attending to
-    ``keys`` slots (the ``layer`` formula of the module docstring)."""
+def token_bytes(config: DecoderConfig, itemsize: int) -> int:
+    """Bytes per token of one layer's main activations: the hidden state and the
+    q/k/v projections in the compute dtype, and one MLP projection in float32 (the
+    matrix products accumulate and are written in float32 before the cast)."""
+    h, d = config.hidden_size, config.dim_per_head
+    return (h + (config.num_heads + 2 * config.num_kv_heads) * d) * itemsize + 4 * config.intermediate_size
+
+
+def attention_bytes(config: DecoderConfig, rows: int, seq: int, keys: int) -> int:
+    """One float32 score array of one layer's attention: ``rows × heads × block ×
+    keys × 4``.  Without a cache (``keys == seq``) queries run in blocks of
+    :func:`rlpipe.models.decoder.attention_query_block`; with a cache (prefill:
+    ``keys > seq``) all ``seq`` queries at once."""
+    block = seq if keys != seq else attention_query_block(rows, config.num_heads, seq)
+    return rows * config.num_heads * block * keys * 4
+
+
+def layer_params(config: DecoderConfig) -> int:
+    """Parameters of one decoder layer."""
     h, d, i = config.hidden_size, config.dim_per_head, config.intermediate_size
-    per_token = 2 * h + 2 * (config.num_heads + config.num_kv_heads) * d + 3 * i
-    return rows * seq * per_token * itemsize + rows * config.num_heads * seq * keys * (4 + itemsize)
+    q, kv = config.num_heads * d, config.num_kv_heads * d
+    return 2 * h * q + 2 * h * kv + 3 * h * i + 2 * h + ((q + 2 * kv) if config.qkv_bias else 0)
+
+
+def layer_activation_bytes(config: DecoderConfig, rows: int, seq: int, keys: int, itemsize: int) -> int:
+    """One layer's working set in a forward pass over ``rows × seq`` tokens
+    attending to ``keys`` slots (the ``layer`` formula of the module docstring)."""
+    tokens = rows * seq * token_bytes(config, itemsize)
+    if keys != seq:  # with a cache: the scores of every query at once
+        return 2 * tokens + 2 * attention_bytes(config, rows, seq, keys)
+    # blocked attention also re-lays the queries and outputs of its blocks
+    return 4 * tokens + 5 * attention_bytes(config, rows, seq, keys) // 2
 
 
 def logits_bytes(config: DecoderConfig, rows: int, positions: int) -> int:
-    """fp32 logits over the vocabulary and their log-softmax (or gradient)."""
-    return 2 * rows * positions * config.vocab_size * 4
+    """One chunk of float32 logits and their exponentials (or gradient): the head
+    runs over :func:`rlpipe.models.decoder.logit_chunk_tokens` positions at a time,
+    so ``2 × min(rows × positions, chunk) × vocab × 4``."""
+    chunk = min(rows * positions, logit_chunk_tokens(config.vocab_size))
+    return 2 * chunk * config.vocab_size * 4
+
+
+def _cast_bytes(config: DecoderConfig, itemsize: int, param_itemsize: int | None, *, head: bool) -> int:
+    """Copies of the weights in the compute dtype, made when it differs from the
+    parameter dtype: every layer's (a forward with a cache: XLA converts them all
+    up front) or the head's (the log-prob programs)."""
+    if param_itemsize is None or param_itemsize == itemsize:
+        return 0
+    if head:
+        return config.vocab_size * config.hidden_size * itemsize
+    return config.num_layers * layer_params(config) * itemsize
 
 
 def forward_activation_bytes(config: DecoderConfig, rows: int, seq: int, itemsize: int, *,
-                             keys: int | None = None, logit_positions: int | None = None) -> int:
-    """A forward pass without gradients: one layer at a time, plus logits at
-    ``logit_positions`` positions per row (default: every position)."""
+                             keys: int | None = None, logit_positions: int | None = None,
+                             param_itemsize: int | None = None) -> int:
+    """A forward pass without gradients: one layer at a time, plus one chunk of
+    logits over ``logit_positions`` positions per row (default: every position).
+    ``keys > seq`` is a prefill into a cache of ``keys`` slots (full attention
+    scores, the last position's logits); ``keys == seq`` (default) the log-prob
+    forward of the reference.  ``param_itemsize``: the parameters' dtype bytes
+    when it differs from the compute dtype's ``itemsize`` (copies in the compute
+    dtype are counted)."""
     keys = seq if keys is None else keys
     positions = seq if logit_positions is None else logit_positions
-    return layer_activation_bytes(config, rows, seq, keys, itemsize) + logits_bytes(config, rows, positions)
+    cast = _cast_bytes(config, itemsize, param_itemsize, head=keys == seq)
+    return layer_activation_bytes(config, rows, seq, keys, itemsize) + logits_bytes(config, rows, positions) + cast
 
 
-def training_activation_bytes(config: DecoderConfig, rows: int, seq: int, itemsize: int, *, logits: bool = True) -> int:
-    """A forward and backward pass: every layer's activations kept for the
-    backward pass, plus the logits of every position (``logits=False`` for a
-    value model, whose head is a single number per token)."""
-    out = config.num_layers * layer_activation_bytes(config, rows, seq, seq, itemsize)
-    return out + (logits_bytes(config, rows, seq) if logits else 0)
+def training_activation_bytes(config: DecoderConfig, rows: int, seq: int, itemsize: int, *, logits: bool = True,
+                              remat: bool = False, logit_positions: int | None = None,
+                              param_itemsize: int | None = None) -> int:
+    """A forward and backward pass over ``rows × seq`` tokens with logits at
+    ``logit_positions`` positions per row (default ``seq``; ``logits=False`` for a
+    value model, whose head is a single number per token).
+
+    Without ``remat`` every layer keeps ``4 × tokens`` for the backward pass (its
+    attention keeps only its blocks' inputs); with ``remat`` each layer keeps
+    its input, the layers' weights are stacked in the compute dtype (and so is
+    their gradient), and the backward pass holds one layer's working set.  The
+    head's gradient accumulates over the logit chunks in the parameter dtype."""
+    param_itemsize = itemsize if param_itemsize is None else param_itemsize
+    layers, tokens = config.num_layers, rows * seq * token_bytes(config, itemsize)
+    attention = attention_bytes(config, rows, seq, seq)
+    blocked = attention_query_block(rows, config.num_heads, seq) < seq
+    if remat:
+        out = (layers * rows * seq * config.hidden_size * itemsize + 2 * layers * layer_params(config) * itemsize
+               + 11 * tokens // 2 + 7 * attention // 2)
+    else:
+        out = layers * 4 * tokens + (1 if blocked else layers) * 7 * attention // 2
+    if logits:
+        positions = seq if logit_positions is None else logit_positions
+        out += logits_bytes(config, rows, positions) + config.vocab_size * config.hidden_size * param_itemsize
+    return out
 
 
 def model_shape(model_config: Any, path: str | None = None) -> DecoderConfig | None:

@@ -34,8 +34,9 @@ class ValueModel(nnx.Module):
         from rlpipe.models.decoder import Linear
 
         self.trunk = trunk
-        # Starts at 0 so early value estimates do not swamp the returns.
-        self.value_head = Linear(trunk.config.hidden_size, 1, bias=True, param_dtype=trunk.dtype, rngs=nnx.Rngs(params=seed))
+        # Starts at 0 so early value estimates do not swamp the returns.  A float32
+        # master, like the trunk's parameters (the trunk computes in model.compute_dtype).
+        self.value_head = Linear(trunk.config.hidden_size, 1, bias=True, param_dtype=jnp.float32, rngs=nnx.Rngs(params=seed))
         self.value_head.kernel[...] = jnp.zeros_like(self.value_head.kernel[...])
 
     def values(self, prompt, prompt_mask, completion, completion_mask, completion_attention=None):
@@ -76,22 +77,29 @@ class CriticStage(OptimizedState):
         self.items: list[Batch] = []
         self.last_metrics: dict[str, float] = {}
         self._values = jax.jit(lambda params, *rows: nnx.merge(self.graphdef, params).values(*rows))
-        self._grad = jax.jit(self._grad_fn)
-        self._apply = jax.jit(self._apply_fn, donate_argnums=(0, 1))
+        self._accumulate = jax.jit(self._accumulate_fn, donate_argnums=(0,))
+        self._apply = jax.jit(self._apply_fn, donate_argnums=(0, 1))  # the accumulator is freed when dropped
+        # The gradient accumulator is laid out like the parameters (so that donating it aliases).
+        self._acc_shardings = (jax.tree_util.tree_map(lambda x: x.sharding, self.params), self.replicated)
+        self._zeros = jax.jit(lambda params: (jax.tree_util.tree_map(jnp.zeros_like, params), jnp.zeros((), jnp.float32)),
+                              out_shardings=self._acc_shardings)
         if placement.offload:
             self.offload()
 
-    def _grad_fn(self, params, rows, scale):
+    def _accumulate_fn(self, acc, params, rows, scale):
+        """``acc`` (gradients, loss) plus this micro-batch's loss, weighted by ``scale``."""
         def loss_fn(p):
             v = nnx.merge(self.graphdef, p).values(rows["prompt"], rows["prompt_mask"], rows["completion"], rows["completion_mask"],
                                                    attention_mask(rows))
             return clipped_value_loss(v, rows["values"], rows["returns"], rows["completion_mask"], self.config.value_clip) * scale
 
-        return jax.value_and_grad(loss_fn)(params)
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        return jax.lax.with_sharding_constraint((jax.tree_util.tree_map(jnp.add, acc[0], grads), acc[1] + loss), self._acc_shardings)
 
-    def _apply_fn(self, params, opt_state, grads):
+    def _apply_fn(self, params, opt_state, acc):
+        grads, loss = acc
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        return optax.apply_updates(params, updates), opt_state, loss
 
     def _micro_batches(self, rows: dict[str, np.ndarray]):
         mb = self.config.micro_batch_size
@@ -132,11 +140,9 @@ class CriticStage(OptimizedState):
                 if k in rows}
         rows["returns"] = np.asarray(estimate.returns, np.float32).reshape(rows["completion"].shape)
         n_chunks = -(-len(rows["prompt"]) // self.config.micro_batch_size)
-        grads, losses = None, []
         with on_devices(self.mesh, context):
+            acc = self._zeros(self.params)
             for chunk in self._micro_batches(rows):
-                loss, g = self._grad(self.params, chunk, jnp.float32(1.0 / n_chunks))
-                grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
-                losses.append(loss)
-            self.params, self.opt_state = self._apply(self.params, self.opt_state, grads)
-            self.last_metrics = {"value_loss": float(np.sum(distributed.to_host(losses)))}
+                acc = self._accumulate(acc, self.params, chunk, jnp.float32(1.0 / n_chunks))
+            self.params, self.opt_state, loss = self._apply(self.params, self.opt_state, acc)
+            self.last_metrics = {"value_loss": float(distributed.to_host(loss))}

@@ -2,7 +2,9 @@
 
 The rollout and reference stages hold their model this way: split into
 graphdef and parameters, laid out with :func:`rlpipe.models.sharding.shardings_for`,
-moved to host memory and back when the plan offloads the role.
+moved to host memory and back when the plan offloads the role.  Their inputs
+(and KV caches) are split by rows over the mesh's ``fsdp`` axis (``rows``):
+data-parallel inference, each device computing its share of the rows.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rlpipe.core.placement import RolePlacement
 from rlpipe.models.decoder import Decoder
+from rlpipe.models.generation import row_sharding
 from rlpipe.models.sharding import shardings_for
 from rlpipe.runtime import weights
 
@@ -36,6 +39,8 @@ class ModelHolder:
         self.config = model.config
         self.shardings = shardings_for(state, mesh)
         self.replicated = NamedSharding(mesh, PartitionSpec())
+        #: Rows (the batch dimension of inputs, KV cache and outputs) split over the data axis ``fsdp``.
+        self.rows = row_sharding(mesh)
         self._lock = threading.Lock()
         self._states: dict[int, Any] = {0: state}
         self._on_device = True

@@ -120,12 +120,13 @@ class OptimizedState:
     def _build_model(self, config: Any, placement: RolePlacement, context: BuildContext, algorithm: Any) -> Any:
         """The common start of a trainable role's constructor: its config,
         algorithm, mesh and pad id; returns its model (initialised or loaded
-        on the mesh)."""
+        on the mesh) with float32 master parameters — the optimizer state
+        follows them — computing in ``model.compute_dtype``."""
         self.config = config
         self.algorithm = algorithm
         self.mesh = make_mesh(placement)
         self.pad_id = load_tokenizer(context.run_config.model).pad_id
-        return load_model(context.run_config.model, mesh=self.mesh, seed=context.seed)
+        return load_model(context.run_config.model, mesh=self.mesh, seed=context.seed, master=True)
 
     def offload(self) -> None:
         if self._on_device:

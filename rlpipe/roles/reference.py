@@ -8,7 +8,7 @@ from rlpipe.core.config import RoleConfig, check
 from rlpipe.core.memory import MemoryEstimate
 from rlpipe.core.specs import RoleSpec
 from rlpipe.models import memory
-from rlpipe.roles.rollout import sequence_shape
+from rlpipe.roles.rollout import data_parallel_rows, sequence_shape
 
 
 @attrs.frozen(kw_only=True)
@@ -27,16 +27,20 @@ class ReferenceConfig(RoleConfig):
 def estimate_memory(config: ReferenceConfig, run_config, mesh) -> MemoryEstimate | None:
     """Parameters of the frozen policy (``checkpoint``'s shape if set) on
     ``mesh``, and one forward pass of ``micro_batch_size`` rows over prompt
-    bucket plus completion, with logits at every position.  Rows are
-    replicated on the mesh."""
+    bucket plus completion, with logits at the completion's positions, all in
+    the compute dtype (``model.compute_dtype``; ``null`` counts float32, the
+    larger: estimates are made before devices are known).  The micro-batch's
+    rows are split over the mesh's ``fsdp`` axis (rounded up to a multiple of
+    its size), so each device holds ``ceil(micro_batch_size / fsdp)`` rows."""
     shape = memory.model_shape(run_config.model, config.checkpoint)
     if shape is None:
         return None
-    b = memory.dtype_bytes(run_config.model.dtype)
-    seq = sum(sequence_shape(run_config))
+    b = memory.dtype_bytes(run_config.model.resolved_compute_dtype(None))
+    prompt, completion = sequence_shape(run_config)
     return MemoryEstimate(
         parameters=memory.decoder_parameter_bytes(shape, mesh, b),
-        activations=memory.forward_activation_bytes(shape, config.micro_batch_size, seq, b),
+        activations=memory.forward_activation_bytes(shape, data_parallel_rows(config.micro_batch_size, mesh),
+                                                    prompt + completion, b, logit_positions=completion),
     )
 
 

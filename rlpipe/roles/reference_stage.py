@@ -13,7 +13,7 @@ from rlpipe.core.placement import RolePlacement, make_mesh
 from rlpipe.core.specs import BuildContext
 from rlpipe.core.stage import Batch, StageContext
 from rlpipe.models.decoder import sequence_logprobs
-from rlpipe.models.generation import bucket_length, left_pad
+from rlpipe.models.generation import bucket_length, left_pad, row_shards
 from rlpipe.models.loading import load_model, load_tokenizer
 from rlpipe.roles.model_holder import ModelHolder
 from rlpipe.roles.rollout import sampling_temperature
@@ -30,7 +30,9 @@ def _logprobs_fn(graphdef, temperature: float):
 
 class ReferenceStage:
     """Per-token log-probs of the completions under a frozen policy: the initial
-    policy, or ``roles.reference.checkpoint``.  Micro-batched over rows."""
+    policy, or ``roles.reference.checkpoint``.  Micro-batched over rows; each
+    micro-batch is split by rows over the mesh's ``fsdp`` axis (rounded up to
+    a multiple of its size, the padding rows dropped)."""
 
     def __init__(self, config: Any, placement: RolePlacement, *, context: BuildContext):
         run = context.run_config
@@ -59,7 +61,8 @@ class ReferenceStage:
         prompts, pmask = np.repeat(prompts, g, axis=0), np.repeat(pmask, g, axis=0)
         comp, cmask = comp.reshape(rows * g, n), cmask.reshape(rows * g, n)
         state = self.holder.state
-        mb = self.config.micro_batch_size
+        shards = row_shards(self.holder.rows)
+        mb = -(-self.config.micro_batch_size // shards) * shards  # whole rows per device
         total = rows * g
         padded = -(-total // mb) * mb
         if padded != total:  # pad to whole micro-batches: every call has one shape (one compile)
@@ -68,7 +71,7 @@ class ReferenceStage:
         # Dispatch every micro-batch, then fetch once: no host round trip between them.
         def score() -> dict[str, np.ndarray]:
             with on_devices(self.holder.mesh, context):
-                outs = [self._fn(state, *distributed.put([a[s:s + mb] for a in (prompts, pmask, comp, cmask)], self.holder.replicated))
+                outs = [self._fn(state, *distributed.put([a[s:s + mb] for a in (prompts, pmask, comp, cmask)], self.holder.rows))
                         for s in range(0, padded, mb)]
                 return {"logprobs": np.concatenate(distributed.to_host(outs))[:total]}
 

@@ -86,16 +86,25 @@ def sequence_shape(run_config) -> tuple[int, int]:
     return memory.prompt_bucket(prompt), int(new)
 
 
+def data_parallel_rows(rows: int, mesh) -> int:
+    """Rows each device of ``mesh`` holds when the inference roles split
+    ``rows`` over its ``fsdp`` axis (padded to a multiple of its size)."""
+    fsdp = memory.mesh_axis_sizes(mesh).get("fsdp", 1)
+    return -(-rows // fsdp)
+
+
 def estimate_memory(config: RolloutConfig, run_config, mesh) -> MemoryEstimate | None:
     """Parameters on ``mesh``; the KV cache of one item's rows in flight
     (``train.prompts_per_item × num_generations``) over prompt bucket plus
     ``max_new_tokens`` slots; the prefill's activations (one layer at a time,
-    logits of the last position only).  Rows are replicated on the mesh, so
-    the cache and activations are not divided by it."""
+    logits of the last position only).  Rows are split over the mesh's
+    ``fsdp`` axis (data-parallel inference, padded to a multiple of its
+    size), so each device holds the cache and activations of
+    ``ceil(rows / fsdp)`` rows; ``tp`` does not divide them."""
     shape = memory.model_shape(run_config.model)
     if shape is None:
         return None
-    b = memory.dtype_bytes(run_config.model.dtype)
+    b = memory.dtype_bytes(run_config.model.resolved_compute_dtype(None))
     prompt, new = sequence_shape(run_config)
     rows = run_config.train.prompts_per_item * config.num_generations
     slots = prompt + new
@@ -109,6 +118,7 @@ def estimate_memory(config: RolloutConfig, run_config, mesh) -> MemoryEstimate |
         rows = min(rows, config.max_concurrency or rows)
         prompt, new = memory.prompt_bucket(prompt + new), config.environment.max_turn_tokens or new
         slots = 2 * (2 * prompt + new) if config.environment.reuse_cache else prompt + new
+    rows = data_parallel_rows(rows, mesh)
     return MemoryEstimate(
         parameters=memory.decoder_parameter_bytes(shape, mesh, b),
         kv_cache=memory.kv_cache_bytes(shape, rows, slots, b),

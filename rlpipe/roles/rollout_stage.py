@@ -60,7 +60,7 @@ class SingleTurn:
         def generate() -> dict[str, np.ndarray]:
             with on_devices(stage.holder.mesh, context):
                 out = stage.engine.generate(state, np.repeat(prompts, g, axis=0), np.repeat(mask, g, axis=0), context.key(),
-                                            stage.params, sharding=stage.holder.replicated)
+                                            stage.params, sharding=stage.holder.rows)
             return {"tokens": out.tokens, "mask": out.mask, "logprobs": out.logprobs}
 
         with context.span("generate", policy_version=version):

@@ -48,32 +48,54 @@ class TrainerConfig(OptimizedRoleConfig):
         max_skipped_updates: an update whose loss or gradient is not finite is
             skipped (parameters and optimizer state unchanged) and counted;
             the run stops with an error once more than this many were skipped.
+        remat: rematerialise each decoder layer in the backward pass (the
+            layers run as a checkpointed scan): activation memory of one layer
+            instead of all of them, for about a third more compute.  Turn it
+            on for real model sizes (docs/performance.md §10).
     """
 
     mini_batch_size: int | None = attrs.field(default=None, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
     num_iterations: int = attrs.field(default=1, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
     max_skipped_updates: int = attrs.field(default=10, validator=check(lambda v: v >= 0, "must be at least 0, got {value}"))
+    remat: bool = False
 
 
 def optimized_memory(config: OptimizedRoleConfig, run_config, mesh, *, rows: int, value_head: bool = False) -> MemoryEstimate | None:
-    """A role that trains a copy of the policy on ``mesh``: parameters,
-    optimizer state (AdamW keeps two moments per parameter, in the parameter
-    dtype as optax creates them; SGD none), one set of gradients, and a
-    forward and backward pass of ``rows`` rows per device over prompt bucket
-    plus completion.  ``value_head``: the critic's trunk plus a replicated
-    ``hidden + 1`` head, and no vocabulary logits."""
+    """A role that trains a copy of the policy on ``mesh``: float32 master
+    parameters, optimizer state (AdamW keeps two moments per parameter, in
+    the parameter dtype — float32 — as optax creates them; SGD none), one set
+    of float32 gradients, and a forward and backward pass of ``rows`` rows
+    per device over prompt bucket plus completion in the compute dtype
+    (``model.compute_dtype``; ``null`` counts float32, the larger, unless the
+    mesh names real devices of another platform: estimates are made before
+    devices are known).
+    ``value_head``: the critic's trunk plus a replicated ``hidden + 1`` head,
+    and no vocabulary logits."""
     shape = memory.model_shape(run_config.model)
     if shape is None:
         return None
-    b = memory.dtype_bytes(run_config.model.dtype)
-    params = memory.decoder_parameter_bytes(shape, mesh, b) + ((shape.hidden_size + 1) * b if value_head else 0)
-    seq = sum(sequence_shape(run_config))
+    master = memory.dtype_bytes("float32")
+    resolve = getattr(run_config.model, "resolved_compute_dtype", None)
+    compute = memory.dtype_bytes(resolve(_platform(mesh)) if resolve else run_config.model.dtype)
+    params = memory.decoder_parameter_bytes(shape, mesh, master) + ((shape.hidden_size + 1) * master if value_head else 0)
+    prompt, completion = sequence_shape(run_config)
     return MemoryEstimate(
         parameters=params,
         optimizer_state=2 * params if config.optimizer == "adamw" else 0,
         gradients=params,
-        activations=memory.training_activation_bytes(shape, rows, seq, b, logits=not value_head),
+        activations=memory.training_activation_bytes(shape, rows, prompt + completion, compute, logits=not value_head,
+                                                     remat=getattr(config, "remat", False),
+                                                     logit_positions=completion, param_itemsize=master),
     )
+
+
+def _platform(mesh) -> str | None:
+    """The platform of ``mesh``'s devices (``cpu``, ``gpu``, ``tpu``), or
+    ``None`` for a mesh spec without devices (what planning passes)."""
+    try:
+        return getattr(mesh.devices.flat[0], "platform", None)
+    except (AttributeError, IndexError, TypeError):
+        return None
 
 
 def estimate_memory(config: TrainerConfig, run_config, mesh) -> MemoryEstimate | None:

@@ -8,13 +8,18 @@ at the barrier the trainer
    log-probs the PPO ratio is taken against; the rollout's own log-probs are
    kept for truncated importance sampling of stale rollouts);
 3. for ``num_iterations`` passes, splits the rows into mini-batches, and for
-   each accumulates gradients over micro-batches and applies one optax update;
+   each accumulates gradients over micro-batches and applies one optax update.
+   The loss's normalisers (valid tokens, valid completions) are counted over
+   the whole mini-batch before it is split and passed into each micro-batch's
+   loss, so the micro-batch losses sum to the mini-batch loss and the update
+   does not depend on ``micro_batch_size``.  Gradients accumulate inside jit,
+   into a donated buffer (one call per micro-batch);
 4. publishes the new weights (policy version + 1) to its subscribers — the
    rollout's ``load_weights``.
 
 Every device computation is a jitted pure function of (params, optimizer
 state, arrays): ``nnx.split`` / ``nnx.merge`` happen inside the jit
-boundary, the optimizer state is donated to the update.
+boundary, the optimizer state and the gradient accumulator are donated.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from rlpipe.core.specs import BuildContext
 from rlpipe.core.stage import Batch, StageContext
 from rlpipe.models.decoder import sequence_logprobs
 from rlpipe.models.sharding import shardings_for
+from rlpipe.plugins.algorithms import losses
 from rlpipe.roles.optimization import (
     NonFiniteLossError,
     OptimizedState,
@@ -50,13 +56,39 @@ from rlpipe.runtime import distributed
 from rlpipe.runtime.devices import on_devices
 
 
-def _takes_entropy(loss: Callable[..., Any]) -> bool:
-    """Whether ``loss`` accepts ``entropy=`` (a parameter of that name, or ``**kwargs``)."""
+def _takes(loss: Callable[..., Any], name: str, *, var_keyword: bool = True) -> bool:
+    """Whether ``loss`` accepts the keyword ``name``: a parameter of that name,
+    or (with ``var_keyword``) ``**kwargs``."""
     try:
         params = inspect.signature(loss).parameters.values()
     except (TypeError, ValueError):
-        return True
-    return any(p.kind is p.VAR_KEYWORD or (p.name == "entropy" and p.kind is not p.POSITIONAL_ONLY) for p in params)
+        return var_keyword
+    return any((var_keyword and p.kind is p.VAR_KEYWORD) or (p.name == name and p.kind is not p.POSITIONAL_ONLY)
+               for p in params)
+
+
+def _takes_entropy(loss: Callable[..., Any]) -> bool:
+    """Whether ``loss`` accepts ``entropy=``."""
+    return _takes(loss, "entropy")
+
+
+def _normalisers(mask: np.ndarray, share: float) -> losses.Normalisers:
+    """:func:`losses.normalisers` on the host: a mini-batch's valid tokens and
+    completions (at least 1 each), and a micro-batch's share of its rows."""
+    m = np.asarray(mask).astype(bool)
+    return losses.Normalisers(tokens=np.asarray(max(int(m.sum()), 1), np.float32),
+                              sequences=np.asarray(max(int((m.sum(axis=-1) > 0).sum()), 1), np.float32),
+                              share=np.asarray(share, np.float32))
+
+
+def _combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """A mini-batch's metrics from its micro-batches' (host values): each
+    micro-batch reports its share, so they sum; ``*_max`` metrics take the maximum."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        for k, v in part.items():
+            out[k] = v if k not in out else (np.maximum(out[k], v) if k.endswith("_max") else out[k] + v)
+    return out
 
 
 class TrainerStage(OptimizedState):
@@ -79,10 +111,14 @@ class TrainerStage(OptimizedState):
         # Rows are split over the fsdp axis (data parallel) when it exists and divides them.
         split = fsdp > 1 and config.micro_batch_size % fsdp == 0
         self.row_sharding = NamedSharding(self.mesh, PartitionSpec("fsdp") if split else PartitionSpec())
-        self._grad = jax.jit(self._grad_fn)
-        # The optimizer state is donated; parameters are not, because a rollout on
-        # the same mesh and dtype shares the published buffers (zero-copy sync).
-        self._apply = jax.jit(self._apply_fn, donate_argnums=(1,))
+        self._accumulate = jax.jit(self._accumulate_fn, donate_argnums=(0,))
+        # The optimizer state and the accumulated gradients are donated; parameters are not,
+        # because a rollout on the same mesh and dtype shares the published buffers (zero-copy sync).
+        self._apply = jax.jit(self._apply_fn, donate_argnums=(1, 2))
+        # The accumulator is laid out like the parameters (so that donating it aliases).
+        self._acc_shardings = (jax.tree_util.tree_map(lambda x: x.sharding, params), NamedSharding(self.mesh, PartitionSpec()))
+        self._zeros = jax.jit(lambda params: (jax.tree_util.tree_map(jnp.zeros_like, params), jnp.zeros((), jnp.float32)),
+                              out_shardings=self._acc_shardings)
         self._logprobs = jax.jit(self._logprobs_fn)
         if placement.offload:
             self.offload()
@@ -98,39 +134,52 @@ class TrainerStage(OptimizedState):
     def _logprobs_fn(self, params, rows):
         return self._policy_logprobs(params, rows)
 
-    def _grad_fn(self, params, rows, scale):
+    def _accumulate_fn(self, acc, params, rows, normalisers):
+        """``acc`` (gradients, loss) plus this micro-batch's; and its metrics.
+        ``normalisers``: the mini-batch's counts (:func:`losses.normalisers`)."""
         def loss_fn(p):
             logp, entropy = sequence_logprobs(nnx.merge(self.graphdef, p), rows["prompt"], rows["prompt_mask"],
                                               rows["completion"], attention_mask(rows), self.temperature,
-                                              with_entropy=True)
+                                              with_entropy=True, remat=self.config.remat)
             logp = jnp.where(rows["completion_mask"].astype(bool), logp, 0.0)  # environment tokens are not scored
             # An Algorithm's loss always takes the entropy (its entropy_bonus term uses it when
             # configured).  A third-party algorithm object's loss(logp, rows) without an ``entropy``
             # parameter is called without it: decided from its signature here, which runs once
             # when the step is traced (not per step), so a loss swapped in after construction counts.
             algorithm_loss = self.algorithm.loss
-            if _takes_entropy(algorithm_loss):
-                loss, metrics = algorithm_loss(logp, rows, entropy=entropy)
+            kwargs = {"entropy": entropy} if _takes_entropy(algorithm_loss) else {}
+            # Only a loss that names ``normalisers`` uses them (one taking **kwargs may ignore them).
+            if _takes(algorithm_loss, "normalisers", var_keyword=False):
+                # Divides by the mini-batch's counts: the micro-batch losses and metrics sum to the mini-batch's.
+                loss, metrics = algorithm_loss(logp, rows, normalisers=normalisers, **kwargs)
             else:
-                loss, metrics = algorithm_loss(logp, rows)
+                # A loss that normalises each micro-batch on its own: weighted by its share of the rows.
+                loss, metrics = algorithm_loss(logp, rows, **kwargs)
+                share = normalisers.share
+                loss = loss * share
+                metrics = {k: v if k.endswith("_max") else v * share for k, v in metrics.items()}
             mask = rows["completion_mask"].astype(jnp.float32)
             # The sampled distribution's entropy per completion token (a diagnostic; the
             # algorithm's entropy_coef, when set, is what puts it in the gradient).
-            metrics = {**metrics, "entropy": jax.lax.stop_gradient((entropy * mask).sum() / jnp.maximum(mask.sum(), 1.0))}
-            return loss * scale, metrics
+            metrics = {**metrics, "entropy": jax.lax.stop_gradient((entropy * mask).sum() / normalisers.tokens)}
+            return loss, metrics
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return grads, loss, metrics
+        acc_grads, acc_loss = acc
+        acc = (jax.tree_util.tree_map(jnp.add, acc_grads, grads), acc_loss + loss)
+        return jax.lax.with_sharding_constraint(acc, self._acc_shardings), metrics
 
-    def _apply_fn(self, params, opt_state, grads, loss):
-        """One optimizer update; skipped (state unchanged) when the loss or the
-        gradient is not finite, so one bad batch cannot poison the policy."""
+    def _apply_fn(self, params, opt_state, acc):
+        """One optimizer update with the accumulated gradients; skipped (state
+        unchanged) when the loss or the gradient is not finite, so one bad
+        batch cannot poison the policy."""
+        grads, loss = acc
         gnorm = optax.tree.norm(grads)
         ok = jnp.isfinite(gnorm) & jnp.isfinite(loss)
         updates, new_opt = self.optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
-        return keep(new_params, params), keep(new_opt, opt_state), gnorm, ~ok
+        return keep(new_params, params), keep(new_opt, opt_state), gnorm, ~ok, loss
 
     # -- stage protocol --------------------------------------------------------------
 
@@ -196,28 +245,31 @@ class TrainerStage(OptimizedState):
             with context.span("logprobs", policy_version=self.version):
                 old = [self._logprobs(self.params, chunk(i, i + mb)) for i in range(0, n_rows, mb)]
                 device_rows["old_logprobs"] = np.concatenate(distributed.to_host(old))
-            metrics_acc: dict[str, list] = {}
+            # Each mini-batch's loss normalisers, counted before it is split (the same every pass).
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+            normalisers = [distributed.put(_normalisers(device_rows["completion_mask"][lo:lo + mini], mb / mini), replicated)
+                           for lo in range(0, n_rows, mini)]
+            per_update: list[tuple[list, Any]] = []  # (micro-batch metrics, loss) of each update
             grad_norms, skips = [], []
             with context.span("train", policy_version=self.version):
                 for _ in range(self.config.num_iterations):
-                    for lo in range(0, n_rows, mini):
-                        grads, parts, total = None, [], 0.0
+                    for j, lo in enumerate(range(0, n_rows, mini)):
+                        acc, parts = self._zeros(self.params), []
                         for i in range(lo, lo + mini, mb):
-                            g, loss, metrics = self._grad(self.params, chunk(i, i + mb), jnp.float32(mb / mini))
-                            grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
-                            total = total + loss
-                            parts.append((loss, metrics))
-                        self.params, self.opt_state, gnorm, skipped = self._apply(self.params, self.opt_state, grads, total)
+                            acc, metrics = self._accumulate(acc, self.params, chunk(i, i + mb), normalisers[j])
+                            parts.append(metrics)
+                        self.params, self.opt_state, gnorm, skipped, loss = self._apply(self.params, self.opt_state, acc)
                         grad_norms.append(gnorm)
                         skips.append(skipped)
-                        for loss, metrics in parts:
-                            metrics_acc.setdefault("loss", []).append(loss * (mini / mb))
-                            for k, v in metrics.items():
-                                metrics_acc.setdefault(k, []).append(v)
-                fetched = distributed.to_host((metrics_acc, grad_norms, skips))  # inside: the span covers the device work
+                        per_update.append((parts, loss))
+                fetched = distributed.to_host((per_update, grad_norms, skips))  # inside: the span covers the device work
             finite = [x for x in fetched[1] if np.isfinite(x)]
+            metrics_acc: dict[str, list] = {}
+            for parts, loss in fetched[0]:
+                for k, v in {**_combine(parts), "loss": loss}.items():
+                    metrics_acc.setdefault(k, []).append(v)
             self.last_metrics = {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
-                                 for k, v in fetched[0].items()}
+                                 for k, v in metrics_acc.items()}
             self.last_metrics["grad_norm"] = float(np.mean(finite)) if finite else float("nan")
             self.skipped_updates += int(np.sum(fetched[2]))
             self.last_metrics["skipped_updates"] = self.skipped_updates

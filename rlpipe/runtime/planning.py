@@ -260,13 +260,15 @@ def build_stages(planned: Planned, *, context: BuildContext) -> dict[str, Stage]
 
 #: What to change when one role does not fit, by the kind of memory that dominates.
 REMEDIES = {
-    "parameters": "more devices on its mesh's fsdp axis, or model.dtype=bfloat16",
-    "optimizer_state": "more devices on its mesh's fsdp axis, model.dtype=bfloat16, or optimizer=sgd",
-    "gradients": "more devices on its mesh's fsdp axis, or model.dtype=bfloat16",
-    "kv_cache": "fewer rows in flight (train.prompts_per_item, roles.rollout.num_generations), shorter "
-                "sequences (roles.rollout.max_new_tokens, task.max_prompt_tokens), or model.dtype=bfloat16",
-    "activations": "a smaller roles.<role>.micro_batch_size, shorter sequences (roles.rollout.max_new_tokens, "
-                   "task.max_prompt_tokens), or model.dtype=bfloat16",
+    "parameters": "more devices on its mesh's fsdp axis, or model.compute_dtype=bfloat16 (the inference roles' "
+                  "copies; trainer and critic keep float32 masters)",
+    "optimizer_state": "more devices on its mesh's fsdp axis, or optimizer=sgd",
+    "gradients": "more devices on its mesh's fsdp axis",
+    "kv_cache": "more devices on its mesh's fsdp axis (rows are split over it), fewer rows in flight "
+                "(train.prompts_per_item, roles.rollout.num_generations), shorter sequences "
+                "(roles.rollout.max_new_tokens, task.max_prompt_tokens), or model.compute_dtype=bfloat16",
+    "activations": "roles.trainer.remat=true, a smaller roles.<role>.micro_batch_size, shorter sequences "
+                   "(roles.rollout.max_new_tokens, task.max_prompt_tokens), or model.compute_dtype=bfloat16",
 }
 
 

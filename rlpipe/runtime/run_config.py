@@ -74,7 +74,17 @@ class ModelConfig:
         preset: a built-in shape (``tiny``, ``qwen2.5-0.5b``, ``llama-3.2-1b``),
             randomly initialised from ``train.seed``; ignored when ``path`` is set.
         path: a local Hugging Face checkpoint directory (Llama or Qwen2).
-        dtype: parameter and compute dtype, ``float32`` or ``bfloat16``.
+        dtype: ``float32`` or ``bfloat16``; kept for older configs.  The
+            dtype the memory estimates of the inference roles assume, and
+            ``bfloat16`` makes ``compute_dtype: null`` mean bfloat16 on every
+            platform.  It no longer sets the trainer's or the critic's
+            parameters: those are always float32 masters.
+        compute_dtype: the dtype every role computes in, and the parameter
+            dtype of the inference copies (rollout, reference, evaluation),
+            which weight sync casts the float32 master to: ``float32``,
+            ``bfloat16``, or ``null``: ``bfloat16`` when ``dtype`` is
+            ``bfloat16``, else bfloat16 on GPU/TPU and float32 on CPU
+            (:meth:`resolved_compute_dtype`, resolved where the devices are known).
         tokenizer: ``char`` (the built-in character tokenizer), a directory
             holding ``tokenizer.json``, or ``null``: the checkpoint's own with
             ``path``, else ``char``.
@@ -83,7 +93,18 @@ class ModelConfig:
     preset: str = "tiny"
     path: str | None = None
     dtype: str = attrs.field(default="float32", validator=check(lambda v: v in ("float32", "bfloat16"), "must be 'float32' or 'bfloat16', got {value}"))
+    compute_dtype: str | None = attrs.field(default=None, validator=check(
+        lambda v: v is None or v in ("float32", "bfloat16"), "must be 'float32', 'bfloat16' or null, got {value}"))
     tokenizer: str | None = None
+
+    def resolved_compute_dtype(self, platform: str | None) -> str:
+        """``compute_dtype`` with ``null`` resolved for devices of ``platform``
+        (``cpu``, ``gpu``, ``cuda``, ``rocm``, ``tpu``; ``None``: unknown, taken as CPU)."""
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        if self.dtype == "bfloat16":
+            return "bfloat16"
+        return "float32" if platform in (None, "cpu") else "bfloat16"
 
 
 @attrs.frozen(kw_only=True)

@@ -83,7 +83,7 @@ class EpisodeGenerator:
         def run() -> dict[str, np.ndarray]:
             out = self.runner.run(state, [ids[i] for i in rows], [examples[i] for i in rows], context.key(),
                                   tracer=StageTracer(context), device=lambda: on_devices(mesh),
-                                  sharding=self.stage.holder.replicated, seed=seed, policy_version=version, host=self._host)
+                                  sharding=self.stage.holder.rows, seed=seed, policy_version=version, host=self._host)
             self.episodes.extend(out.episodes)
             self.prefill_tokens += self.runner.prefill_tokens
             return {"tokens": out.tokens, "loss": out.loss_mask, "attention": out.attention_mask,

@@ -362,9 +362,10 @@ class Algorithm:
         return out
 
     def loss(self, logp: jax.Array, batch: Mapping[str, jax.Array], *,
-             entropy: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+             entropy: jax.Array | None = None,
+             normalisers: losses.Normalisers | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The scalar training loss and its scalar metrics: :attr:`loss_terms`
-        applied to ``LossInputs.create(logp, batch, entropy=entropy)``.
+        applied to ``LossInputs.create(logp, batch, entropy=entropy, normalisers=normalisers)``.
 
         Args:
             logp: ``[P, G, N]`` the current policy's log-probs of the completion
@@ -378,6 +379,12 @@ class Algorithm:
             entropy: ``[P, G, N]`` the current policy's entropy at each
                 completion token (differentiable); needed when
                 ``entropy_coef > 0``.  The trainer always passes it.
+            normalisers: when ``batch`` is one micro-batch of a mini-batch,
+                the mini-batch's counts (:func:`.losses.normalisers` of its
+                completion mask, and this micro-batch's share of its rows):
+                the aggregations divide by them, so the losses — and the
+                additive metrics — of the micro-batches sum to the
+                mini-batch's.  ``None``: ``batch`` is the whole batch.
 
         Returns:
             ``(loss, metrics)``: with the default terms ``loss = pg_loss +
@@ -390,4 +397,4 @@ class Algorithm:
             fractions and means over valid tokens), plus the metrics of any
             added term.
         """
-        return self.loss_terms(LossInputs.create(logp, batch, entropy=entropy))
+        return self.loss_terms(LossInputs.create(logp, batch, entropy=entropy, normalisers=normalisers))

@@ -9,6 +9,13 @@ Masked positions may hold anything (``-inf`` log-probs included): every
 function selects with ``jnp.where`` *before* exponentiating, so neither the
 value nor the gradient picks up a NaN from padding.
 
+Under gradient accumulation a mini-batch is split into micro-batches, each
+a separate call.  :class:`Normalisers` carries the mini-batch's counts
+(:func:`normalisers`) into each call, so that :func:`aggregate` divides by the
+whole mini-batch's token or completion count and the micro-batch values *sum*
+to the mini-batch's value exactly — the update does not depend on the
+micro-batch size.
+
 How the algorithm calls a policy loss (and a third-party one, see
 ``docs/algorithms.md``): by keyword, ``fn(logp=, old_logp=, advantages=,
 mask=, eps_low=, eps_high=)``, plus ``dual_clip=`` when configured; it
@@ -18,16 +25,20 @@ returns ``(per_token_loss, stats)`` where ``stats`` may hold per-token
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 __all__ = [
     "AGGREGATIONS",
     "KL_KINDS",
+    "Normalisers",
     "aggregate",
     "entropy_from_logits",
     "gspo",
     "kl",
+    "normalisers",
     "ppo_clip",
     "truncated_importance_weights",
 ]
@@ -39,6 +50,32 @@ LOG_RATIO_LIMIT = 20.0
 
 KL_KINDS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+class Normalisers(NamedTuple):
+    """The counts a loss over several calls (micro-batches) divides by: those
+    of the whole batch the calls make up (the mini-batch), not each call's own.
+
+    Attributes:
+        tokens: valid tokens in the whole batch, at least 1 (``token-mean``).
+        sequences: completions with at least one valid token in the whole
+            batch, at least 1 (the ``seq-mean-*`` aggregations).
+        share: this call's share of the batch's rows (``micro / mini``): the
+            weight of a value a term normalises by its own call's counts.
+    """
+
+    tokens: jax.Array
+    sequences: jax.Array
+    share: jax.Array
+
+
+def normalisers(mask: jax.Array, share: float = 1.0) -> Normalisers:
+    """The :class:`Normalisers` of a whole batch with completion mask ``mask``
+    (``[..., N]``; numpy or JAX), for calls that each cover ``share`` of its rows."""
+    m = jnp.asarray(mask).astype(bool)
+    return Normalisers(tokens=jnp.maximum(m.sum(), 1).astype(jnp.float32),
+                       sequences=jnp.maximum((m.sum(axis=-1) > 0).sum(), 1).astype(jnp.float32),
+                       share=jnp.float32(share))
 
 
 def _bool(mask: jax.Array) -> jax.Array:
@@ -139,7 +176,8 @@ def kl(logp: jax.Array, ref_logp: jax.Array, kind: str = "k3", mask: jax.Array |
     raise ValueError(f"unknown KL kind {kind!r} (expected one of {', '.join(KL_KINDS)})")
 
 
-def aggregate(per_token: jax.Array, mask: jax.Array, mode: str = "token-mean") -> jax.Array:
+def aggregate(per_token: jax.Array, mask: jax.Array, mode: str = "token-mean", *,
+              normalisers: Normalisers | None = None) -> jax.Array:
     """Reduces a per-token quantity to a scalar.
 
     * ``token-mean``: sum over all valid tokens / number of valid tokens;
@@ -152,11 +190,16 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str = "token-mean") -
 
     Fully masked completions are left out; with no valid token at all the
     result is 0.
+
+    With ``normalisers`` (a micro-batch of a larger batch), ``token-mean``
+    divides by ``normalisers.tokens`` and the ``seq-mean-*`` modes by
+    ``normalisers.sequences`` — the whole batch's counts — instead of this
+    call's own, so the values of the micro-batches sum to the whole batch's.
     """
     m = _bool(mask)
     x = jnp.where(m, per_token, 0.0)
     if mode == "token-mean":
-        return x.sum() / jnp.maximum(m.sum(), 1)
+        return x.sum() / (jnp.maximum(m.sum(), 1) if normalisers is None else normalisers.tokens)
     count = m.sum(axis=-1)
     valid_seq = count > 0
     seq_sum = x.sum(axis=-1)
@@ -168,7 +211,8 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str = "token-mean") -
         per_seq = seq_sum / m.shape[-1]
     else:
         raise ValueError(f"unknown aggregation {mode!r} (expected one of {', '.join(AGGREGATIONS)})")
-    return jnp.where(valid_seq, per_seq, 0.0).sum() / jnp.maximum(valid_seq.sum(), 1)
+    denominator = jnp.maximum(valid_seq.sum(), 1) if normalisers is None else normalisers.sequences
+    return jnp.where(valid_seq, per_seq, 0.0).sum() / denominator
 
 
 def truncated_importance_weights(old_logp: jax.Array, rollout_logp: jax.Array, mask: jax.Array, cap: float) -> jax.Array:

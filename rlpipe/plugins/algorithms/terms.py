@@ -20,7 +20,16 @@ its config; a plugin adds or swaps a term by name without copying the rest
 (``docs/algorithms.md``, "Losses are composed of terms").
 
 Terms take one argument so that new inputs can be added to
-:class:`LossInputs` without breaking existing terms.  Array conventions are
+:class:`LossInputs` without breaking existing terms.
+
+Under gradient accumulation each micro-batch is one call, and the trainer
+*sums* the calls' contributions and metrics over a mini-batch (metrics named
+``*_max`` take the maximum).  ``inputs.normalisers`` then holds the
+mini-batch's counts: a term aggregates with
+``losses.aggregate(..., normalisers=inputs.normalisers)`` so its micro-batch
+values sum to the mini-batch's exactly, or weights a value normalised by its
+own call by ``inputs.share``.  Called once on a whole batch (no
+normalisers), every term gives what it always did.  Array conventions are
 those of :mod:`.losses`: per-token arrays ``[P, G, N]``, masked positions
 may hold anything.
 """
@@ -51,17 +60,30 @@ class LossInputs(NamedTuple):
             when present ``ref_logprobs``, ``rollout_logprobs``, ``values``, ...
         entropy: ``[P, G, N]`` the current policy's per-token entropy
             (differentiable), or ``None`` when the caller did not compute it.
+        normalisers: when this call is one micro-batch of a mini-batch, the
+            mini-batch's counts (:class:`~.losses.Normalisers`: valid tokens,
+            valid completions, this call's share of the rows); ``None``: the
+            call is the whole batch.
     """
 
     logp: jax.Array
     mask: jax.Array
     batch: Mapping[str, jax.Array]
     entropy: jax.Array | None = None
+    normalisers: losses.Normalisers | None = None
 
     @classmethod
-    def create(cls, logp: jax.Array, batch: Mapping[str, jax.Array], *, entropy: jax.Array | None = None) -> LossInputs:
+    def create(cls, logp: jax.Array, batch: Mapping[str, jax.Array], *, entropy: jax.Array | None = None,
+               normalisers: losses.Normalisers | None = None) -> LossInputs:
         """The inputs for ``logp`` and ``batch``; the mask is ``batch["completion_mask"]`` as bool."""
-        return cls(logp=logp, mask=jnp.asarray(batch["completion_mask"]).astype(bool), batch=batch, entropy=entropy)
+        return cls(logp=logp, mask=jnp.asarray(batch["completion_mask"]).astype(bool), batch=batch, entropy=entropy,
+                   normalisers=normalisers)
+
+    @property
+    def share(self) -> Any:
+        """This call's share of the mini-batch's rows (1 without normalisers):
+        the weight of a value a term normalises by this call's own counts."""
+        return 1.0 if self.normalisers is None else self.normalisers.share
 
 
 class LossTerm(Protocol):
@@ -84,8 +106,8 @@ def _stop(metrics: Mapping[str, Any]) -> Metrics:
     return {k: jax.lax.stop_gradient(v) for k, v in metrics.items()}
 
 
-def _token_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-    return losses.aggregate(x, mask, "token-mean")
+def _token_mean(x: jax.Array, inputs: LossInputs) -> jax.Array:
+    return losses.aggregate(x, inputs.mask, "token-mean", normalisers=inputs.normalisers)
 
 
 #: Policy-loss statistics that become metrics (token means over valid tokens).
@@ -126,16 +148,16 @@ def policy_gradient(policy_loss: Callable[..., Any], *, aggregation: str, eps_lo
                 raise KeyError("tis_cap is set: the batch needs rollout_logprobs (the sampler's log-probs)")
             w = losses.truncated_importance_weights(old, batch["rollout_logprobs"], mask, tis_cap)
             per_token = per_token * w
-            metrics["tis_weight_mean"] = _token_mean(w, mask)
-            metrics["tis_clip_frac"] = _token_mean(w >= tis_cap, mask)
-        pg_loss = losses.aggregate(per_token, mask, aggregation)
+            metrics["tis_weight_mean"] = _token_mean(w, inputs)
+            metrics["tis_clip_frac"] = _token_mean(w >= tis_cap, inputs)
+        pg_loss = losses.aggregate(per_token, mask, aggregation, normalisers=inputs.normalisers)
         if "ratio" in stats:
             ratio = stats["ratio"]
-            metrics["ratio_mean"] = _token_mean(ratio, mask)
+            metrics["ratio_mean"] = _token_mean(ratio, inputs)
             metrics["ratio_max"] = jnp.where(mask, ratio, 0.0).max(initial=0.0)
         for key, name in _FRACTIONS:
             if key in stats:
-                metrics[name] = _token_mean(stats[key], mask)
+                metrics[name] = _token_mean(stats[key], inputs)
         metrics["pg_loss"] = pg_loss
         return pg_loss, _stop(metrics)
 
@@ -167,7 +189,8 @@ def kl_penalty(beta: float, *, kind: str, aggregation: str, in_reward: bool) -> 
             if applied:
                 raise KeyError("kl_beta > 0: the batch needs ref_logprobs (the reference role's)")
             return _zero(), {}
-        value = losses.aggregate(losses.kl(inputs.logp, batch["ref_logprobs"], kind, mask), mask, aggregation)
+        value = losses.aggregate(losses.kl(inputs.logp, batch["ref_logprobs"], kind, mask), mask, aggregation,
+                                 normalisers=inputs.normalisers)
         return (beta * value if applied else _zero()), _stop({"kl": value})
 
     return term
@@ -190,7 +213,7 @@ def entropy_bonus(coef: float, *, aggregation: str) -> LossTerm:
         if inputs.entropy is None:
             raise KeyError("entropy_coef > 0: pass the policy's per-token entropy")
         mask = inputs.mask
-        bonus = losses.aggregate(jnp.where(mask, inputs.entropy, 0.0), mask, aggregation)
+        bonus = losses.aggregate(jnp.where(mask, inputs.entropy, 0.0), mask, aggregation, normalisers=inputs.normalisers)
         return -(coef * bonus), _stop({"entropy_bonus": bonus})
 
     return term
