@@ -58,6 +58,8 @@ from rlpipe.core.stage import (
     StageContext,
     StatefulStage,
     Tracer,
+    WeightPublisher,
+    WeightReceiver,
 )
 
 # runtime: a run's config schema and plan, and the trace it writes.
@@ -96,6 +98,7 @@ __all__ = [
     "PlacementConfig", "PlacementError", "PlacementPlan", "PlanContext", "Planned", "PluginError", "PolicyLossSpec",
     "PolicySpec", "Problem", "Registry", "RewardFunctionSpec", "RlpipeError", "RoleConfig", "RoleNotRunnableError",
     "RolePlacement", "RoleRequest", "RoleSpec", "RolloutEngineSpec", "RunConfig", "SamplingParams", "Stage", "StageContext",
-    "StageError", "StageGraph", "StatefulStage", "TaskSpec", "ToolParserSpec", "ToolSpec", "Trace", "Tracer", "TrainConfig", "__version__", "build_graph",
+    "StageError", "StageGraph", "StatefulStage", "TaskSpec", "ToolParserSpec", "ToolSpec", "Trace", "Tracer", "TrainConfig", "WeightPublisher",
+    "WeightReceiver", "__version__", "build_graph",
     "build_stages", "check", "finish_plan", "hookimpl", "load_config", "load_registry", "make_mesh", "on_devices", "plan_run",
 ]

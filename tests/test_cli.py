@@ -181,7 +181,8 @@ def test_roles_list_table_and_json():
     assert entries["trainer"]["sink"] is True and "ref_logprobs" in entries["trainer"]["optional_consumes"]
     assert entries["rollout"]["distribution"] == "rlpipe"
     assert {n: e["status"] for n, e in entries.items()} == {
-        "rollout": "active", "reference": "active", "reward": "active", "trainer": "active", "critic": "active"}
+        "rollout": "active", "reference": "active", "reward": "active", "trainer": "active", "critic": "active",
+        "reward_model": "active"}
 
 
 def test_placements_list_table_and_json():

@@ -68,15 +68,23 @@ def test_the_judge_stage_runs_in_the_pipeline_and_its_scores_reach_the_trainer(j
             seen.append(np.asarray(batch["judge_scores"]))
             return super().process(batch, context=context)
 
-    tokens = np.array([[5, 5, 5, 5], [1, 2, 3, 4]])
+    tokens = np.array([[[5, 5, 5, 5], [1, 2, 3, 4]]])  # [prompts, generations, tokens]
     rollout = RecordingStage("rollout", {
-        "completion_tokens": lambda b, c: tokens, "completion_mask": lambda b, c: np.array([[1, 1, 1, 1], [1, 1, 1, 0]]),
-        "rollout_logprobs": lambda b, c: np.zeros((2, 4)), "policy_version": lambda b, c: np.asarray(c.policy_version)})
-    stages = {"rollout": rollout, "reward": RecordingStage("reward", {"rewards": lambda b, c: np.zeros(2)}),
-              "reference": RecordingStage("reference", {"ref_logprobs": lambda b, c: np.zeros((2, 4))}),
+        "completion_tokens": lambda b, c: tokens, "completion_mask": lambda b, c: np.array([[[1, 1, 1, 1], [1, 1, 1, 0]]]),
+        "rollout_logprobs": lambda b, c: np.zeros((1, 2, 4)), "policy_version": lambda b, c: np.asarray(c.policy_version)})
+    stages = {"rollout": rollout, "reward": RecordingStage("reward", {"rewards": lambda b, c: np.zeros((1, 2))}),
+              "reference": RecordingStage("reference", {"ref_logprobs": lambda b, c: np.zeros((1, 2, 4))}),
               "judge": judge, "trainer": Trainer("trainer")}
-    Executor(planned.graph, stages, planned.plan).run([[Batch(prompt_tokens=np.zeros((2, 2)), prompt_mask=np.ones((2, 2)))]], steps=1)
-    np.testing.assert_allclose(seen[0], [2.0 * 1 / 4, 2.0 * 3 / 3])
+    Executor(planned.graph, stages, planned.plan).run([[Batch(prompt_tokens=np.zeros((1, 2)), prompt_mask=np.ones((1, 2)))]], steps=1)
+    # One score per completion, shaped like the rewards: a reward term can use it.
+    np.testing.assert_allclose(seen[0], [[2.0 * 1 / 4, 2.0 * 3 / 3]])
+
+
+def test_the_judges_scores_are_a_reward_term(judge_installed):
+    r = CliRunner().invoke(cli, ["plan", "--json", "--set", "roles.judge={}", "--set", "roles.reward.terms={judge_scores: 0.5}"])
+    assert r.exit_code == 0, r.stderr
+    boundaries = {(b["from"], b["to"]) for b in json.loads(r.stdout)["boundaries"]}
+    assert ("judge", "reward") in boundaries and ("judge", "trainer") not in boundaries
 
 
 def test_build_stages_builds_the_third_party_judge_next_to_the_builtins(judge_installed):

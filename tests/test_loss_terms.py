@@ -203,3 +203,25 @@ def test_the_docs_loss_terms_example_runs(capsys):
     exec(compile(code, "docs/algorithms.md", "exec"), module.__dict__)  # noqa: S102 - our own docs
     assert "positive_nll" in capsys.readouterr().out
     assert "positive_nll" in module.make_grpo_nll().terms
+
+
+def test_ppo_kl_is_the_k3_kl_from_the_behaviour_policy():
+    logp, batch, entropy = inputs(9)
+    term = policy_gradient(L.ppo_clip, aggregation="seq-mean-token-mean", eps_low=0.2, eps_high=0.2)
+    mask = batch["completion_mask"].astype(bool)
+    on_policy = np.where(mask, batch["old_logprobs"], np.nan).astype(np.float32)
+    assert float(term(LossInputs.create(on_policy, batch))[1]["ppo_kl"]) == 0.0
+    d = np.where(mask, logp.astype(np.float64) - batch["old_logprobs"], 0.0)
+    expected = (np.exp(d) - d - 1)[mask].mean()
+    value = float(term(LossInputs.create(logp, batch))[1]["ppo_kl"])
+    assert value > 0 and value == pytest.approx(expected, rel=1e-5)
+    # On micro-batches with the mini-batch's normalisers the values sum to the whole batch's.
+    norms = L.normalisers(batch["completion_mask"])
+    halves = [(slice(0, 1), 0.5), (slice(1, 2), 0.5)]
+    parts = [float(term(LossInputs.create(logp[s], {k: v[s] for k, v in batch.items()},
+                                          normalisers=norms._replace(share=share)))[1]["ppo_kl"]) for s, share in halves]
+    assert sum(parts) == pytest.approx(expected, rel=1e-5)
+    # Every built-in algorithm reports it next to the clip fractions.
+    for cfg in CONFIGS:
+        _, metrics = Algorithm(cfg).loss(logp, batch, entropy=entropy)
+        assert float(metrics["ppo_kl"]) == pytest.approx(expected, rel=1e-5), cfg

@@ -32,6 +32,21 @@ from rlpipe.models.loading import policy_state
 from rlpipe.plugins.agentic.environment import environment_options
 from rlpipe.plugins.agentic.episodes import Episode, EpisodeRunner
 
+#: The field whose producer is the role that generates (the rollout, or whatever replaces it).
+GENERATED_FIELD = "completion_tokens"
+
+
+def generating_role(config: Any, registry: Any) -> str | None:
+    """The role that generates completions — the one whose spec (as its
+    ``configure`` adapts it) produces ``completion_tokens`` — whatever it is
+    called; ``None`` when no configured role does."""
+    from rlpipe.runtime.planning import role_specs
+
+    for name, spec in role_specs(config, registry).items():
+        if GENERATED_FIELD in spec.produces:
+            return name
+    return None
+
 
 def _successful(ep: Episode, threshold: float) -> bool:
     if "success" in ep.metrics:
@@ -65,10 +80,11 @@ def summarise(episodes: Sequence[Episode], prefix: str, threshold: float) -> dic
 def evaluate_agentic(config: Any, registry: Any, *, model_state: Any = None, split: str = "eval", num_examples: int = 128,
                      k: int = 4, num_samples: int | None = None, batch_size: int = 64, seed: int | None = None,
                      data_seed: int = 0, correct_threshold: float = 1.0, mesh: Any = None,
-                     details: bool = False) -> dict[str, Any]:
+                     details: bool = False, role: str | None = None) -> dict[str, Any]:
     """Evaluates an agentic config's policy by episodes (see the module
     docstring); the arguments are :func:`rlpipe.app.evaluation.evaluate`'s, with
-    ``batch_size`` the most episodes in flight at once.
+    ``batch_size`` the most episodes in flight at once, and ``role`` the role
+    that generates (:func:`generating_role` when ``None``).
 
     Returns:
         Plain JSON-serialisable data; with ``details``, also ``samples``: per
@@ -88,18 +104,21 @@ def evaluate_agentic(config: Any, registry: Any, *, model_state: Any = None, spl
         raise ValueError(f"need k >= 0, num_samples >= k, num_examples >= 0 and batch_size >= 1; got k={k}, "
                          f"num_samples={num_samples}, num_examples={num_examples}, batch_size={batch_size}")
     seed = config.train.seed if seed is None else seed
+    role = generating_role(config, registry) if role is None else role
+    if role is None:
+        raise ValueError("no configured role produces completion_tokens: nothing generates episodes")
     if mesh is None:
         planned = plan_run(config, registry)
         config = planned.config
-        mesh = make_mesh(planned.plan.role("rollout"))
-    rollout = config.roles["rollout"]
+        mesh = make_mesh(planned.plan.role(role))
+    rollout = config.roles[role]
     section = rollout.environment
     spec, options = environment_options(section, registry)
     examples, prompts, rejected, truncated = evaluation_examples(config, registry, split=split, num_examples=num_examples,
                                                                  data_seed=data_seed)
     tokenizer = load_tokenizer(config.model)
     graphdef, state, dtype = policy_state(config.model, mesh, model_state, seed=config.train.seed)
-    engine = registry.get("rlpipe_rollout_engines", rollout.engine, path="roles.rollout.engine").factory(graphdef, cache_dtype=dtype)
+    engine = registry.get("rlpipe_rollout_engines", rollout.engine, path=f"roles.{role}.engine").factory(graphdef, cache_dtype=dtype)
     stops = tuple(dict.fromkeys(t for t in (tokenizer.eos_id, *rollout.stop_tokens) if t is not None))
     turn = section.max_turn_tokens or rollout.max_new_tokens
     greedy = SamplingParams(max_new_tokens=turn, temperature=0.0, stop_tokens=stops, pad_id=tokenizer.pad_id)

@@ -38,7 +38,7 @@ from rlpipe.core.errors import RunError, UsageError
 from rlpipe.core.executor import Executor, RunSummary, Snapshot
 from rlpipe.core.plugins import Registry
 from rlpipe.core.specs import BuildContext
-from rlpipe.core.stage import StatefulStage
+from rlpipe.core.stage import StatefulStage, WeightReceiver, weight_publisher
 from rlpipe.models.prompts import PromptCounters, prompt_items
 from rlpipe.runtime import distributed
 from rlpipe.runtime.checkpoint import CheckpointError, RunCheckpointer
@@ -292,9 +292,16 @@ def train(config: RunConfig, registry: Registry, *, run_dir: str | Path,
     context = BuildContext(run_config=config, registry=registry, seed=config.train.seed)
     stages = build_stages(planned, context=context)
     trainer = stages.get(planned.graph.sink) if planned.graph.sink else None
-    rollout = stages.get("rollout")
-    if trainer is not None and rollout is not None and hasattr(trainer, "subscribe") and hasattr(rollout, "load_weights"):
-        trainer.subscribe(rollout.load_weights)
+    # Weight sync by capability, never by role name: every stage that receives
+    # weights is subscribed to the stage that publishes them (the sink).
+    try:
+        publisher = weight_publisher(stages, planned.graph.sink)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if publisher is not None:
+        for stage in stages.values():
+            if stage is not publisher and isinstance(stage, WeightReceiver):
+                publisher.subscribe(stage.load_weights)
     stateful = {r: s for r, s in stages.items() if isinstance(s, StatefulStage)}
     _check_multiprocess_plan(planned, session, stateful)
 
@@ -303,8 +310,8 @@ def train(config: RunConfig, registry: Registry, *, run_dir: str | Path,
         states, replay, meta = checkpointer.restore(latest, templates={r: s.state() for r, s in stateful.items()})
         for role, state in states.items():
             stateful[role].restore(state)
-        if hasattr(trainer, "publish"):
-            trainer.publish()  # the rollout continues from the restored policy
+        if publisher is not None:
+            publisher.publish()  # the receivers continue from the restored policy
         start_step = latest + 1
         log(f"resuming from the checkpoint of step {latest} (policy version {meta['policy_version']})")
     metrics_path = run_dir / "metrics.jsonl"
@@ -358,9 +365,10 @@ def train(config: RunConfig, registry: Registry, *, run_dir: str | Path,
                 if stage is not trainer:
                     row.update({f"{role}/{k}": v for k, v in (getattr(stage, "last_metrics", None) or {}).items()})
             row.setdefault("reward/mean", float("nan"))
-            reward_stage = stages.get("reward")
-            if reward_stage is not None and hasattr(reward_stage, "failures"):
-                row["reward/failures"] = reward_stage.failures
+            for role, stage in stages.items():  # scorers that count failed calls (reward/failures)
+                failures = getattr(stage, "failures", None)
+                if isinstance(failures, int) and not isinstance(failures, bool):
+                    row[f"{role}/failures"] = failures
             row["policy_version"] = getattr(trainer, "version", step + 1)
             row.update(counters.metrics())
             metrics_file.write(json.dumps(row) + "\n")

@@ -52,21 +52,33 @@ from rlpipe.models.loading import policy_state
 from rlpipe.models.prompts import pad_prompts
 from rlpipe.runtime.run_config import RunConfig
 
+#: The role whose default settings generate when the config has no generating
+#: role (a config default value, not a lookup: a role is found by what it produces).
+DEFAULT_GENERATOR = "rollout"
+#: Likewise the scoring role named in messages when no role produces ``rewards``.
+DEFAULT_SCORER = "reward"
+#: The field whose producer scores completions.
+REWARD_FIELD = "rewards"
+
 
 def _reward_terms(config: RunConfig, registry: Registry) -> tuple[list[tuple[str, float, Any]], tuple[str, Any], str]:
     """The weighted reward terms, the primary (correctness) function, and ``on_error``."""
+    from rlpipe.runtime.planning import role_specs
+
     spec = registry.get("rlpipe_tasks", config.task.name, path="task.name")
-    reward = config.roles.get("reward")
+    # The scoring role by what it does (it produces rewards), not by its name.
+    role = next((n for n, s in role_specs(config, registry).items() if REWARD_FIELD in s.produces), DEFAULT_SCORER)
+    reward = config.roles.get(role)
     configured = tuple((t.name, t.weight) for t in getattr(reward, "functions", ()) or ())
     names = configured or tuple((n, 1.0) for n in spec.rewards)
     if not names:
-        raise EvaluationError(f"task {config.task.name!r} names no reward functions and roles.reward.functions is empty: "
+        raise EvaluationError(f"task {config.task.name!r} names no reward functions and roles.{role}.functions is empty: "
                               "nothing to score with")
 
     def fn(name: str, where: str) -> Any:
         return registry.get("rlpipe_reward_functions", name, path=where).fn
 
-    terms = [(n, w, fn(n, f"roles.reward.functions[{i}].name" if configured else f"task {config.task.name!r}: reward function {i}"))
+    terms = [(n, w, fn(n, f"roles.{role}.functions[{i}].name" if configured else f"task {config.task.name!r}: reward function {i}"))
              for i, (n, w) in enumerate(names)]
     primary = spec.rewards[0] if spec.rewards else names[0][0]
     return terms, (primary, fn(primary, f"task {config.task.name!r}: reward function 0")), getattr(reward, "on_error", "fail")
@@ -112,6 +124,7 @@ def evaluate(config: RunConfig, registry: Registry, *, model_state: Any = None, 
     import jax
     from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+    from rlpipe.app.agentic_evaluation import evaluate_agentic, generating_role
     from rlpipe.core.placement import make_mesh
     from rlpipe.models.generation import SamplingParams
     from rlpipe.models.loading import load_tokenizer
@@ -122,20 +135,23 @@ def evaluate(config: RunConfig, registry: Registry, *, model_state: Any = None, 
         raise ValueError(f"need k >= 0, num_samples >= k, num_examples >= 0 and batch_size >= 1; got k={k}, "
                          f"num_samples={num_samples}, num_examples={num_examples}, batch_size={batch_size}")
     seed = config.train.seed if seed is None else seed
-    rollout_config = config.roles.get("rollout")
+    # The generating role by what it does (it produces completion_tokens), not by its name.
+    role = generating_role(config, registry)
+    rollout_config = config.roles.get(role) if role is not None else None
     if getattr(rollout_config, "environment", None) is not None:
-        from rlpipe.app.agentic_evaluation import evaluate_agentic
-
         return evaluate_agentic(config, registry, model_state=model_state, split=split, num_examples=num_examples, k=k,
                                 num_samples=n, batch_size=batch_size, seed=seed, data_seed=data_seed,
-                                correct_threshold=correct_threshold, mesh=mesh, details=details)
+                                correct_threshold=correct_threshold, mesh=mesh, details=details, role=role)
 
     if mesh is None:
         planned = plan_run(config, registry)
         config = planned.config
-        if "rollout" in {r.name for r in planned.plan.roles}:
-            mesh = make_mesh(planned.plan.role("rollout"))
-    rollout = config.roles.get("rollout") or registry.get("rlpipe_roles", "rollout", path="roles.rollout").config_type()
+        if role is not None and role in {r.name for r in planned.plan.roles}:
+            mesh = make_mesh(planned.plan.role(role))
+    rollout = config.roles.get(role) if role is not None else None
+    if rollout is None:  # no generating role configured: the built-in rollout's default settings
+        role = DEFAULT_GENERATOR
+        rollout = registry.get("rlpipe_roles", role, path=f"roles.{role}").config_type()
     terms, (primary, primary_fn), on_error = _reward_terms(config, registry)
 
     examples, prompts, rejected, truncated = evaluation_examples(config, registry, split=split, num_examples=num_examples,
@@ -146,7 +162,7 @@ def evaluate(config: RunConfig, registry: Registry, *, model_state: Any = None, 
     if mesh is None:
         mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tp"), axis_types=(AxisType.Auto,) * 2)
     graphdef, state, dtype = policy_state(config.model, mesh, model_state, seed=config.train.seed)
-    engine = registry.get("rlpipe_rollout_engines", rollout.engine, path="roles.rollout.engine").factory(
+    engine = registry.get("rlpipe_rollout_engines", rollout.engine, path=f"roles.{role}.engine").factory(
         graphdef, cache_dtype=dtype)
     placement = NamedSharding(mesh, PartitionSpec())
     stops = tuple(dict.fromkeys(t for t in (tokenizer.eos_id, *rollout.stop_tokens) if t is not None))

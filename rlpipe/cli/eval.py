@@ -11,9 +11,26 @@ import click
 from rlpipe.cli.context import registry_of
 
 
-def load_policy(run_dir: Path, config: Any, step: int | None) -> tuple[Any, int]:
-    """The trainer's parameters from checkpoint ``step`` (the latest when
-    ``None``) of ``run_dir``, as host-placed arrays shaped like the policy.
+def policy_role(config: Any, registry: Any) -> str:
+    """The role that trains the policy: the graph's sink (the role whose spec
+    says ``sink``), whatever it is called.
+
+    Raises:
+        CheckpointError: the run's config has no sink role.
+    """
+    from rlpipe.runtime.checkpoint import CheckpointError
+    from rlpipe.runtime.planning import role_specs
+
+    sinks = [name for name, spec in role_specs(config, registry).items() if spec.sink]
+    if not sinks:
+        raise CheckpointError("the run's config has no role that trains the policy (no sink role): nothing to evaluate")
+    return sinks[0]
+
+
+def load_policy(run_dir: Path, config: Any, step: int | None, *, role: str) -> tuple[Any, int]:
+    """The parameters of ``role`` (the one that trains the policy, see
+    :func:`policy_role`) from checkpoint ``step`` (the latest when ``None``)
+    of ``run_dir``, as host-placed arrays shaped like the policy.
 
     Raises:
         CheckpointError: no checkpoint, or one that does not fit the model.
@@ -36,7 +53,7 @@ def load_policy(run_dir: Path, config: Any, step: int | None) -> tuple[Any, int]
         raise CheckpointError(f"{directory}: no checkpoint of step {step} (there are: {', '.join(map(str, steps))})")
     # Shapes only: nothing is initialised, the restored arrays are the only copy.
     template = nnx.state(nnx.eval_shape(lambda: load_model(config.model, seed=config.train.seed)))
-    return checkpointer.restore_subtree(step, "trainer", ("params",), template), step
+    return checkpointer.restore_subtree(step, role, ("params",), template), step
 
 
 @click.command("eval")
@@ -69,7 +86,7 @@ def eval_cmd(ctx: click.Context, run_dir: str, step: int | None, initial: bool, 
         raise RunDirError(f"{saved}: cannot read the run's config: {str(exc).splitlines()[0]}") from exc
     reg = registry_of(ctx)
     config = load_config(reg, defaults=data if isinstance(data, dict) else {})
-    state, used = (None, None) if initial else load_policy(path, config, step)
+    state, used = (None, None) if initial else load_policy(path, config, step, role=policy_role(config, reg))
     result = evaluate(config, reg, model_state=state, split=split, num_examples=num_examples, k=k,
                       num_samples=num_samples)
     result = {"run_dir": str(path), "checkpoint_step": used, **result}

@@ -114,12 +114,21 @@ def build_graph(roles: Mapping[str, RoleSpec], *, source_fields: Iterable[str] =
 
     producer: dict[str, str] = {f: SOURCE for f in source_fields}
     for name, spec in roles.items():
+        clashes: dict[str, list[str]] = defaultdict(list)  # other producer -> fields, one problem each
         for f in sorted(spec.produces):
             if f in producer:
-                other = "the data source" if producer[f] == SOURCE else f"role {producer[f]!r}"
-                problems.append(Problem(f"roles.{name}", f"produces field {f!r}, which {other} already produces; a field has one producer"))
+                clashes[producer[f]].append(f)
             else:
                 producer[f] = name
+        for other, dup in clashes.items():
+            what = f"field {dup[0]!r}" if len(dup) == 1 else "fields " + ", ".join(map(repr, dup))
+            if other == SOURCE:
+                problems.append(Problem(f"roles.{name}", f"produces {what}, which the data source already produces; "
+                                                         "a field has one producer"))
+            else:
+                problems.append(Problem(f"roles.{name}", f"produces {what}, which role {other!r} already produces; a field "
+                                                         f"has one producer: to replace {other!r} with {name!r}, drop it "
+                                                         f"with roles.{other}: null (--set roles.{other}=null)"))
 
     fields: dict[tuple[str, str], set[str]] = defaultdict(set)
     for name, spec in roles.items():

@@ -95,6 +95,11 @@ class PlanContext:
         memory: device capacity and per-role memory estimates on any mesh
             (:class:`rlpipe.core.memory.MemoryBudget`), for policies that
             choose by memory.
+        heads: the roles the data source feeds (no upstream role: the
+            rollout, or whatever generates in its place), in graph order.
+            Derived from ``edges`` when not given (roles that are upstream of
+            some edge and downstream of none), so a policy can tell the
+            generating end of the graph from the sink without naming roles.
     """
 
     edges: tuple[tuple[str, str], ...] = ()
@@ -102,6 +107,13 @@ class PlanContext:
     options: Any = None
     host_roles: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
     memory: MemoryBudget = attrs.field(factory=MemoryBudget)
+    heads: tuple[str, ...] = attrs.field(default=attrs.Factory(lambda self: _heads(self.edges), takes_self=True),
+                                         converter=tuple)
+
+
+def _heads(edges: Sequence[tuple[str, str]]) -> tuple[str, ...]:
+    downstream = {d for _, d in edges}
+    return tuple(dict.fromkeys(u for u, _ in edges if u not in downstream))
 
 
 @attrs.frozen(kw_only=True)

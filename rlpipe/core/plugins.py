@@ -2,8 +2,10 @@
 
 Plugins are found through the ``rlpipe`` entry-point group; rlpipe's own roles
 and policies are registered exactly that way.  The registry has good manners:
-a plugin that fails to import, implements an unknown hook, has a hookimpl with
-arguments its hookspec lacks, raises from a hook, yields the wrong record, or
+a plugin that fails to import, implements an unknown hook, implements a hook
+twice (two ``def rlpipe_roles`` in one module, where pluggy would only see the
+last; or two hookimpls of one hook), binds a hook's name to something other
+than a function, has a hookimpl with arguments its hookspec lacks, raises from a hook, yields the wrong record, or
 claims a name another plugin owns is reported (entry point, distribution and
 version) and set aside, and everything else keeps working.  rlpipe fails only
 when the config selects something that the broken plugin would have provided.
@@ -16,9 +18,11 @@ Environment:
 
 from __future__ import annotations
 
+import ast
 import inspect
 import os
 import sys
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
@@ -98,6 +102,25 @@ class Provided:
     @property
     def name(self) -> str:
         return self.spec.name
+
+
+def _redefined_hooks(obj: Any) -> list[str]:
+    """``rlpipe_*`` functions defined twice at the top level of a plugin module:
+    the second ``def`` replaces the first as the module's attribute, so pluggy
+    never sees the first.  Found in the module's source (none: nothing found)."""
+    if not inspect.ismodule(obj):
+        return []
+    try:
+        tree = ast.parse(inspect.getsource(obj))
+    except (OSError, TypeError, SyntaxError, ValueError):
+        return []
+    lines: dict[str, list[int]] = defaultdict(list)
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith(HOOK_PREFIX):
+            lines[node.name].append(node.lineno)
+    where = getattr(obj, "__file__", None) or obj.__name__
+    return [f"defines {name!r} {len(at)} times (lines {', '.join(map(str, at))} of {where}); each def replaces the one "
+            f"before, so only the last is a hook: merge them into one" for name, at in lines.items() if len(at) > 1]
 
 
 def _canonical(name: str) -> str:
@@ -217,12 +240,21 @@ class Registry:
 
     def _check_hookimpls(self, obj: Any) -> list[str]:
         known = _spec_argnames()
-        problems = []
+        problems = _redefined_hooks(obj)
+        implemented: dict[str, list[str]] = defaultdict(list)
         for attr in dir(obj):
             opts = self.pm.parse_hookimpl_opts(obj, attr)
             if opts is None:
+                if attr in known:
+                    # ``rlpipe_roles = [...]``: pluggy takes only functions, so this would be silently ignored.
+                    problems.append(f"has {attr!r}, which is not a function ({type(getattr(obj, attr, None)).__name__}), "
+                                    "so it implements no hook")
                 continue
             hook = opts.get("specname") or attr
+            implemented[hook].append(attr)
+            if len(implemented[hook]) == 2:
+                # rlpipe calls one implementation per plugin; the other would be dropped silently.
+                problems.append(f"implements hook {hook!r} twice ({', '.join(implemented[hook])}); merge them into one")
             if hook not in known:
                 problems.append(f"implements unknown hook {hook!r}{suggest(hook, known)}")
                 continue

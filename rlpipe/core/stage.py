@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ContextManager, Protocol, runtime_checkable
 
 import attrs
@@ -248,3 +248,57 @@ class StatefulStage(Protocol):
     def state(self) -> Any: ...
 
     def restore(self, state: Any) -> None: ...
+
+
+@runtime_checkable
+class WeightReceiver(Protocol):
+    """A stage that holds a copy of the trained policy and takes every new version.
+
+    The run driver connects every stage with this capability to the role that
+    publishes weights (a :class:`WeightPublisher`, normally the graph's sink),
+    whatever either role is called: ``load_weights(state, version)`` is called
+    from the publisher's thread after each of its updates (and once after a
+    restore) with the publisher's parameters and the new policy version.  The
+    receiver copies or re-lays ``state`` onto its own devices; it must not keep
+    a reference the publisher's next update may donate.
+
+    Example:
+        >>> class Holder:
+        ...     def load_weights(self, state, version):
+        ...         self.version = version
+        >>> isinstance(Holder(), WeightReceiver)
+        True
+    """
+
+    def load_weights(self, state: Any, version: int) -> None: ...
+
+
+@runtime_checkable
+class WeightPublisher(Protocol):
+    """A stage that trains the policy and publishes its new weights.
+
+    ``subscribe(callback)`` registers ``callback(state, version)``, called with
+    every published version; ``publish()`` sends the current one again (after
+    a restore).  The driver subscribes every :class:`WeightReceiver` to it.
+    """
+
+    def subscribe(self, callback: Callable[[Any, int], None]) -> None: ...
+
+    def publish(self) -> None: ...
+
+
+def weight_publisher(stages: Mapping[str, Any], sink: str | None = None) -> Any:
+    """The stage that publishes the policy's weights: the ``sink`` role's stage
+    when it is a :class:`WeightPublisher`, else the only publisher among
+    ``stages``, else ``None``.
+
+    Raises:
+        ValueError: several stages publish weights and none is the sink.
+    """
+    if sink is not None and isinstance(stages.get(sink), WeightPublisher):
+        return stages[sink]
+    found = [role for role, stage in stages.items() if isinstance(stage, WeightPublisher)]
+    if len(found) > 1:
+        raise ValueError(f"several roles publish weights ({', '.join(found)}) and none is the graph's sink: "
+                         "which one trains the policy is ambiguous")
+    return stages[found[0]] if found else None

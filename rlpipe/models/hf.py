@@ -44,7 +44,8 @@ from rlpipe.models.config import DecoderConfig, RopeScaling
 from rlpipe.models.decoder import Decoder
 from rlpipe.models.sharding import shardings_for
 
-__all__ = ["CheckpointError", "config_from_hf", "from_pretrained", "hf_name", "save_pretrained"]
+__all__ = ["CheckpointError", "classifier_config_from_hf", "config_from_hf", "from_pretrained",
+           "from_pretrained_classifier", "hf_name", "save_pretrained"]
 
 #: ``architectures[0]`` -> ``DecoderConfig.architecture``.
 ARCHITECTURES: Mapping[str, str] = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -325,7 +326,23 @@ def from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype:
     config = config_from_hf(hf, source=str(config_file))
     dtype = _param_dtype(dtype, hf)
     tensors = _checkpoint_tensors(path)
+    ignored = {"lm_head.weight"} if config.tie_embeddings else set()
+    return _load_decoder(path, config, tensors, mesh=mesh, dtype=dtype, ignored=ignored)
 
+
+def _read_config(path: Path) -> dict[str, Any]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        what = "is not a directory" if not path.is_dir() else "has no config.json"
+        raise CheckpointError(f"{path} {what}: expected a Hugging Face checkpoint directory")
+    try:
+        return json.loads(config_file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+
+
+def _load_decoder(path: Path, config: DecoderConfig, tensors: Mapping[str, _Tensor], *, mesh: Mesh | None,
+                  dtype: Any, ignored: set[str]) -> Decoder:
     abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
 
@@ -334,7 +351,6 @@ def from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype:
         name, transposed = hf_name(p)
         wanted[name] = tuple(reversed(leaf.shape)) if transposed else tuple(leaf.shape)
     zero_biases = {n: (config.hidden_size,) for n in _o_proj_biases(config)}
-    ignored = {"lm_head.weight"} if config.tie_embeddings else set()
     _check(path, tensors, {**wanted, **zero_biases}, ignored)
     _check_zero(tensors, zero_biases)
 
@@ -360,6 +376,73 @@ def from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype:
 
         state = jax.tree_util.tree_map_with_path(load, state, shardings)
     return nnx.merge(graphdef, state)
+
+
+#: ``architectures[0]`` of a sequence-classification checkpoint -> the causal LM sharing its trunk.
+CLASSIFIER_ARCHITECTURES: Mapping[str, str] = {"LlamaForSequenceClassification": "LlamaForCausalLM",
+                                               "Qwen2ForSequenceClassification": "Qwen2ForCausalLM"}
+SCORE_HEAD = "score.weight"
+
+
+def classifier_config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json") -> DecoderConfig:
+    """The trunk's :class:`DecoderConfig` of a Hugging Face sequence-classification
+    ``config.json`` (``LlamaForSequenceClassification``,
+    ``Qwen2ForSequenceClassification``): the decoder without an LM head
+    (``tie_embeddings`` set, so it has none of its own).
+
+    Raises:
+        CheckpointError: another architecture, or ``num_labels`` other than 1.
+    """
+    archs = list(hf.get("architectures") or [])
+    if not archs or archs[0] not in CLASSIFIER_ARCHITECTURES:
+        found = repr(archs[0]) if archs else "none"
+        raise CheckpointError(f"{source}: a reward model needs a sequence-classification checkpoint "
+                              f"({', '.join(CLASSIFIER_ARCHITECTURES)}); architecture is {found}")
+    labels = len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 2))
+    if labels != 1:
+        raise CheckpointError(f"{source}: num_labels is {labels}; a reward model has one (a scalar score)")
+    config = config_from_hf({**hf, "architectures": [CLASSIFIER_ARCHITECTURES[archs[0]]]}, source=source)
+    return attrs.evolve(config, tie_embeddings=True)
+
+
+def from_pretrained_classifier(path: str | os.PathLike, *, mesh: Mesh | None = None,
+                               dtype: Any = None) -> tuple[Decoder, np.ndarray]:
+    """The trunk and score head of a local Hugging Face sequence-classification
+    checkpoint with one label (a reward model).
+
+    The trunk's tensors are named as a causal LM's (``model.layers...``) and
+    load as :func:`from_pretrained` loads them; the checkpoint has no
+    ``lm_head`` (the returned decoder's ``logits`` are meaningless: use
+    :meth:`Decoder.hidden`).  The head is ``score.weight`` (``[1, hidden]``,
+    no bias), returned transposed as a float32 host array ``[hidden, 1]``:
+    the score of a sequence is ``hidden[last real token] @ head``.
+
+    Raises:
+        CheckpointError: not a ``*ForSequenceClassification`` checkpoint,
+            ``num_labels`` other than 1, no ``score.weight`` or one of another
+            shape, or the trunk's tensors missing, unexpected or misshapen.
+    """
+    path = Path(path)
+    hf = _read_config(path)
+    config = classifier_config_from_hf(hf, source=str(path / "config.json"))
+    dtype = _param_dtype(dtype, hf)
+    tensors = _checkpoint_tensors(path)
+    score = tensors.get(SCORE_HEAD)
+    if score is None:
+        raise CheckpointError(f"{path}: no {SCORE_HEAD} tensor: not a sequence-classification checkpoint",
+                              missing=[SCORE_HEAD])
+    if score.shape != (1, config.hidden_size):
+        raise CheckpointError(f"{path}: tensor {SCORE_HEAD} has shape {list(score.shape)}, expected "
+                              f"[1, {config.hidden_size}] (one label, no bias)",
+                              mismatched=[(SCORE_HEAD, (1, config.hidden_size), score.shape)])
+    unexpected = [n for n in tensors if n.startswith("score.") and n != SCORE_HEAD]
+    if unexpected:
+        raise CheckpointError(f"{path}: the score head has a bias ({', '.join(unexpected)}), which rlpipe does not load",
+                              unexpected=unexpected)
+    with contextlib.ExitStack() as stack:
+        head = _Reader(stack).read(score, (slice(None), slice(None))).astype(np.float32).T.copy()
+    model = _load_decoder(path, config, tensors, mesh=mesh, dtype=dtype, ignored={"lm_head.weight", SCORE_HEAD})
+    return model, head
 
 
 def _check(path: Path, tensors: Mapping[str, _Tensor], wanted: Mapping[str, tuple[int, ...]], ignored: set[str]) -> None:

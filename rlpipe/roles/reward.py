@@ -11,10 +11,20 @@ episode (``episode_rewards``, with the task's reward functions by default):
 when it is empty, so the task's are not counted twice — which see the whole
 episode's text (``completion_attention_mask``), tool calls and observations
 included.
+
+``terms`` adds fields of other roles to the reward: ``rewards += weight ×
+batch[field]`` for each ``{field: weight}``, so a judge or a verifier shipped
+as its own role (producing a ``[prompts, num_generations]`` field) counts
+towards the reward without replacing this role.  :func:`_configure` makes the
+role consume those fields, so the graph runs it after their producers;
+planning checks that some role produces each
+(:func:`rlpipe.runtime.planning.check_reward_terms`).  Each term's raw mean is
+logged per step as ``reward/<field>``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
@@ -37,9 +47,15 @@ class RewardConfig(RoleConfig):
             after an agentic rollout, none: the environment's episode reward.
         on_error: ``fail`` stops the run naming the function and the sample;
             ``zero`` scores that term 0 and counts the failure.
+        terms: ``{field: weight}``: adds ``weight × batch[field]`` to each
+            completion's reward, for fields other roles produce with shape
+            ``[prompts, num_generations]`` (a judge's ``judge_scores``).
+            Logged per step as ``reward/<field>`` (the field's mean).
     """
 
     functions: tuple[RewardTerm, ...] = ()
+    terms: dict[str, float] = attrs.field(factory=dict, validator=check(
+        lambda v: all(math.isfinite(w) for w in v.values()), "weights must be finite numbers, got {value}"))
     on_error: str = attrs.field(default="fail", validator=check(lambda v: v in ("fail", "zero"), "must be 'fail' or 'zero', got {value}"))
 
 
@@ -59,6 +75,9 @@ class RewardStage:
         self.explicit = bool(config.functions)
         self.failures = 0
         self.scored = 0
+        self.last_metrics: dict[str, float] = {}
+        # Per term field: the sum of its values and their count since the last barrier.
+        self._term_sums: dict[str, list[float]] = {f: [0.0, 0] for f in config.terms}
 
     def process(self, batch: Any, *, context: Any) -> Any:
         tokens = np.asarray(batch["completion_tokens"])
@@ -88,8 +107,33 @@ class RewardStage:
                         self.failures += 1
                         value = 0.0
                     rewards[i, j] += weight * value
+        for field, weight in self.config.terms.items():
+            values = term_values(batch, field, (p, g))
+            rewards += np.float32(weight) * values
+            acc = self._term_sums[field]
+            acc[0] += float(values.sum(dtype=np.float64))
+            acc[1] += values.size
         self.scored += p * g
         return batch.add(rewards=rewards)
+
+    def on_barrier(self, *, context: Any) -> None:
+        """The step's metrics: ``<field>`` (logged as ``reward/<field>``), each
+        term field's mean over the step's completions (without its weight)."""
+        self.last_metrics = {f: (s / n if n else float("nan")) for f, (s, n) in self._term_sums.items()}
+        self._term_sums = {f: [0.0, 0] for f in self.config.terms}
+
+
+def term_values(batch: Any, field: str, shape: tuple[int, int]) -> np.ndarray:
+    """``batch[field]`` as float32 ``[prompts, num_generations]``.
+
+    Raises:
+        ValueError: the field has another shape (naming both).
+    """
+    values = np.asarray(batch[field], dtype=np.float32)
+    if values.shape != tuple(shape):
+        raise ValueError(f"roles.reward.terms.{field}: field {field!r} has shape {list(values.shape)}, but a reward "
+                         f"term needs one value per completion, [prompts, num_generations] = {list(shape)}")
+    return values
 
 
 def reward_terms(config: RewardConfig, *, run_config: Any, registry: Any) -> list[tuple[str, float, Any]]:
@@ -112,9 +156,10 @@ def reward_terms(config: RewardConfig, *, run_config: Any, registry: Any) -> lis
 def _configure(config: RewardConfig, *, run_config: Any, registry: Any) -> RoleSpec:
     """Checks the reward functions when the run is planned, so that a
     misspelt name is an error of ``rlpipe config validate`` and ``plan``,
-    not of the first step."""
+    not of the first step; consumes the fields of ``terms``."""
     reward_terms(config, run_config=run_config, registry=registry)
-    return attrs.evolve(SPEC, configure=None)
+    # Consuming the term fields puts this role after their producers.
+    return attrs.evolve(SPEC, configure=None, consumes=SPEC.consumes | set(config.terms))
 
 
 def _factory(config: RewardConfig, placement: Any, *, context: Any) -> RewardStage:

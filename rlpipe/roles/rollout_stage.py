@@ -76,7 +76,9 @@ class RolloutStage:
     """Generates ``num_generations`` completions per prompt.
 
     New weights arrive through :meth:`load_weights` (from the trainer, at its
-    barrier).  Step ``s`` is generated with exactly policy version
+    barrier): the stage is a :class:`rlpipe.core.stage.WeightReceiver`, which
+    is how the driver finds it, so a role that wraps or replaces it under
+    another name receives them too.  Step ``s`` is generated with exactly policy version
     ``context.behavior_version`` (``s - lag``), whatever the thread timing, so
     asynchronous runs are reproducible; the stage keeps each published version
     until no upcoming step needs it (at most ``lag + 1`` versions).  A

@@ -15,7 +15,9 @@ at the barrier the trainer
    does not depend on ``micro_batch_size``.  Gradients accumulate inside jit,
    into a donated buffer (one call per micro-batch);
 4. publishes the new weights (policy version + 1) to its subscribers — the
-   rollout's ``load_weights``.
+   rollout's ``load_weights``.  It is a :class:`rlpipe.core.stage.WeightPublisher`
+   (``subscribe`` / ``publish``): the driver subscribes every stage that is a
+   :class:`rlpipe.core.stage.WeightReceiver`, whatever its role is called.
 
 Every device computation is a jitted pure function of (params, optimizer
 state, arrays): ``nnx.split`` / ``nnx.merge`` happen inside the jit

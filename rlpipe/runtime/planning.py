@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from rlpipe.core.config import path_key
 from rlpipe.core.errors import (
     GraphError,
     PlacementError,
@@ -21,8 +22,9 @@ from rlpipe.core.errors import (
     Problem,
     RlpipeError,
     RoleNotRunnableError,
+    suggest,
 )
-from rlpipe.core.graph import StageGraph, build_graph
+from rlpipe.core.graph import SOURCE_FIELDS, StageGraph, build_graph
 from rlpipe.core.memory import (
     DeviceCapacity,
     MemoryBudget,
@@ -115,7 +117,32 @@ def role_specs(config: RunConfig, registry: Registry) -> dict[str, RoleSpec]:
         spec = registry.get("rlpipe_roles", name, path=f"roles.{name}")
         # A role whose fields depend on its options (the rollout with an environment).
         specs[name] = spec if spec.configure is None else spec.configure(config.roles[name], run_config=config, registry=registry)
+    check_reward_terms(config, specs)
     return specs
+
+
+def check_reward_terms(config: RunConfig, specs: Mapping[str, RoleSpec]) -> None:
+    """Every field in ``roles.reward.terms`` is produced by some other role (or the
+    data source): checked here, before :func:`build_graph`, so that the problem
+    is reported at ``roles.reward.terms.<field>`` with the fields there are.
+
+    Raises:
+        GraphError: one problem per unknown field, listing the produced fields.
+    """
+    terms = getattr(config.roles.get("reward"), "terms", None) or {}
+    own = specs["reward"].produces if "reward" in specs else frozenset()
+    produced = set(SOURCE_FIELDS).union(*(s.produces for n, s in specs.items() if n != "reward"))
+    problems = []
+    for field in terms:
+        if field in own:
+            problems.append(Problem(f"roles.reward.terms.{path_key(field)}",
+                                    f"{field!r} is produced by the reward role itself; a term adds another role's field"))
+        elif field not in produced:
+            problems.append(Problem(f"roles.reward.terms.{path_key(field)}",
+                                    f"no role produces field {field!r}{suggest(field, produced)}; "
+                                    f"produced fields: {', '.join(sorted(produced))}"))
+    if problems:
+        raise GraphError(problems)
 
 
 def role_requests(config: RunConfig) -> list[RoleRequest]:

@@ -130,7 +130,14 @@ def policy_gradient(policy_loss: Callable[..., Any], *, aggregation: str, eps_lo
     ``stats`` has ``ratio``; ``clip_frac_low``, ``clip_frac_high``,
     ``dual_clip_frac`` (token means of ``clipped_low``, ``clipped_high``,
     ``dual_clipped``) for those it has; ``tis_weight_mean`` and
-    ``tis_clip_frac`` (token means of ``w`` and ``w >= C``) with ``tis_cap``.
+    ``tis_clip_frac`` (token means of ``w`` and ``w >= C``) with ``tis_cap``;
+    with ``ratio`` (every built-in loss) also ``ppo_kl``, the approximate KL
+    from the behaviour (old) policy to the current one: the token mean over
+    valid tokens of the k3 estimator on the old policy's samples
+    (non-negative, 0 exactly when ``logp == old``; ``d`` clamped to +-20
+    before ``exp`` as in :func:`.losses.kl`)::
+
+        ppo_kl = token-mean(exp(d) - d - 1),   d = logp - old_logprobs
 
     Raises (when called):
         KeyError: ``tis_cap`` is set and the batch has no ``rollout_logprobs``.
@@ -155,6 +162,8 @@ def policy_gradient(policy_loss: Callable[..., Any], *, aggregation: str, eps_lo
             ratio = stats["ratio"]
             metrics["ratio_mean"] = _token_mean(ratio, inputs)
             metrics["ratio_max"] = jnp.where(mask, ratio, 0.0).max(initial=0.0)
+            # k3 of KL(old || current) on the old policy's samples: losses.kl with the roles swapped.
+            metrics["ppo_kl"] = _token_mean(losses.kl(old, inputs.logp, "k3", mask), inputs)
         for key, name in _FRACTIONS:
             if key in stats:
                 metrics[name] = _token_mean(stats[key], inputs)

@@ -41,8 +41,12 @@ from rlpipe.plugins.placement.disaggregated import (
 )
 from rlpipe.runtime.planning import too_big
 
-#: The role that ``disaggregated`` gives a slice of its own.
-ROLLOUT = "rollout"
+
+def generating_roles(context: PlanContext) -> list[str]:
+    """The device roles at the head of the graph (fed by the data source: the
+    rollout, or whatever generates in its place) — the part ``auto`` gives a
+    slice of its own.  Found from the graph, never by role name."""
+    return [r for r in context.heads if r not in context.host_roles and r != context.sink]
 
 
 def _need(usage: Sequence[DeviceUsage]) -> str:
@@ -90,7 +94,9 @@ class AutoPolicy:
 
         turns = colocated(True)
         if budget.fits(turns.roles):
-            why = "no rollout slice fits either" if ROLLOUT in device_roles and n > 1 else "there is no rollout slice to split off"
+            heads = [r for r in generating_roles(context) if r in device_roles]
+            what = " + ".join(heads) if heads else "generating"
+            why = f"no {what} slice fits either" if heads and n > 1 else f"there is no {what} slice to split off"
             return self._finish(turns, f"auto: colocated+offload — {reason}, {why}; taking turns, {_need(budget.usage(turns.roles))} {of}")
 
         problems = []
@@ -109,9 +115,10 @@ class AutoPolicy:
         """The most even rollout / rest split that fits without offload, or ``None``."""
         names = [r.name for r in requests]
         n = len(devices)
-        if ROLLOUT not in names or ROLLOUT in context.host_roles or n < 2:
+        heads = [r for r in generating_roles(context) if r in names]
+        if not heads or n < 2:
             return None
-        mine = [ROLLOUT, *(r.name for r in requests if r.colocate_with == ROLLOUT)]
+        mine = [*heads, *(r.name for r in requests if r.colocate_with in heads and r.name not in heads)]
         rest = [name for name in names if name not in mine]
         if not any(name not in context.host_roles for name in rest):
             return None

@@ -1,8 +1,11 @@
 """An example rlpipe plugin package: a ``judge`` role and a ``spread`` policy.
 
 * ``judge`` scores every completion on the host and adds ``judge_scores``
-  (one float per completion).  Nothing in the built-in graph consumes that
-  field, so rlpipe routes it into the trainer, which sees it in its batches.
+  (one float per completion, ``[prompts, num_generations]`` like ``rewards``).
+  ``roles.reward.terms: {judge_scores: 0.5}`` adds half of it to every
+  completion's reward (the reward role then runs after the judge, and logs
+  ``reward/judge_scores``); without a term nothing consumes the field, so
+  rlpipe routes it into the trainer, which sees it in its batches.
   The score here is a transparent heuristic — the share of distinct tokens in
   the completion, which punishes degenerate repetition — standing in for a
   model-based judge, which would be built the same way.
@@ -11,7 +14,8 @@
 
 Install with ``pip install -e examples/rlpipe-judge``; then
 ``rlpipe roles list`` shows ``judge``, ``--set roles.judge={}`` adds it to the
-graph and ``--set placement.policy=spread`` selects the policy.
+graph, ``--set roles.reward.terms={judge_scores: 0.5}`` makes its score count
+towards the reward and ``--set placement.policy=spread`` selects the policy.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ class JudgeConfig(RoleConfig):
     """``roles.judge``: placement keys (inherited) plus the judge's own.
 
     Attributes:
-        weight: multiplies every score.
+        weight: multiplies every score (the reward counts it with the weight
+            of its ``roles.reward.terms`` entry on top).
         min_tokens: completions shorter than this score 0.
     """
 
@@ -49,7 +54,8 @@ class JudgeConfig(RoleConfig):
 
 
 class JudgeStage:
-    """Scores ``[batch, time]`` completions: distinct valid tokens / valid tokens."""
+    """Scores completions ``[prompts, num_generations, tokens]`` (any leading
+    shape): distinct valid tokens / valid tokens, one float32 per completion."""
 
     def __init__(self, config: JudgeConfig):
         self.config = config
@@ -57,11 +63,11 @@ class JudgeStage:
     def process(self, batch: Batch, *, context: StageContext) -> Batch:
         tokens = np.asarray(batch["completion_tokens"])
         mask = np.asarray(batch["completion_mask"]).astype(bool)
-        scores = np.zeros(tokens.shape[0], dtype=np.float32)
-        for i, (row, keep) in enumerate(zip(tokens, mask)):
-            valid = row[keep]
+        scores = np.zeros(tokens.shape[:-1], dtype=np.float32)
+        for index in np.ndindex(scores.shape):
+            valid = tokens[index][mask[index]]
             if valid.size >= max(self.config.min_tokens, 1):
-                scores[i] = self.config.weight * len(np.unique(valid)) / valid.size
+                scores[index] = self.config.weight * len(np.unique(valid)) / valid.size
         return batch.add(judge_scores=scores)
 
 
