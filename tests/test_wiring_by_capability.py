@@ -276,3 +276,16 @@ def test_eval_finds_the_generating_and_the_training_role_by_capability(renamed_r
     assert ev.exit_code == 0, ev.stderr
     result = json.loads(ev.stdout)
     assert result["checkpoint_step"] == 2 and result["max_new_tokens"] == 4
+
+
+def test_a_renamed_rollout_with_the_rollout_settings_sets_the_scoring_temperature():
+    """Reference and trainer divide logits by the temperature the generating role
+    sampled at, also when that role is a plugin reusing RolloutConfig under another name."""
+    import types
+
+    from rlpipe.roles.rollout import RolloutConfig, generating_section, sampling_temperature
+
+    renamed = types.SimpleNamespace(roles={"my_rollout": RolloutConfig(temperature=0.7), "trainer": object()})
+    assert generating_section(renamed).temperature == 0.7
+    assert sampling_temperature(renamed) == 0.7
+    assert sampling_temperature(types.SimpleNamespace(roles={"trainer": object()})) == 1.0

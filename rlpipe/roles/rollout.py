@@ -67,11 +67,21 @@ class RolloutConfig(RoleConfig):
                                    f"episode's budget; got {turn}", ("environment", "max_turn_tokens"))
 
 
+def generating_section(run_config):
+    """The config section of the role that generates: ``roles.rollout``, else
+    the first section that is a :class:`RolloutConfig` (a plugin role that
+    reuses the rollout's settings under another name); ``None`` without one."""
+    roles = run_config.roles
+    if "rollout" in roles:
+        return roles["rollout"]
+    return next((c for c in roles.values() if isinstance(c, RolloutConfig)), None)
+
+
 def sampling_temperature(run_config) -> float:
     """The temperature the rollout samples at, which every role that scores its
     completions (reference, trainer) must divide logits by too; greedy (0) and
     a run without a rollout role score the plain distribution (1)."""
-    rollout = run_config.roles.get("rollout")
+    rollout = generating_section(run_config)
     return float(getattr(rollout, "temperature", 1.0) or 1.0)
 
 
@@ -80,7 +90,7 @@ def sequence_shape(run_config) -> tuple[int, int]:
     every role that sees a whole sequence: the prompt limit
     (``task.max_prompt_tokens``, else ``placement.assumed_prompt_tokens``)
     padded to its bucket, and the rollout's ``max_new_tokens``."""
-    rollout = run_config.roles.get("rollout")
+    rollout = generating_section(run_config)
     new = getattr(rollout, "max_new_tokens", None) or attrs.fields(RolloutConfig).max_new_tokens.default
     prompt = getattr(run_config.task, "max_prompt_tokens", None) or run_config.placement.assumed_prompt_tokens
     return memory.prompt_bucket(prompt), int(new)
