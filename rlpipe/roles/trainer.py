@@ -50,7 +50,7 @@ class TrainerConfig(OptimizedRoleConfig):
             the run stops with an error once more than this many were skipped.
         remat: rematerialise each decoder layer in the backward pass (the
             layers run as a checkpointed scan): activation memory of one layer
-            instead of all of them, for about a third more compute.  Turn it
+            instead of all of them, at the cost of recomputing each layer's forward pass (not timed here).  Turn it
             on for real model sizes (docs/performance.md §10).
     """
 
