@@ -65,6 +65,10 @@ peak-memory counter reflects them and not the micro-benchmarks):
     benchmarks/rollout.py, benchmarks/train_step.py and benchmarks/agentic.py
     (multi-turn episodes: KV cache kept between turns vs prefilled every
     turn) at the preset's settings (``SETTINGS``).
+``startup``
+    benchmarks/startup.py: the wall time of ``rlpipe --version``, ``--help``,
+    ``roles list`` and ``plugins list`` as fresh processes (median of
+    ``--repeats``, default 5), and which of jax, flax, optax, orbax each imports.
 ``pipeline`` (with ``--pipeline``)
     benchmarks/pipeline.py: the three seed placements, synchronous and
     asynchronous, on 8 devices (fake CPU devices unless the machine has 8).
@@ -106,7 +110,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
 #: leave the caches, small enough for a shared workstation.
 PROBE_MIB = {"cpu": {"copy": 256, "host": 256}, "accelerator": {"copy": 4096, "host": 1024}}
 OVERHEAD_TARGET = 0.05
-PARTS = ("run", "memory", "train_memory", "transfer", "rollout", "rollout_dp", "train_step", "agentic", "pipeline")
+PARTS = ("run", "memory", "train_memory", "transfer", "rollout", "rollout_dp", "train_step", "agentic", "startup",
+         "pipeline")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -449,6 +454,12 @@ def part_agentic(args: argparse.Namespace, emit: Sink, state: dict[str, Any]) ->
                     **state["settings"]["agentic"])
 
 
+def part_startup(args: argparse.Namespace, emit: Sink, state: dict[str, Any]) -> None:
+    import startup
+
+    startup.measure(repeats=args.repeats or 5, emit=emit)
+
+
 def part_pipeline(args: argparse.Namespace, emit: Sink, state: dict[str, Any]) -> None:
     import jax
     import pipeline
@@ -494,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"{base['platform']} ({base['device_kind']}) x {base['devices']}, jax {base['jax']}, preset {args.preset}")
     parts = {"run": part_run, "memory": part_memory, "train_memory": part_train_memory, "transfer": part_transfer,
              "rollout": part_rollout, "rollout_dp": part_rollout_dp,
-             "train_step": part_train_step, "agentic": part_agentic, "pipeline": part_pipeline}
+             "train_step": part_train_step, "agentic": part_agentic, "startup": part_startup, "pipeline": part_pipeline}
     wanted = args.only or [p for p in PARTS if p != "pipeline" or args.pipeline]
     failed = []
     started = time.perf_counter()

@@ -1,78 +1,102 @@
 """rlpipe: RL post-training of language models as an explicit, pluggable stage graph.
 
 The public API lives here; everything else may move between releases.
+
+Every public name is imported on first use (``rlpipe.Executor`` loads
+``rlpipe.core.executor``), so that ``import rlpipe`` and the CLI's listings
+start without loading jax, flax or optax.
 """
 
 from __future__ import annotations
 
 from importlib import metadata as _metadata
+from typing import TYPE_CHECKING
 
-# core: protocols, records, config machinery, the stage graph and its executor.
-from rlpipe.core.config import MeshConfig, PlacementConfig, RoleConfig, check
-from rlpipe.core.errors import (
-    ConfigError,
-    GraphError,
-    PlacementError,
-    PluginError,
-    Problem,
-    RlpipeError,
-    RoleNotRunnableError,
-    StageError,
-)
-from rlpipe.core.executor import Executor
-from rlpipe.core.graph import StageGraph, build_graph
-from rlpipe.core.hookspecs import hookimpl
-from rlpipe.core.memory import MemoryEstimate
-from rlpipe.core.placement import (
-    Boundary,
-    DeviceInfo,
-    MeshSpec,
-    Placement,
-    PlacementPlan,
-    PlanContext,
-    RolePlacement,
-    RoleRequest,
-    finish_plan,
-    make_mesh,
-)
-from rlpipe.core.plugins import Registry, load_registry
-from rlpipe.core.specs import (
-    AdvantageEstimatorSpec,
-    AlgorithmSpec,
-    BuildContext,
-    EnvironmentSpec,
-    PolicyLossSpec,
-    PolicySpec,
-    RewardFunctionSpec,
-    RoleSpec,
-    RolloutEngineSpec,
-    TaskSpec,
-    ToolParserSpec,
-    ToolSpec,
-)
-from rlpipe.core.stage import (
-    BarrierStage,
-    Batch,
-    OffloadableStage,
-    Stage,
-    StageContext,
-    StatefulStage,
-    Tracer,
-    WeightPublisher,
-    WeightReceiver,
-)
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ resolves these
+    from rlpipe.core.config import MeshConfig, PlacementConfig, RoleConfig, check
+    from rlpipe.core.errors import (
+        ConfigError,
+        GraphError,
+        PlacementError,
+        PluginError,
+        Problem,
+        RlpipeError,
+        RoleNotRunnableError,
+        StageError,
+    )
+    from rlpipe.core.executor import Executor
+    from rlpipe.core.graph import StageGraph, build_graph
+    from rlpipe.core.hookspecs import hookimpl
+    from rlpipe.core.memory import MemoryEstimate
+    from rlpipe.core.placement import (
+        Boundary,
+        DeviceInfo,
+        MeshSpec,
+        Placement,
+        PlacementPlan,
+        PlanContext,
+        RolePlacement,
+        RoleRequest,
+        finish_plan,
+        make_mesh,
+    )
+    from rlpipe.core.plugins import Registry, load_registry
+    from rlpipe.core.specs import (
+        AdvantageEstimatorSpec,
+        AlgorithmSpec,
+        BuildContext,
+        EnvironmentSpec,
+        PolicyLossSpec,
+        PolicySpec,
+        RewardFunctionSpec,
+        RoleSpec,
+        RolloutEngineSpec,
+        TaskSpec,
+        ToolParserSpec,
+        ToolSpec,
+    )
+    from rlpipe.core.stage import (
+        BarrierStage,
+        Batch,
+        OffloadableStage,
+        Stage,
+        StageContext,
+        StatefulStage,
+        Tracer,
+        WeightPublisher,
+        WeightReceiver,
+    )
+    from rlpipe.models.generation import Generation, SamplingParams
+    from rlpipe.runtime.devices import on_devices
+    from rlpipe.runtime.planning import Planned, build_stages, plan_run
+    from rlpipe.runtime.run_config import RunConfig, TrainConfig, load_config
+    from rlpipe.runtime.trace import Trace
 
-# runtime: a run's config schema and plan, and the trace it writes.
-from rlpipe.runtime.planning import Planned, build_stages, plan_run
-from rlpipe.runtime.run_config import RunConfig, TrainConfig, load_config
-from rlpipe.runtime.trace import Trace
-
-#: Public names whose modules load jax/flax programs, imported on first use
-#: (``rlpipe.SamplingParams``) so that ``import rlpipe`` stays light.
+#: Each public name and the module that defines it, imported on first use.
 _LAZY = {
+    # core: protocols, records, config machinery, the stage graph and its executor.
+    **dict.fromkeys(["MeshConfig", "PlacementConfig", "RoleConfig", "check"], "rlpipe.core.config"),
+    **dict.fromkeys(["ConfigError", "GraphError", "PlacementError", "PluginError", "Problem", "RlpipeError",
+                     "RoleNotRunnableError", "StageError"], "rlpipe.core.errors"),
+    "Executor": "rlpipe.core.executor",
+    **dict.fromkeys(["StageGraph", "build_graph"], "rlpipe.core.graph"),
+    "hookimpl": "rlpipe.core.hookspecs",
+    "MemoryEstimate": "rlpipe.core.memory",
+    **dict.fromkeys(["Boundary", "DeviceInfo", "MeshSpec", "Placement", "PlacementPlan", "PlanContext",
+                     "RolePlacement", "RoleRequest", "finish_plan", "make_mesh"], "rlpipe.core.placement"),
+    **dict.fromkeys(["Registry", "load_registry"], "rlpipe.core.plugins"),
+    **dict.fromkeys(["AdvantageEstimatorSpec", "AlgorithmSpec", "BuildContext", "EnvironmentSpec", "PolicyLossSpec",
+                     "PolicySpec", "RewardFunctionSpec", "RoleSpec", "RolloutEngineSpec", "TaskSpec",
+                     "ToolParserSpec", "ToolSpec"], "rlpipe.core.specs"),
+    **dict.fromkeys(["BarrierStage", "Batch", "OffloadableStage", "Stage", "StageContext", "StatefulStage", "Tracer",
+                     "WeightPublisher", "WeightReceiver"], "rlpipe.core.stage"),
+    # runtime: a run's config schema and plan, devices, and the trace it writes.
+    **dict.fromkeys(["Planned", "build_stages", "plan_run"], "rlpipe.runtime.planning"),
+    **dict.fromkeys(["RunConfig", "TrainConfig", "load_config"], "rlpipe.runtime.run_config"),
+    "Trace": "rlpipe.runtime.trace",
     "on_devices": "rlpipe.runtime.devices",
-    "SamplingParams": "rlpipe.models.generation",
-    "Generation": "rlpipe.models.generation",
+    # models: the generation engine's public records.
+    **dict.fromkeys(["SamplingParams", "Generation"], "rlpipe.models.generation"),
 }
 
 
@@ -85,6 +109,10 @@ def __getattr__(name: str):
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 try:

@@ -2,7 +2,13 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# The 8 fake devices' collectives meet in one process: on a loaded 2-core CI
+# machine a participant can be starved past XLA:CPU's 40 s rendezvous timeout,
+# which aborts the process (seen with several test processes sharing the
+# cores); a longer timeout turns that into a slow step instead of a crash.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           " --xla_cpu_collective_call_terminate_timeout_seconds=900"
+                           " --xla_cpu_collective_timeout_seconds=900").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A plugin problem in the developer's environment must not leak into tests.
 os.environ.pop("RLPIPE_DISABLE_PLUGINS", None)

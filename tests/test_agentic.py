@@ -395,6 +395,7 @@ class Chatty:
 
 
 @pytest.mark.parametrize("concurrency,silent", [(3, False), (None, False), (3, True)])
+@pytest.mark.slow
 def test_episodes_reusing_the_kv_cache_equal_those_prefilled_every_turn(registry, concurrency, silent):
     """The real engine on the tiny model, greedy: 9 episodes of one to four
     turns, each turn cut after two tokens, rows refilled as episodes end (and
@@ -649,6 +650,7 @@ def agentic_run(tmp_path, placement, steps=2):
 
 
 @pytest.mark.parametrize("placement", ["colocated", "colocated_offload", "disaggregated"])
+@pytest.mark.slow
 def test_agentic_rollouts_train_end_to_end_with_episodes_turns_and_tools_in_the_trace(tmp_path, placement):
     cfg, _, run_dir = agentic_run(tmp_path, placement)
     lag = cfg.train.max_staleness  # 1 for disaggregated.yaml, 0 (on-policy) for the colocated ones

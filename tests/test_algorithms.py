@@ -197,6 +197,7 @@ GROUP_ESTIMATORS = {"grpo": adv.grpo, "drgrpo": adv.drgrpo, "rloo": adv.rloo, "r
 @pytest.mark.parametrize("name", sorted(GROUP_ESTIMATORS))
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.slow
 def test_group_estimators_match_numpy_reference(name, shape, seed):
     rng = np.random.default_rng(seed)
     mask = make_mask(rng, *shape, holes=seed == 1)
@@ -501,6 +502,7 @@ def batch_inputs(seed, shape=(3, 4, 6)):
     AlgorithmConfig(advantage="rloo", aggregation="seq-mean-token-sum-norm", eps_high=0.28),
     GSPOConfig(eps_low=0.01, eps_high=0.02),
 ], ids=["grpo", "grpo-k1-dual-tis", "dapo-kl", "rloo", "gspo"])
+@pytest.mark.slow
 def test_algorithm_loss_matches_numpy_reference(config):
     logp, old, ref, rollout, rewards, mask = batch_inputs(4)
     algo = Algorithm(config)
@@ -530,6 +532,7 @@ def test_algorithm_loss_matches_numpy_reference(config):
 
 
 @pytest.mark.parametrize(("name", "aggregation"), [(n, None) for n in sorted(PRESETS)] + [("grpo", a) for a in L.AGGREGATIONS])
+@pytest.mark.slow
 def test_loss_gradient_is_finite_on_degenerate_inputs(name, aggregation):
     """All-zero advantages, fully masked rows, a fully masked batch, and -inf / NaN
     padding must never give a NaN loss or gradient."""

@@ -17,6 +17,7 @@ import pipeline  # noqa: E402
 import results  # noqa: E402
 import rollout  # noqa: E402
 import run_all  # noqa: E402
+import startup  # noqa: E402
 import train_step  # noqa: E402
 
 from rlpipe.app import timeline as tl  # noqa: E402
@@ -153,6 +154,7 @@ def test_pipeline_analysis_follows_its_definitions():
     assert parts["stage_host_work"] == pytest.approx(0.0) and parts["between_stages"] == pytest.approx(0.0)
 
 
+@pytest.mark.slow
 def test_probed_training_run(tmp_path):
     # Two steps, every role on device 0 (the least compilation): the probe's
     # hooks must still find what they wrap, and the analysis a real trace.
@@ -169,3 +171,14 @@ def test_probed_training_run(tmp_path):
     overhead = pipeline.framework_overhead(run, warmup=1)
     assert 0 <= overhead["fraction"] <= 1
     assert sum(overhead["parts_fraction"].values()) == pytest.approx(overhead["fraction"])
+
+
+def test_startup_records_time_the_quick_commands_and_name_heavy_imports(capsys, tmp_path):
+    records = startup.measure(commands=[("--version",)], repeats=1)
+    assert_schema(records)
+    by_name = {r["name"]: r for r in records}
+    assert by_name["startup_time"]["value"] > 0 and by_name["startup_time"]["command"] == "rlpipe --version"
+    assert by_name["startup_heavy_imports"]["value"] == 0 == len(by_name["startup_heavy_imports"]["modules"])
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == records
+    # --rev measures a revision exported from git, not the work tree.
+    assert (startup.package_root("HEAD", str(tmp_path)) / "rlpipe" / "__init__.py").is_file()

@@ -104,7 +104,9 @@ def test_plan_errors_exit_2_with_one_line_per_problem_and_no_traceback():
     r = run("plan", "--set", "roles.trainer.mesh={shape: [16, 1], axes: [fsdp, tp]}")
     assert r.exit_code == 2
     assert r.stdout == ""
-    assert r.stderr == "error: roles: the roles' meshes need 16 devices (trainer 16) but 8 exist\n"
+    assert r.stderr == ("error: roles: the roles' meshes need 16 devices (trainer 16) but 8 exist; plan for them with "
+                        "`rlpipe plan --devices 16`, or on the CPU fake them with "
+                        "XLA_FLAGS=--xla_force_host_platform_device_count=16\n")
     # ppo (GAE) needs the critic; a KL weight keeps the reference: both are in the run
     r = run("plan", "--set", "algorithm.name=ppo", "--set", "algorithm.options.kl_beta=0.04",
             "--set", "roles.reference.colocate_with=rolout", "--set", "roles.critic.colocate_with=critic")
@@ -208,6 +210,7 @@ def test_json_output_is_the_only_thing_on_stdout():
         json.loads(r.stdout)
 
 
+@pytest.mark.slow
 def test_console_script_runs_as_a_subprocess():
     """The installed entry point, a real process: exit status and streams."""
     ok = subprocess.run([sys.executable, "-m", "rlpipe", "plan", "--json", "--devices", "2"], capture_output=True, text=True, cwd=ROOT)

@@ -492,8 +492,11 @@ def test_config_show_yaml_loads_back_to_an_identical_config(tmp_path, registry, 
     assert again == original and list(again.roles) == list(original.roles)
     # ... on its own, with nothing underneath ...
     assert build_config(yaml.safe_load(result.stdout), registry) == original
-    # ... and through the CLI, byte for byte.
-    assert invoke("config", "show", "-c", path).stdout == result.stdout
+    # ... and through the CLI, byte for byte but for the comments saying where each value came from.
+    def values(text):
+        return re.sub(r"  # .*$", "", text, flags=re.M)
+
+    assert values(invoke("config", "show", "-c", path).stdout) == values(result.stdout)
 
 
 @pytest.mark.parametrize("case", sorted(ROUND_TRIP_CASES))
@@ -631,6 +634,7 @@ def test_every_valid_variation_used_as_a_property_base_is_valid(tmp_path, base):
 
 @PROPERTY
 @given(data=st.data())
+@pytest.mark.slow
 def test_mutated_config_files_exit_0_or_2_with_error_lines_only(tmp_path_factory, data):
     cfg = json.loads(json.dumps(data.draw(st.sampled_from(BASES))))
     for _ in range(data.draw(st.integers(1, 3))):
@@ -642,6 +646,7 @@ def test_mutated_config_files_exit_0_or_2_with_error_lines_only(tmp_path_factory
 
 @PROPERTY
 @given(data=st.data())
+@pytest.mark.slow
 def test_mutations_given_as_set_overrides_exit_0_or_2_with_error_lines_only(data):
     base = data.draw(st.sampled_from(BASES))
     keyed = [p for p, is_key in _paths(base) if is_key]
@@ -668,6 +673,7 @@ def test_mutations_given_as_set_overrides_exit_0_or_2_with_error_lines_only(data
                                     st.builds("{}={}".format, st.sampled_from(["train.steps", "roles.rollout.mesh",
                                                                                "roles", "placement.options", "train"]), TEXT)),
                           min_size=1, max_size=3))
+@pytest.mark.slow
 def test_arbitrary_set_strings_exit_0_or_2_with_error_lines_only(overrides):
     result = invoke("config", "validate", *[f"--set={o}" for o in overrides])
     assert_exit_0_or_2(result)

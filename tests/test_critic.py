@@ -32,6 +32,7 @@ def item(seed):
                  rewards=np.array([[1.0, 0.0], [0.0, 1.0]], np.float32))
 
 
+@pytest.mark.slow
 def test_critic_produces_values_and_learns_the_returns(registry):
     cfg = config(registry, {"algorithm": {"name": "ppo"}, "roles": {"critic": {"learning_rate": 3e-3, "micro_batch_size": 2}}})
     placement = RolePlacement(name="critic", devices=[0], mesh=MeshSpec((1, 1), ("fsdp", "tp")))

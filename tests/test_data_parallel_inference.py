@@ -16,6 +16,9 @@ from rlpipe.roles.reference_stage import ReferenceStage
 from rlpipe.roles.rollout_stage import RolloutStage
 from rlpipe.runtime import distributed
 
+#: End to end: every test here trains, resumes or runs processes (`-m "not slow"` skips them).
+pytestmark = pytest.mark.slow
+
 G, N = 3, 8  # 5 prompts x 3 generations = 15 rows: not a multiple of 8, so rows are padded
 
 

@@ -46,6 +46,7 @@ def dtypes(tree):
     return {jnp.dtype(x.dtype) for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)}
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_float32_masters_and_bf16_inference_copies(registry):
     cfg = bf16_config(registry)
     trainer = build(registry, cfg, "trainer")

@@ -102,6 +102,7 @@ def params(model) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.slow
 def test_logits_match_transformers(checkpoints, kind):
     path, ref = checkpoints[kind]
     model = from_pretrained(path)

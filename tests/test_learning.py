@@ -9,6 +9,9 @@ from click.testing import CliRunner
 
 from rlpipe.cli.main import cli
 
+#: End to end: every test here trains, resumes or runs processes (`-m "not slow"` skips them).
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.slow
 def test_the_embedded_default_visibly_learns(tmp_path):

@@ -308,8 +308,10 @@ def test_auto_disaggregates_rollout_when_only_a_split_fits(registry):
     assert "rollout on devices 0-3 needs" in p.notes[0]
 
 
-# A large trainer micro-batch: the trainer dominates and grows on any smaller slice.
-BIG_TRAINER = {**SMALL, "roles": {**SMALL["roles"], "trainer": {"micro_batch_size": 256}}}
+# A large trainer micro-batch: the trainer dominates and grows on any smaller slice
+# (a global batch of 32 items x 2 prompts x 4 generations holds its 256 rows).
+BIG_TRAINER = {**SMALL, "train": {**SMALL["train"], "items_per_step": 32},
+               "roles": {**SMALL["roles"], "trainer": {"micro_batch_size": 256}}}
 
 
 def test_auto_offloads_when_each_role_fits_only_alone(registry):

@@ -55,6 +55,7 @@ def update(registry, name, micro_batch_size):
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.slow
 def test_one_update_does_not_depend_on_the_micro_batch_size(registry, name):
     full, full_metrics = update(registry, name, ROWS)
     scale = max(float(np.abs(d).max()) for d in full)

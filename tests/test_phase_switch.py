@@ -11,6 +11,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import yaml
 from helpers import EXAMPLES, config
 
@@ -26,6 +27,9 @@ from rlpipe.models.loading import load_tokenizer
 from rlpipe.models.prompts import prompt_items
 from rlpipe.runtime import weights
 from rlpipe.runtime.planning import build_stages, plan_run
+
+#: End to end: every test here trains, resumes or runs processes (`-m "not slow"` skips them).
+pytestmark = pytest.mark.slow
 from rlpipe.testing import RecordingStage, fake_devices
 
 ITEMS = 2

@@ -212,7 +212,9 @@ def test_mesh_size_must_match_the_colocation_slice(registry):
 def test_more_devices_than_exist(registry):
     with pytest.raises(PlacementError) as e:
         plan(registry, {"roles": {"trainer": {"mesh": mesh((4, 2))}, "rollout": {"mesh": mesh((4, 1))}}})
-    assert problems(e) == ["roles: the roles' meshes need 12 devices (trainer 8, rollout 4) but 8 exist"]
+    assert problems(e) == [("roles: the roles' meshes need 12 devices (trainer 8, rollout 4) but 8 exist; plan for them "
+                            "with `rlpipe plan --devices 12`, or on the CPU fake them with "
+                            "XLA_FLAGS=--xla_force_host_platform_device_count=12")]
     with pytest.raises(PlacementError, match="plus at least 1 for trainer"):
         plan(registry, {"roles": {"rollout": {"mesh": mesh((8, 1))}}})
 

@@ -207,7 +207,7 @@ def test_plugins_list_table_shows_name_status_distribution_and_version():
     assert set(rule) <= {"-", " "}
     row = next(r for r in rows if r.startswith("roles "))
     assert row.split()[:4] == ["roles", "active", "rlpipe", rlpipe.__version__]
-    assert "role rollout" in row
+    assert "role: rollout, reward" in row
 
 
 # -- third-party plugins that work ---------------------------------------------------------

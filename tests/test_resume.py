@@ -189,7 +189,7 @@ def test_a_completed_run_says_how_to_continue(uninterrupted, tmp_path):
     shutil.copytree(uninterrupted["on-policy"], run_dir)
     r = invoke("--run-dir", str(run_dir), "--steps", str(STEPS))
     assert r.exit_code == 0, r.stderr
-    assert "already completed step 3; raise --steps to continue" in r.stderr
+    assert "the run already completed step 3 (4 of 4 steps); raise --steps to continue" in r.stderr
     assert len(rows(run_dir)) == STEPS
 
 

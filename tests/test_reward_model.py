@@ -27,6 +27,9 @@ from rlpipe.runtime import weights  # noqa: E402
 from rlpipe.runtime.planning import plan_run  # noqa: E402
 from rlpipe.testing import fake_devices  # noqa: E402
 
+#: End to end: every test here trains, resumes or runs processes (`-m "not slow"` skips them).
+pytestmark = pytest.mark.slow
+
 PAD = 0
 # The tiny policy preset's vocabulary, so the policy's token ids are valid here.
 SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -139,6 +139,7 @@ def test_a_bad_weight_is_a_config_error(judge_registry):
         config(judge_registry, {"roles": {"judge": {}, "reward": {"terms": {"judge_scores": "high"}}}})
 
 
+@pytest.mark.slow
 def test_a_judge_term_shifts_the_logged_reward_by_its_weighted_mean(tmp_path):
     def run(name, *extra):
         run_dir = tmp_path / name

@@ -37,6 +37,7 @@ def state(model):
     return nnx.split(model)[1]
 
 
+@pytest.mark.slow
 def test_cached_decoding_equals_the_full_forward(model):
     toks = jnp.array([[1, 2, 3, 4, 5, 6]])
     cache = init_cache(model.config, 1, 6)
@@ -50,6 +51,7 @@ def test_cached_decoding_equals_the_full_forward(model):
     np.testing.assert_allclose(jnp.concatenate(steps, 1), model(toks), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_left_padding_does_not_change_the_logits(model):
     padded = model(jnp.array([[0, 0, 0, 1, 2, 3]]), jnp.array([[0, 0, 0, 1, 1, 1]]))[0, 3:]
     np.testing.assert_allclose(padded, model(jnp.array([[1, 2, 3]]))[0], atol=1e-5)
@@ -71,6 +73,7 @@ def test_greedy_decoding_is_the_argmax_of_the_full_forward_at_every_step(model, 
     np.testing.assert_array_equal(np.argmax(full_logits(model, out), axis=-1), out.tokens)
 
 
+@pytest.mark.slow
 def test_sampled_logprobs_are_the_log_softmax_of_the_forward_logits(model, engine):
     out = engine.generate(state(model), PROMPTS, MASK, jax.random.key(1), SamplingParams(max_new_tokens=6, temperature=1.0))
     comp = jnp.asarray(out.tokens)
@@ -136,6 +139,7 @@ def test_prompt_buckets_avoid_recompiling(model):
 
 
 @pytest.mark.parametrize("shape", [(2, 4), (8, 1)])
+@pytest.mark.slow
 def test_generation_on_8_devices_equals_single_device(model, shape):
     mesh = make_mesh(RolePlacement(name="rollout", devices=range(8), mesh=MeshSpec(shape, ("fsdp", "tp"))))
     sharded = init_sharded(model.config, mesh, seed=3)

@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from rlpipe import StageContext
 
@@ -32,6 +33,7 @@ def test_the_key_depends_on_seed_step_and_index_and_nothing_else():
                               np.asarray(jax.random.key_data(StageContext(role="rollout", step=3, index=0).key())))
 
 
+@pytest.mark.slow
 def test_the_key_is_the_same_in_another_process():
     code = ("import jax, numpy as np; from rlpipe import StageContext; "
             "k = StageContext(role='reward_b', seed=7, step=2, index=5).key(); "

@@ -1,5 +1,6 @@
 """Trace analysis on hand-made timelines: interval unions, idle fractions, overlap."""
 
+import itertools
 import json
 
 import pytest
@@ -53,7 +54,7 @@ def test_union_covers_exactly_the_unit_cells_its_intervals_cover(pairs):
     cells = {c for s, e in intervals for c in range(s, e)}
     merged = tl.union(intervals)
     assert tl.length(merged) == len(cells)
-    assert all(a[1] < b[0] for a, b in zip(merged, merged[1:]))  # disjoint, sorted, not touching
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(merged))  # disjoint, sorted, not touching
 
 
 intervals_ = st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30)).map(sorted).map(tuple), max_size=8)
@@ -67,7 +68,7 @@ def test_intersect_and_subtract_cover_the_cells_of_the_set_operations(a, b):
     both, rest = tl.intersect(a, b), tl.subtract(a, b)
     assert cells(both) == cells(a) & cells(b) and tl.length(both) == len(cells(a) & cells(b))
     assert cells(rest) == cells(a) - cells(b) and tl.length(rest) == len(cells(a) - cells(b))
-    assert all(x[1] <= y[0] for x, y in zip(rest, rest[1:]))
+    assert all(x[1] <= y[0] for x, y in itertools.pairwise(rest))
 
 
 # -- reading ------------------------------------------------------------------------
@@ -146,6 +147,20 @@ def test_device_groups_join_roles_sharing_devices_transitively_and_put_host_role
     # a role bridging two groups merges them
     bridged = tl.device_groups({"roles": [role("a", [0]), role("b", [2]), role("c", [0, 2])]})
     assert [(g.name, set(g.roles)) for g in bridged] == [("devices 0,2", {"a", "b", "c"})]
+
+
+def test_a_group_of_one_device_is_named_device_in_the_singular():
+    groups = tl.device_groups({"roles": [role("trainer", [0]), role("rollout", [0]), role("reward", [0])]},
+                              host_roles={"reward"})
+    assert [g.name for g in groups] == ["device 0", "host"]
+
+
+@pytest.mark.parametrize("ids, label", [
+    ([3], "device 3"), ([0, 1], "devices 0,1"), ([3, 0, 2, 1], "devices 0-3"), ([0, 2, 5], "devices 0,2,5"),
+    ([0, 1, 2, 5, 6, 7], "devices 0-2,5-7"), ([0, 1, 2, 4, 5], "devices 0-2,4,5"),
+])
+def test_device_label_names_runs_of_three_or_more_as_ranges(ids, label):
+    assert tl.device_label(ids) == label
 
 
 # -- windows and busy time ------------------------------------------------------------

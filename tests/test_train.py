@@ -8,6 +8,9 @@ from click.testing import CliRunner
 
 from rlpipe.cli.main import cli
 
+#: End to end: every test here trains, resumes or runs processes (`-m "not slow"` skips them).
+pytestmark = pytest.mark.slow
+
 SMALL = ["--set", "train.prompts_per_item=2", "--set", "train.items_per_step=2",
          "--set", "roles.rollout.max_new_tokens=4", "--set", "roles.rollout.num_generations=2",
          "--set", "roles.trainer.micro_batch_size=4"]
@@ -50,14 +53,32 @@ def test_saved_config_reproduces_the_run_config(finished):
     assert yaml.safe_load(again.stdout) == {**yaml.safe_load((run_dir / "config.yaml").read_text())}
 
 
-def test_a_failing_stage_exits_1_with_one_error_line_and_keeps_the_trace(tmp_path):
+def test_a_failing_stage_exits_1_with_one_error_line_and_keeps_the_trace(tmp_path, monkeypatch):
+    from rlpipe.roles.trainer_stage import TrainerStage
+
+    def broken(self, *, context):
+        raise ValueError("the update went wrong")
+
+    monkeypatch.setattr(TrainerStage, "on_barrier", broken)  # the batch arithmetic is a config error now
     run_dir = tmp_path / "run"
-    r = CliRunner().invoke(cli, ["train", "--steps", "2", "--run-dir", str(run_dir), "-q", *SMALL,
-                                 "--set", "roles.trainer.mini_batch_size=3"])
+    r = CliRunner().invoke(cli, ["train", "--steps", "2", "--run-dir", str(run_dir), "-q", *SMALL])
     assert r.exit_code == 1
-    assert r.stderr.splitlines()[-1].startswith("error: stage 'trainer' failed at step 0: ValueError: global batch of 8 rows")
+    assert r.stderr.splitlines()[-1] == "error: stage 'trainer' failed at step 0: ValueError: the update went wrong"
     assert "Traceback" not in r.stderr
     assert (run_dir / "trace.json").exists()
+
+
+def test_batch_arithmetic_is_a_config_error_before_anything_runs(tmp_path):
+    r = CliRunner().invoke(cli, ["train", "--steps", "2", "--run-dir", str(tmp_path / "run"), "-q", *SMALL,
+                                 "--set", "roles.trainer.mini_batch_size=3"])
+    assert r.exit_code == 2
+    assert r.stderr.splitlines()[-2:] == [
+        ("error: roles.trainer.mini_batch_size: 3 does not divide the global batch of 8 rows (train.items_per_step 2 × "
+         "train.prompts_per_item 2 × roles.rollout.num_generations 2); the nearest that divide it: 2 or 4"),
+        ("error: roles.trainer.micro_batch_size: 4 does not divide the mini-batch of 3 rows "
+         "(roles.trainer.mini_batch_size); the nearest that divide it: 3"),
+    ]
+    assert not (tmp_path / "run").exists()
 
 
 def test_config_errors_exit_2_before_anything_runs(tmp_path):

@@ -47,6 +47,7 @@ def run_step(t, batch_items, step=0):
 
 
 @pytest.mark.parametrize("shape", [(2, 4), (8, 1)])
+@pytest.mark.slow
 def test_updates_on_8_devices_equal_the_single_device_ones(registry, shape):
     one, many = trainer(registry, [0], (1, 1)), trainer(registry, list(range(8)), shape)
     for step in range(2):
@@ -59,6 +60,7 @@ def test_updates_on_8_devices_equal_the_single_device_ones(registry, shape):
     assert any(not x.sharding.is_fully_replicated for x in jax.tree_util.tree_leaves(many.params))
 
 
+@pytest.mark.slow
 def test_positive_advantage_raises_and_negative_lowers_the_logprob(registry):
     t = trainer(registry, [0], (1, 1), learning_rate=3e-3)
     batch = items(0, n_items=1)[0]
@@ -80,6 +82,7 @@ def test_positive_advantage_raises_and_negative_lowers_the_logprob(registry):
     assert t.version == 1
 
 
+@pytest.mark.slow
 def test_published_weights_reach_subscribers_with_the_new_version(registry):
     t = trainer(registry, [0], (1, 1))
     got = []
@@ -90,6 +93,7 @@ def test_published_weights_reach_subscribers_with_the_new_version(registry):
     assert got[-1][1] is t.params
 
 
+@pytest.mark.slow
 def test_iterations_and_mini_batches_set_the_number_of_updates(registry):
     t = trainer(registry, [0], (1, 1), num_iterations=3, mini_batch_size=8)  # 2 items x 4 prompts x 2 = 16 rows
     run_step(t, items(0))
@@ -103,6 +107,7 @@ def test_bad_batch_splits_are_errors_naming_the_keys(registry):
         run_step(t, items(0))
 
 
+@pytest.mark.slow
 def test_offload_moves_params_and_optimizer_state_to_host_and_back(registry):
     t = trainer(registry, [0], (1, 1))
     run_step(t, items(0))
@@ -116,6 +121,7 @@ def test_offload_moves_params_and_optimizer_state_to_host_and_back(registry):
     assert t.version == 2
 
 
+@pytest.mark.slow
 def test_entropy_metric_is_the_sampled_distributions_mean_token_entropy(registry):
     t = trainer(registry, [0], (1, 1), num_iterations=1)
     batch_items = items(0)
@@ -140,6 +146,7 @@ def test_entropy_metric_is_the_sampled_distributions_mean_token_entropy(registry
     assert t.last_metrics["entropy"] == pytest.approx(ents / counts, rel=2e-3)
 
 
+@pytest.mark.slow
 def test_non_finite_updates_are_skipped_counted_and_abort_the_run_past_the_limit(registry):
     import attrs
     import jax.numpy as jnp
@@ -179,6 +186,7 @@ def test_optimizer_moments_are_sharded_like_the_parameters_from_the_start(regist
     assert any(not x.sharding.is_fully_replicated for _, x in moments)
 
 
+@pytest.mark.slow
 def test_the_entropy_bonus_raises_the_policys_entropy(registry):
     # Equal rewards: no advantage, so only the bonus can move the policy.
     equal = [Batch({**dict(b), "rewards": np.zeros((P, G), np.float32)}) for b in items(0)]
@@ -195,6 +203,7 @@ def test_the_entropy_bonus_raises_the_policys_entropy(registry):
     assert entropies[0.5][2] > entropies[0.5][0] + 1e-3
 
 
+@pytest.mark.slow
 def test_dynamic_sampling_leaves_groups_with_equal_rewards_out_of_the_loss(registry):
     """Groups whose rewards are all equal train exactly as if their completions
     were masked out; the share kept is reported."""

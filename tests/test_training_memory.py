@@ -50,6 +50,7 @@ def test_no_full_float32_logits_are_needed():
     assert temp_bytes(cfg, "reference", rows, prompt, completion) < full / 4
 
 
+@pytest.mark.slow
 def test_remat_reduces_training_memory_and_does_not_grow_with_depth():
     rows, prompt, completion = 4, 64, 448
     shallow, deep = attrs.evolve(TINY, num_layers=2), attrs.evolve(TINY, num_layers=8)
@@ -63,6 +64,7 @@ def test_remat_reduces_training_memory_and_does_not_grow_with_depth():
 
 
 @pytest.mark.parametrize("program,remat", [("train", True), ("train", False), ("reference", False), ("prefill", False)])
+@pytest.mark.slow
 def test_the_estimate_is_within_20_percent_of_xla(program, remat):
     """The formulas of rlpipe.models.memory describe the compiled programs: the
     trainer's step (with and without remat), the reference's log-probs and the
@@ -82,6 +84,7 @@ def test_the_estimate_is_within_20_percent_of_xla(program, remat):
     assert abs(est - xla) <= 0.2 * xla, (est, xla, est / xla)
 
 
+@pytest.mark.slow
 def test_blocks_chunks_and_remat_compute_the_same_values_and_gradients(monkeypatch):
     """Attention over several query blocks (with a padded last block), the head over
     several logit chunks (padded) and the rematerialised layer scan give the

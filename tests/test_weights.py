@@ -5,6 +5,7 @@ import gc
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from rlpipe.core.placement import MeshSpec, RolePlacement, make_mesh
@@ -57,6 +58,7 @@ def device_arrays_on(ids):
     return [x for x in jax.live_arrays() if x.sharding.memory_kind == "device" and {d.id for d in x.sharding.device_set} & ids]
 
 
+@pytest.mark.slow
 def test_offload_then_onload_restores_parameters_and_frees_device_buffers():
     m = mesh(range(6, 8), (2, 1))  # devices no other test keeps arrays on
     state = tiny_state(m, seed=4)

@@ -30,6 +30,9 @@ from rlpipe.core.specs import RoleSpec
 from rlpipe.core.stage import WeightPublisher, WeightReceiver, weight_publisher
 from rlpipe.testing import register_plugin
 
+#: End to end: every test here trains, resumes or runs processes (`-m "not slow"` skips them).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(rlpipe.__file__).parent
 BUILTIN_ROLES = {"rollout", "trainer", "reference", "critic", "reward"}
 

@@ -129,6 +129,10 @@ class RunControl:
             session.request_stop()
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def trace_file(run_dir: Path, process_index: int = 0) -> Path:
     """The timeline a process writes: ``trace.json`` for process 0 (the one
     ``rlpipe report`` reads), ``trace.<i>.json`` for process ``i``."""
@@ -251,17 +255,42 @@ def train(config: RunConfig, registry: Registry, *, run_dir: str | Path,
           control: RunControl | None = None, log: Callable[[str], None] | None = None) -> RunSummary:
     """Runs ``config`` and writes the run directory; returns the executor's summary.
 
+    A start that fails (a config, plan, dataset or model error before the
+    first step runs) removes the directories it created, so no empty run
+    directory is left behind; once steps run, the directory stays, whatever
+    happens.
+
     Args:
         report: called with each step's metrics (for a progress display).
         resume: continue from the latest checkpoint in ``run_dir`` if there is
             one (the default); otherwise ``run_dir`` must hold no checkpoint.
         control: lets a signal handler stop the run at a checkpoint.
-        log: receives one-line messages about what the run does (resume, checkpoints).
+        log: receives one-line messages about what the run does (where it
+            starts or resumes from, checkpoints).
 
     Raises:
         CheckpointError: the checkpoint is unreadable or does not fit ``config``.
         UsageError: ``run_dir`` cannot be written.
     """
+    run_dir = Path(run_dir)
+    created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # innermost first
+    started = threading.Event()
+    try:
+        return _train(config, registry, run_dir=run_dir, report=report, resume=resume, control=control, log=log,
+                      started=started)
+    except BaseException:
+        session = distributed.current()
+        if not started.is_set() and (session is None or session.is_primary):
+            import shutil
+
+            for d in created:  # what this call created and nothing has run in
+                shutil.rmtree(d, ignore_errors=True)
+        raise
+
+
+def _train(config: RunConfig, registry: Registry, *, run_dir: Path, report: Callable[[dict[str, Any]], None] | None,
+           resume: bool, control: RunControl | None, log: Callable[[str], None] | None,
+           started: threading.Event) -> RunSummary:
     log = log or (lambda message: None)
     run_dir = Path(run_dir)
     session = distributed.current()
@@ -286,6 +315,21 @@ def train(config: RunConfig, registry: Registry, *, run_dir: str | Path,
         if changed:
             raise CheckpointError([f"{run_dir / 'checkpoints' / str(latest)}: config changed incompatibly since the "
                                    f"checkpoint was written: {c}" for c in changed][0])
+    steps = config.train.steps
+    if latest is not None and latest + 1 >= steps:
+        # Recognised before any model is built: nothing to do.
+        started.set()
+        checkpointer.close()
+        log(f"{run_dir}: the run already completed step {latest} ({latest + 1} of {_count(steps, 'step')}); "
+            "raise --steps to continue it")
+        return RunSummary(steps=latest + 1, policy_version=meta["policy_version"] if meta else latest + 1, items={})
+    if latest is not None:
+        log(f"training {_count(steps, 'step')} in {run_dir}: resuming from the checkpoint of step {latest} "
+            f"(policy version {meta['policy_version'] if meta else '?'}), {_count(steps - latest - 1, 'step')} to go")
+    elif (run_dir / "config.yaml").exists():
+        log(f"training {_count(steps, 'step')} in {run_dir}: it has no checkpoint yet, so the run starts from step 0")
+    else:
+        log(f"training {_count(steps, 'step')} in a new run directory {run_dir}")
 
     # The task first: a bad dataset is reported before any model is built.
     task = registry.get("rlpipe_tasks", config.task.name, path="task.name").factory(config.task.options)
@@ -313,7 +357,6 @@ def train(config: RunConfig, registry: Registry, *, run_dir: str | Path,
         if publisher is not None:
             publisher.publish()  # the receivers continue from the restored policy
         start_step = latest + 1
-        log(f"resuming from the checkpoint of step {latest} (policy version {meta['policy_version']})")
     metrics_path = run_dir / "metrics.jsonl"
     if primary:
         _truncate_metrics(metrics_path, start_step - 1)
@@ -386,9 +429,7 @@ def train(config: RunConfig, registry: Registry, *, run_dir: str | Path,
             control.attach(executor)
         watching = _coordinate(executor, session) if session is not None else threading.Event()
         try:
-            if start_step >= config.train.steps:
-                log(f"the run already completed step {start_step - 1}; raise --steps to continue it")
-                return RunSummary(steps=start_step, policy_version=start_step, items={})
+            started.set()
             summary = executor.run(source, steps=config.train.steps, start_step=start_step, replay=replay)
             if prompts_check is not None:
                 prompts_check.finish()

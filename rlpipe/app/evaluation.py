@@ -14,11 +14,18 @@ or the task's own).  Definitions of the returned metrics:
 
 * **correct**: the *primary reward* — the task's first reward function
   (``partial-match`` for ``reverse``/``sort``, ``exact-match`` for ``add``,
-  ``math-answer`` for ``jsonl``), or the first configured one for a task that
-  names none — is at least ``correct_threshold`` (default 1.0, the maximum of
-  every built-in match reward: an exact answer).  Shaping terms such as
-  ``digits`` never count towards correctness.
+  ``answer-exact`` for ``arithmetic``, ``math-answer`` for ``jsonl``), or
+  the first configured one for a task that names none — is at least
+  ``correct_threshold`` (default 1.0, the maximum of every built-in match
+  reward: an exact answer).  Shaping terms such as ``digits`` never count
+  towards correctness.
 * ``greedy/accuracy``: the share of examples whose greedy completion is correct.
+* ``greedy/format``, ``sampled/format``: for a task that names a
+  ``format_reward`` (``answer-format`` for ``arithmetic``), its mean over the
+  greedy (sampled) completions — for a 0/1 format reward, the share of
+  completions in the asked-for format, right or wrong (``format_reward``
+  names it); ``None`` for a task without one.  Reported apart from
+  accuracy, so a policy that learnt the format but not the sums shows.
 * ``sampled/accuracy``: the share of all sampled completions that are correct
   (the pass@1 estimate from ``num_samples`` samples).
 * ``sampled/pass@k``: the unbiased pass@k estimator (Chen et al., 2021) averaged
@@ -26,7 +33,8 @@ or the task's own).  Definitions of the returned metrics:
   ``1 - C(n - c, k) / C(n, k)``, the chance that at least one of ``k`` samples
   drawn without replacement from the ``n`` is correct (0/1 when ``n == k``).
 * ``greedy/reward_mean``, ``sampled/reward_mean``: the mean total reward (the
-  weighted sum the trainer optimises), and per reward function
+  weighted sum the trainer optimises: ``roles.reward.functions``' weights, or
+  the task's ``reward_weights``), and per reward function
   ``greedy/reward/<name>``, ``sampled/reward/<name>`` (unweighted means).
 
 The examples are the same for every run and checkpoint: the first
@@ -61,8 +69,10 @@ DEFAULT_SCORER = "reward"
 REWARD_FIELD = "rewards"
 
 
-def _reward_terms(config: RunConfig, registry: Registry) -> tuple[list[tuple[str, float, Any]], tuple[str, Any], str]:
-    """The weighted reward terms, the primary (correctness) function, and ``on_error``."""
+def _reward_terms(config: RunConfig, registry: Registry) -> tuple[list[tuple[str, float, Any]], tuple[str, Any],
+                                                                  tuple[str, Any] | None, str]:
+    """The weighted reward terms, the primary (correctness) function, the
+    task's format function (or None) and ``on_error``."""
     from rlpipe.runtime.planning import role_specs
 
     spec = registry.get("rlpipe_tasks", config.task.name, path="task.name")
@@ -70,7 +80,7 @@ def _reward_terms(config: RunConfig, registry: Registry) -> tuple[list[tuple[str
     role = next((n for n, s in role_specs(config, registry).items() if REWARD_FIELD in s.produces), DEFAULT_SCORER)
     reward = config.roles.get(role)
     configured = tuple((t.name, t.weight) for t in getattr(reward, "functions", ()) or ())
-    names = configured or tuple((n, 1.0) for n in spec.rewards)
+    names = configured or spec.reward_terms
     if not names:
         raise EvaluationError(f"task {config.task.name!r} names no reward functions and roles.{role}.functions is empty: "
                               "nothing to score with")
@@ -81,7 +91,10 @@ def _reward_terms(config: RunConfig, registry: Registry) -> tuple[list[tuple[str
     terms = [(n, w, fn(n, f"roles.{role}.functions[{i}].name" if configured else f"task {config.task.name!r}: reward function {i}"))
              for i, (n, w) in enumerate(names)]
     primary = spec.rewards[0] if spec.rewards else names[0][0]
-    return terms, (primary, fn(primary, f"task {config.task.name!r}: reward function 0")), getattr(reward, "on_error", "fail")
+    fmt = spec.format_reward
+    return (terms, (primary, fn(primary, f"task {config.task.name!r}: reward function 0")),
+            (fmt, fn(fmt, f"task {config.task.name!r}: format_reward")) if fmt else None,
+            getattr(reward, "on_error", "fail"))
 
 
 def evaluate(config: RunConfig, registry: Registry, *, model_state: Any = None, split: str = "eval",
@@ -152,7 +165,7 @@ def evaluate(config: RunConfig, registry: Registry, *, model_state: Any = None, 
     if rollout is None:  # no generating role configured: the built-in rollout's default settings
         role = DEFAULT_GENERATOR
         rollout = registry.get("rlpipe_roles", role, path=f"roles.{role}").config_type()
-    terms, (primary, primary_fn), on_error = _reward_terms(config, registry)
+    terms, (primary, primary_fn), format_term, on_error = _reward_terms(config, registry)
 
     examples, prompts, rejected, truncated = evaluation_examples(config, registry, split=split, num_examples=num_examples,
                                                                  data_seed=data_seed)
@@ -188,13 +201,17 @@ def evaluate(config: RunConfig, registry: Registry, *, model_state: Any = None, 
                 out.append((tokenizer.decode(real.tolist()), int(real.size)))
         return out
 
-    def score(i: int, completion: str) -> tuple[float, dict[str, float], bool]:
+    def score(i: int, completion: str) -> tuple[float, dict[str, float], bool, float | None]:
+        """(total reward, each function's value, correct, format value or None)."""
         values = {}
         for name, _, fn in terms:
             values[name] = _call(fn, name, i, completion)
         total = sum(w * values[name] for name, w, _ in terms)
         p = values[primary] if primary in values else _call(primary_fn, primary, i, completion)
-        return total, values, p >= correct_threshold
+        f = None
+        if format_term is not None:
+            f = values[format_term[0]] if format_term[0] in values else _call(format_term[1], format_term[0], i, completion)
+        return total, values, p >= correct_threshold, f
 
     def _call(fn: Any, name: str, i: int, completion: str) -> float:
         nonlocal failures
@@ -214,39 +231,43 @@ def evaluate(config: RunConfig, registry: Registry, *, model_state: Any = None, 
     result: dict[str, Any] = {
         "task": config.task.name, "split": split, "examples": m, "prompts_rejected": rejected,
         "prompts_truncated": truncated, "correct_reward": primary, "correct_threshold": float(correct_threshold),
+        "format_reward": format_term[0] if format_term else None,
         "k": k, "samples_per_example": n if k else 0, "temperature": float(rollout.temperature),
         "max_new_tokens": rollout.max_new_tokens, "seed": seed, "data_seed": data_seed,
     }
 
     greedy = generate(list(range(m)), greedy_params, 0) if m else []
     g_scores = [score(i, text) for i, (text, _) in enumerate(greedy)]
-    result["greedy/correct"] = sum(c for _, _, c in g_scores)
-    result["greedy/accuracy"] = mean([float(c) for _, _, c in g_scores])
-    result["greedy/reward_mean"] = mean([t for t, _, _ in g_scores])
+    result["greedy/correct"] = sum(c for _, _, c, _ in g_scores)
+    result["greedy/accuracy"] = mean([float(c) for _, _, c, _ in g_scores])
+    result["greedy/format"] = mean([f for _, _, _, f in g_scores]) if format_term else None
+    result["greedy/reward_mean"] = mean([t for t, _, _, _ in g_scores])
     result["greedy/completion_tokens_mean"] = mean([float(length) for _, length in greedy])
     for name, _, _ in terms:
-        result[f"greedy/reward/{name}"] = mean([v[name] for _, v, _ in g_scores])
+        result[f"greedy/reward/{name}"] = mean([v[name] for _, v, _, _ in g_scores])
 
     correct_per_example = [0] * m
     if k and m:
         rows = [i for i in range(m) for _ in range(n)]
         sampled = generate(rows, sampled_params, 1)
         s_scores = [score(i, text) for i, (text, _) in zip(rows, sampled)]
-        for i, (_, _, c) in zip(rows, s_scores):
+        for i, (_, _, c, _) in zip(rows, s_scores):
             correct_per_example[i] += c
-        result["sampled/accuracy"] = mean([float(c) for _, _, c in s_scores])
+        result["sampled/accuracy"] = mean([float(c) for _, _, c, _ in s_scores])
+        result["sampled/format"] = mean([f for _, _, _, f in s_scores]) if format_term else None
         result["sampled/pass@k"] = mean([pass_at_k(n, c, k) for c in correct_per_example])
-        result["sampled/reward_mean"] = mean([t for t, _, _ in s_scores])
+        result["sampled/reward_mean"] = mean([t for t, _, _, _ in s_scores])
         result["sampled/completion_tokens_mean"] = mean([float(length) for _, length in sampled])
         for name, _, _ in terms:
-            result[f"sampled/reward/{name}"] = mean([v[name] for _, v, _ in s_scores])
+            result[f"sampled/reward/{name}"] = mean([v[name] for _, v, _, _ in s_scores])
     else:
-        result.update({"sampled/accuracy": None, "sampled/pass@k": None, "sampled/reward_mean": None,
-                       "sampled/completion_tokens_mean": None})
+        result.update({"sampled/accuracy": None, "sampled/format": None, "sampled/pass@k": None,
+                       "sampled/reward_mean": None, "sampled/completion_tokens_mean": None})
     result["reward_failures"] = failures
     if details:
         result["samples"] = [{"prompt": str(ex["prompt"]), "answer": str(ex.get("answer")), "greedy": greedy[i][0],
                               "greedy_reward": g_scores[i][0], "greedy_correct": bool(g_scores[i][2]),
+                              "greedy_format": g_scores[i][3],
                               "sampled_correct": correct_per_example[i] if k else None}
                              for i, ex in enumerate(examples)]
     return result

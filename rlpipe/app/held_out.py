@@ -69,7 +69,7 @@ def evaluation_examples(config: RunConfig, registry: Registry, *, split: str, nu
     examples, prompts = [], []
     rejected = truncated = 0
     for ex in _distinct(task.examples(seed=data_seed, split=split), count):
-        ids = encode_prompt(tokenizer, ex["prompt"])
+        ids = encode_prompt(tokenizer, ex)
         fitted = fit_prompt(ids, config.task.max_prompt_tokens, config.task.overlong_prompts)
         if fitted is None:
             rejected += 1

@@ -4,11 +4,14 @@
 ``trace.json`` and writes, into ``RUN_DIR/report/`` by default:
 
 * ``reward.png``: ``reward/mean`` per step with a smoothed line;
-* ``losses.png``: every loss-like metric (``loss``, ``pg_loss``, ``kl``,
-  ``critic/value_loss``, ...), one panel each;
-* ``timeline.png``: the last steps, one row per role grouped by device group,
-  spans coloured by kind, and each group's busy time as a strip whose gaps are
-  its idle bubbles;
+* ``losses.png``: a grid of small panels (:func:`metric_panels`), one per
+  quantity present — losses, KL, entropy, grad norm, clip fractions — each
+  titled with its metrics' names and y-labelled with the quantity and its unit;
+* ``timeline.png``: the last steps (the title says which, of how many), one row
+  per role grouped by device group, each role's ``process``/``barrier`` bars in
+  a colour of its own with the finer spans nested in them coloured by kind,
+  spans too short to see widened, and each group's busy time as a strip whose
+  gaps are its idle bubbles;
 * ``episodes.png`` (agentic runs): the episode lanes (the first 16) of the
   last step's first item — each episode's span, its turns' ``generate`` and ``step``
   spans and its ``tool`` calls (the detail tracks ``rollout/episodes NN``);
@@ -47,19 +50,28 @@ KIND_COLOURS = {
     "process": "#C8D3E0",
     "barrier": "#D9D9D9",
     "barrier_wait": "#F2F2F2",
+    "device_wait": "#F2F2F2",
+    "snapshot": "#DA8BC3",
+    "save": "#8C8C8C",
 }
+#: Span kinds drawn hatched: waits, not work.
+KIND_HATCHES = {"barrier_wait": "////", "device_wait": "\\\\\\\\"}
 #: Colours for span kinds without one of their own, in order of appearance.
 OTHER_COLOURS = ("#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD", "#E377C2", "#17BECF")
 
 
 def kind_colours(kinds: Iterable[str]) -> dict[str, str]:
-    """A colour for each span kind: its own, or the next of :data:`OTHER_COLOURS`."""
+    """A colour for each span kind: its own, or the next of :data:`OTHER_COLOURS`
+    that no kind of ``kinds`` has as its own."""
+    kinds = list(dict.fromkeys(kinds))
+    taken = {KIND_COLOURS[k] for k in kinds if k in KIND_COLOURS}
+    spare = [c for c in OTHER_COLOURS if c not in taken] or list(OTHER_COLOURS)
     out, extra = {}, 0
-    for kind in dict.fromkeys(kinds):
+    for kind in kinds:
         if kind in KIND_COLOURS:
             out[kind] = KIND_COLOURS[kind]
         else:
-            out[kind] = OTHER_COLOURS[extra % len(OTHER_COLOURS)]
+            out[kind] = spare[extra % len(spare)]
             extra += 1
     return out
 
@@ -215,16 +227,63 @@ def _series(metrics: Sequence[dict[str, Any]], key: str) -> tuple[list[int], lis
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def loss_keys(metrics: Sequence[dict[str, Any]]) -> list[str]:
-    """Loss-like metric names present: any whose last ``/`` part contains ``loss``
-    or starts with ``kl`` (``loss``, ``pg_loss``, ``kl``, ``critic/value_loss``)."""
-    keys: dict[str, None] = {}
+@attrs.frozen
+class MetricPanel:
+    """One small plot of ``losses.png``: metrics of one quantity (and one role),
+    drawn on the same axes."""
+
+    title: str
+    ylabel: str
+    keys: tuple[str, ...]
+
+
+#: The quantities ``losses.png`` draws, in order: (y label with unit, test on
+#: the key's last ``/`` part).  A key goes to the first that matches; a
+#: critic's value loss is a loss, drawn apart because its scale differs.
+PANEL_QUANTITIES: tuple[tuple[str, Any], ...] = (
+    ("loss (unitless)", lambda leaf: "loss" in leaf and leaf != "value_loss"),
+    ("value loss (reward²)", lambda leaf: leaf == "value_loss"),
+    ("KL (nats/token)", lambda leaf: leaf.startswith("kl") or leaf.endswith("_kl")),
+    ("entropy (nats/token)", lambda leaf: leaf.startswith("entropy")),
+    ("grad norm (L2, before clipping)", lambda leaf: leaf == "grad_norm"),
+    ("clip fraction (share of tokens)", lambda leaf: "clip_frac" in leaf),
+)
+#: Keys drawn first in their panel (then ``*_low`` before ``*_high``, then by name).
+_FIRST_IN_PANEL = ("loss", "kl", "entropy", "grad_norm")
+
+
+def metric_panels(metrics: Sequence[dict[str, Any]]) -> list[MetricPanel]:
+    """The panels of ``losses.png`` for the keys present in ``metrics``.
+
+    One panel per quantity of :data:`PANEL_QUANTITIES` and per role prefix
+    (``critic/value_loss`` gets its own, beside the trainer's ``loss``,
+    ``pg_loss``): losses, KL (``kl``, ``ppo_kl``), ``entropy``, ``grad_norm``
+    and clip fractions (``clip_frac_low``, ``clip_frac_high``, ...), in that
+    order, the trainer's (unprefixed) before other roles'.  A panel is titled
+    with its metrics' names.
+    """
+    found: dict[tuple[int, str], dict[str, None]] = {}
     for row in metrics:
-        for k, v in row.items():
-            leaf = k.rsplit("/", 1)[-1]
-            if ("loss" in leaf or leaf.startswith("kl")) and _finite(v):
-                keys[k] = None
-    return sorted(keys, key=lambda k: (k != "loss", "/" in k, k))
+        for key, value in row.items():
+            if not _finite(value):
+                continue
+            prefix, _, leaf = key.rpartition("/")
+            for order, (_, matches) in enumerate(PANEL_QUANTITIES):
+                if matches(leaf):
+                    found.setdefault((order, prefix), {})[key] = None
+                    break
+
+    def rank(panel: tuple[int, str]) -> tuple[int, bool, str, int]:
+        order, prefix = panel
+        # another role's losses (``critic/value_loss``) right after the trainer's
+        return (max(order, 1) if prefix else order, prefix != "", prefix, order)
+
+    panels = []
+    for order, prefix in sorted(found, key=rank):
+        keys = sorted(found[order, prefix],
+                      key=lambda k: (k.rsplit("/", 1)[-1] not in _FIRST_IN_PANEL, k.endswith("_high"), k))
+        panels.append(MetricPanel(title=", ".join(keys), ylabel=PANEL_QUANTITIES[order][0], keys=tuple(keys)))
+    return panels
 
 
 def smooth(values: Sequence[float], window: int | None = None) -> list[float]:
@@ -297,7 +356,25 @@ def _pyplot():
     return plt
 
 
-def plot_reward(metrics: Sequence[dict[str, Any]], path: Path) -> Path | None:
+def _integer_steps(ax) -> None:
+    """Step axes get whole-number ticks only (steps are integers)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def reward_figure(metrics: Sequence[dict[str, Any]]):
+    """The figure of ``reward.png``, or ``None`` without ``reward/mean``.
+
+    No line marks the best achievable reward: neither the run directory nor the
+    reward functions' specs record one.
+    """
     xs, ys = _series(metrics, "reward/mean")
     if not xs:
         return None
@@ -306,75 +383,156 @@ def plot_reward(metrics: Sequence[dict[str, Any]], path: Path) -> Path | None:
     ax.plot(xs, ys, "o", ms=3, alpha=0.45, color="#4C72B0", label="reward/mean")
     ax.plot(xs, smooth(ys), "-", lw=2, color="#4C72B0", label="smoothed")
     ax.set_xlabel("step")
-    ax.set_ylabel("reward/mean")
+    ax.set_ylabel("reward/mean (per completion)")
     ax.set_title("Reward")
+    _integer_steps(ax)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def plot_reward(metrics: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    fig = reward_figure(metrics)
+    return None if fig is None else _save(fig, path)
+
+
+def losses_figure(metrics: Sequence[dict[str, Any]]):
+    """The figure of ``losses.png``: a grid of the :func:`metric_panels`, or ``None`` when there are none."""
+    panels = metric_panels(metrics)
+    if not panels:
+        return None
+    plt = _pyplot()
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.9 * cols, 2.8 * rows), squeeze=False, layout="constrained")
+    for i, (ax, panel) in enumerate(zip(axes.flat, panels)):
+        for key in panel.keys:
+            xs, ys = _series(metrics, key)
+            ax.plot(xs, ys, "-", lw=1.5, marker="o" if len(xs) < 30 else None, ms=3, label=key)
+        ax.set_title(panel.title, fontsize="medium")
+        ax.set_ylabel(panel.ylabel, fontsize="small")
+        _integer_steps(ax)
+        ax.grid(alpha=0.3)
+        if len(panel.keys) > 1:
+            ax.legend(fontsize="x-small", loc="best")
+        if i + cols >= len(panels):  # the lowest panel of its column
+            ax.set_xlabel("step")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    return fig
 
 
 def plot_losses(metrics: Sequence[dict[str, Any]], path: Path) -> Path | None:
-    keys = loss_keys(metrics)
-    if not keys:
-        return None
-    plt = _pyplot()
-    cols = min(3, len(keys))
-    rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False, sharex=True,
-                             layout="constrained")
-    for ax, key in zip(axes.flat, keys):
-        xs, ys = _series(metrics, key)
-        ax.plot(xs, ys, "-", lw=1.5, marker="o" if len(xs) < 30 else None, ms=3)
-        ax.set_title(key, fontsize="medium")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.set_visible(False)
-    for ax in axes[-1]:
-        ax.set_xlabel("step")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    fig = losses_figure(metrics)
+    return None if fig is None else _save(fig, path)
 
 
-def plot_timeline(spans: Sequence[tl.Span], analysis: tl.TimelineSummary, path: Path) -> Path:
-    """One row per role under its device group's busy strip; time in seconds from the window start."""
+#: Colours per role, in the order the timeline's rows list the roles: light
+#: tints, so that the finer spans drawn on a role's bars in their kind's
+#: (saturated) colour stand out, each bar outlined in a darker shade.
+ROLE_COLOURS = ("#9EDAE5", "#F7B6D2", "#C5B0D5", "#FF9896", "#DBDB8D", "#98DF8A", "#C49C94", "#FFBB78",
+                "#AEC7E8", "#C7C7C7", "#E5D8BD", "#CCEBC5")
+#: The narrowest bar the timeline draws, as a share of the window: shorter spans
+#: (a reward call of a millisecond) are widened to it so that they are seen.
+MIN_SPAN_FRACTION = 0.004
+
+
+def role_colours(roles: Iterable[str]) -> dict[str, str]:
+    """A distinct colour for each role: :data:`ROLE_COLOURS` in order, then evenly spaced hues."""
+    import colorsys
+
+    roles = list(dict.fromkeys(roles))
+    if len(roles) <= len(ROLE_COLOURS):
+        return dict(zip(roles, ROLE_COLOURS))
+    out = {}
+    for i, r in enumerate(roles):
+        red, green, blue = colorsys.hls_to_rgb(i / len(roles), 0.7, 0.6)
+        out[r] = f"#{round(red * 255):02X}{round(green * 255):02X}{round(blue * 255):02X}"
+    return out
+
+
+def percent(fraction: float) -> str:
+    """``fraction`` as a percentage that is never rounded to 0% or 100% unless exactly so."""
+    if fraction <= 0 or fraction >= 1:
+        return f"{fraction:.0%}"
+    for digits in (0, 1):
+        text = f"{fraction:.{digits}%}"
+        if text not in (f"{0:.{digits}%}", f"{1:.{digits}%}"):
+            return text
+    return "<0.1%" if fraction < 0.5 else ">99.9%"
+
+
+def _darker(colour: str, by: float = 0.6) -> tuple[float, float, float]:
+    from matplotlib.colors import to_rgb
+
+    return tuple(c * by for c in to_rgb(colour))
+
+
+def timeline_title(window: tl.Window, *, steps_logged: int | None = None) -> str:
+    """Which steps the timeline shows, and how to see more when it shows fewer than were logged."""
+    steps = window.steps
+    if not steps:
+        return "Timeline of the run"
+    shown = f"steps {steps[0]}-{steps[-1]}" if len(steps) > 1 else f"step {steps[0]}"
+    if steps_logged is None:
+        return f"Timeline of {shown}"
+    if len(steps) >= steps_logged:
+        return f"Timeline of {shown} (all {steps_logged} steps)"
+    return f"Timeline of {shown}, {len(steps)} of {steps_logged} steps (--last-steps N to show more, 0 for all)"
+
+
+def timeline_figure(spans: Sequence[tl.Span], analysis: tl.TimelineSummary, *, steps_logged: int | None = None):
+    """The figure of ``timeline.png``: one row per role under its device group's
+    busy strip; time in seconds from the window start.
+
+    A role's ``process`` and ``barrier`` spans are bars in the role's colour
+    (:func:`role_colours`); the finer spans nested in them are drawn on top in
+    their kind's colour (:func:`kind_colours`), ``barrier_wait`` hatched.
+    Spans shorter than :data:`MIN_SPAN_FRACTION` of the window are widened to it.
+    """
     from matplotlib.patches import Patch
 
     plt = _pyplot()
     window = analysis.window
     rows: list[tuple[str, str, Any]] = []  # (label, kind of row, role or group)
     for usage in analysis.groups:
-        rows.append((f"{usage.group.name} (idle {usage.idle_fraction:.0%})", "group", usage))
+        rows.append((f"{usage.group.name}\nidle {percent(usage.idle_fraction)}", "group", usage))
         for role in usage.group.roles:
             rows.append((role, "role", role))
-    fig_h = 1.6 + 0.42 * len(rows)
+    fig_h = 2.0 + 0.42 * len(rows)
     fig, ax = plt.subplots(figsize=(11, fig_h), layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.15, h_pad=0.1)  # inches: labels keep clear of the figure's edge
     in_window = [s for s in spans if s.end > window.start and s.start < window.end]
-    colours = kind_colours(s.name for s in in_window)
-    min_width = window.wall / 800  # about a pixel: a span of a millisecond stays visible
+    roles = [r for g in analysis.groups for r in g.group.roles]
+    by_role = role_colours(roles)
+    colours = kind_colours(s.name for s in in_window if s.name not in tl.OUTER)
+    min_width = window.wall * MIN_SPAN_FRACTION
+
+    def bar(start: float, end: float) -> tuple[float, float]:
+        start, end = max(start, window.start) - window.start, min(end, window.end) - window.start
+        width = max(end - start, min_width)
+        return min(start, window.wall - width), width  # a widened span at the end stays inside the window
+
     used: dict[str, None] = {}
+    drawn: set[str] = set()  # roles with process or barrier bars
     for y, (_, kind, what) in enumerate(rows):
         if kind == "group":
             busy = tl.busy_intervals(in_window, what.group.roles, window=window)
-            ax.broken_barh([(s - window.start, max(e - s, min_width)) for s, e in busy], (y - 0.2, 0.4),
-                           color="#333333")
+            ax.broken_barh([bar(s, e) for s, e in busy], (y - 0.2, 0.4), color="#333333")
             ax.axhline(y - 0.5, color="#999999", lw=0.8)
             continue
         mine = [s for s in in_window if s.role == what]
-        # Outer spans (process, barrier) first, the finer spans nested in them on top.
-        for layer in (lambda s: s.name in tl.OUTER, lambda s: s.name not in tl.OUTER):
-            for s in filter(layer, mine):
-                start, end = max(s.start, window.start), min(s.end, window.end)
-                end = max(end, start + min_width)
-                outer = s.name in tl.OUTER
-                height = 0.7 if outer else 0.5
-                hatch = "////" if s.name == "barrier_wait" else None
-                ax.broken_barh([(start - window.start, end - start)], (y - height / 2, height),
-                               facecolor=colours[s.name],
-                               edgecolor="#888888" if hatch else "none", hatch=hatch, lw=0.3)
-                used[s.name] = None
+        outer = [bar(s.start, s.end) for s in mine if s.name in tl.OUTER]
+        if outer:  # the role's whole stage calls, under the finer spans nested in them
+            drawn.add(what)
+            ax.broken_barh(outer, (y - 0.35, 0.7), facecolor=by_role[what], edgecolor=_darker(by_role[what]), lw=0.6)
+        for s in mine:
+            if s.name in tl.OUTER:
+                continue
+            hatch = KIND_HATCHES.get(s.name)
+            ax.broken_barh([bar(s.start, s.end)], (y - 0.25, 0.5), facecolor=colours[s.name],
+                           edgecolor="#888888" if hatch else "none", hatch=hatch, lw=0.3)
+            used[s.name] = None
     ax.set_yticks(range(len(rows)), [label for label, _, _ in rows])
     for tick, (_, kind, _) in zip(ax.get_yticklabels(), rows):
         if kind == "group":
@@ -382,18 +540,27 @@ def plot_timeline(spans: Sequence[tl.Span], analysis: tl.TimelineSummary, path: 
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xlim(0, window.wall)
     ax.set_xlabel("seconds from the start of the window")
-    steps = window.steps
-    span_text = f"steps {steps[0]}-{steps[-1]}" if len(steps) > 1 else f"step {steps[0]}" if steps else "the run"
-    ax.set_title(f"Timeline of {span_text}")
+    ax.set_title(timeline_title(window, steps_logged=steps_logged))
     ax.grid(axis="x", alpha=0.3)
-    handles = [Patch(facecolor=colours[k], edgecolor="#888888" if k == "barrier_wait" else "none",
-                     hatch="////" if k == "barrier_wait" else None, label=k)
-               for k in sorted(used, key=lambda k: list(KIND_COLOURS).index(k) if k in KIND_COLOURS else len(KIND_COLOURS))]
-    handles.append(Patch(facecolor="#333333", label="group busy (gaps: idle)"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 7), fontsize="small", frameon=False)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    role_handles = [Patch(facecolor=by_role[r], edgecolor=_darker(by_role[r]), lw=0.6, label=r)
+                    for r in roles if r in drawn]
+    role_handles.append(Patch(facecolor="#333333", label="device group busy (gaps: idle)"))
+    order = list(KIND_COLOURS)
+    kind_handles = [Patch(facecolor=colours[k], edgecolor="#888888" if k in KIND_HATCHES else "none",
+                          hatch=KIND_HATCHES.get(k), label=k)
+                    for k in sorted(used, key=lambda k: order.index(k) if k in order else len(order))]
+    fig.legend(handles=role_handles, loc="outside lower left", ncol=min(len(role_handles), 4), fontsize="small",
+               frameon=False, title="role (its process and barrier spans)", title_fontsize="small")
+    if kind_handles:
+        fig.legend(handles=kind_handles, loc="outside lower right", ncol=min(len(kind_handles), 4),
+                   fontsize="small", frameon=False, title="spans inside them", title_fontsize="small")
+    return fig
+
+
+def plot_timeline(spans: Sequence[tl.Span], analysis: tl.TimelineSummary, path: Path, *,
+                  steps_logged: int | None = None) -> Path:
+    """Writes :func:`timeline_figure` to ``path``."""
+    return _save(timeline_figure(spans, analysis, steps_logged=steps_logged), path)
 
 
 #: At most this many episode lanes are drawn (the first ones).
@@ -487,10 +654,10 @@ def _markdown(summary: dict[str, Any], analysis: tl.TimelineSummary | None, imag
         w = analysis.window
         steps = f"steps {w.steps[0]}-{w.steps[-1]}" if len(w.steps) > 1 else f"step {w.steps[0]}"
         lines += [f"## Device groups ({steps}, {w.wall:.3g} s of wall time)", "",
-                  "Idle: the share of the window in which no role of the group had a busy span "
-                  "(any span but `barrier_wait`). Overlap: the roles' busy times summed, over the wall time. "
-                  "Roles on the host form the `host` group; tracks that are no role of plan.json get a group "
-                  "of their own.", "",
+                  ("Idle: the share of the window in which no role of the group had a busy span "
+                   "(any span but `barrier_wait` and `device_wait`). Overlap: the roles' busy times summed, over the wall time. "
+                   "Roles on the host form the `host` group; tracks that are no role of plan.json get a group "
+                   "of their own."), "",
                   "| group | roles | busy s | idle fraction | overlap ratio |", "|---|---|---|---|---|"]
         for g in analysis.groups:
             lines.append(f"| {g.group.name} | {', '.join(g.group.roles)} | {g.busy_s:.3g} | "
@@ -528,7 +695,8 @@ def build_report(run_dir: str | Path, *, out_dir: str | Path | None = None,
         images = {
             "reward": plot_reward(records.metrics, out / "reward.png"),
             "losses": plot_losses(records.metrics, out / "losses.png"),
-            "timeline": plot_timeline(records.spans, analysis, out / "timeline.png") if analysis else None,
+            "timeline": (plot_timeline(records.spans, analysis, out / "timeline.png",
+                                       steps_logged=len(records.metrics)) if analysis else None),
             "episodes": plot_episodes(records.spans or [], out / "episodes.png"),
         }
         md.write_text(_markdown(summary, analysis, images, out))

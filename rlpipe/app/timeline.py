@@ -307,11 +307,20 @@ def load_trace(path: str | Path) -> list[Span]:
 # -- groups and windows ---------------------------------------------------------------
 
 
-def _ranges(ids: Sequence[int]) -> str:
-    ids = sorted(ids)
-    if len(ids) > 2 and ids == list(range(ids[0], ids[0] + len(ids))):
-        return f"{ids[0]}-{ids[-1]}"
-    return ",".join(map(str, ids))
+def device_label(ids: Iterable[int]) -> str:
+    """How a set of devices is named: ``device 0``, ``devices 0-3``, ``devices 0,1``,
+    ``devices 0-2,5-7`` (runs of three or more consecutive ids as ranges)."""
+    ids = sorted(set(ids))
+    if len(ids) == 1:
+        return f"device {ids[0]}"
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    parts = [f"{r[0]}-{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs]
+    return f"devices {','.join(parts)}"
 
 
 def device_groups(plan: Mapping[str, Any], *, host_roles: Iterable[str] = ()) -> list[DeviceGroup]:
@@ -319,7 +328,8 @@ def device_groups(plan: Mapping[str, Any], *, host_roles: Iterable[str] = ()) ->
 
     Roles whose device lists overlap are in one group (transitively); roles in
     ``host_roles`` or without devices are in the ``host`` group, last.  Groups
-    are ordered by their lowest device and named ``devices 0-3``.
+    are ordered by their lowest device and named by :func:`device_label`
+    (``device 0``, ``devices 0-3``).
     """
     host_roles = set(host_roles)
     placed: list[tuple[str, set[int]]] = []
@@ -338,7 +348,7 @@ def device_groups(plan: Mapping[str, Any], *, host_roles: Iterable[str] = ()) ->
             roles, devs = g[0] + roles, devs | g[1]
             merged.remove(g)
         merged.append((roles, devs))
-    groups = [DeviceGroup(name=f"devices {_ranges(devs)}", devices=tuple(sorted(devs)), roles=tuple(roles))
+    groups = [DeviceGroup(name=device_label(devs), devices=tuple(sorted(devs)), roles=tuple(roles))
               for roles, devs in sorted(merged, key=lambda g: min(g[1]))]
     if host:
         groups.append(DeviceGroup(name=HOST, devices=(), roles=tuple(host)))

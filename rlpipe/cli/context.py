@@ -19,7 +19,17 @@ def registry_of(ctx: click.Context):
 
 
 def load_run_config(ctx: click.Context, files: Sequence[str], overrides: Sequence[str]):
-    from rlpipe.app.defaults import DEFAULT_CONFIG
-    from rlpipe.runtime.run_config import load_config
+    """A new run's config: the layers of :mod:`rlpipe.app.defaults` (built-in
+    defaults, the embedded default run, the model preset's defaults), then
+    ``files``, then ``overrides``."""
+    return load_run_config_with_sources(ctx, files, overrides)[0]
 
-    return load_config(registry_of(ctx), defaults=DEFAULT_CONFIG, files=files, overrides=overrides)
+
+def load_run_config_with_sources(ctx: click.Context, files: Sequence[str], overrides: Sequence[str]):
+    """:func:`load_run_config` and, per dotted key, the layer that set it
+    (:func:`rlpipe.app.defaults.resolve`)."""
+    from rlpipe.app.defaults import resolve
+    from rlpipe.runtime.run_config import build_config
+
+    data, sources = resolve(files, overrides)
+    return build_config(data, registry_of(ctx)), sources

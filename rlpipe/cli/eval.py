@@ -61,7 +61,8 @@ def load_policy(run_dir: Path, config: Any, step: int | None, *, role: str) -> t
 @click.option("--step", type=click.IntRange(min=0), default=None, help="Evaluate this checkpoint (default: the latest).")
 @click.option("--initial", is_flag=True, help="Evaluate the initial policy instead of a checkpoint (a baseline).")
 @click.option("--split", default="eval", show_default=True, help="The task split: eval (held out) or train.")
-@click.option("-n", "--num-examples", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("-n", "--num-examples", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Evaluate the first N distinct examples of the split (all of them if it has fewer; the output says so).")
 @click.option("-k", type=click.IntRange(min=0), default=4, show_default=True, help="pass@k's k (0: greedy only).")
 @click.option("--num-samples", type=click.IntRange(min=1), default=None, help="Samples per example (≥ k; default k).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
@@ -89,13 +90,26 @@ def eval_cmd(ctx: click.Context, run_dir: str, step: int | None, initial: bool, 
     state, used = (None, None) if initial else load_policy(path, config, step, role=policy_role(config, reg))
     result = evaluate(config, reg, model_state=state, split=split, num_examples=num_examples, k=k,
                       num_samples=num_samples)
-    result = {"run_dir": str(path), "checkpoint_step": used, **result}
+    result = {"run_dir": str(path), "checkpoint_step": used, "examples_requested": num_examples, **result}
+    if result.get("examples", num_examples) < num_examples:
+        click.echo(f"note: split {split!r} of task {config.task.name!r} has {result['examples']} distinct examples; "
+                   f"evaluated all {result['examples']} of the {num_examples} asked for", err=True)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     which = "initial policy" if used is None else f"checkpoint of step {used}"
-    click.echo(f"{path}: {which}, task {config.task.name!r}, split {split!r}")
-    rows = [(key, value) for key, value in result.items() if isinstance(value, (int, float)) and key != "checkpoint_step"]
+    click.echo(f"{path}: {which}, task {config.task.name!r}, split {split!r}, {result.get('examples')} examples")
+    if result.get("correct_reward"):
+        click.echo(f"correct: reward {result['correct_reward']!r} >= {result.get('correct_threshold', 1.0):g} "
+                   "(the task's first reward function)")
+    elif "correct_threshold" in result:
+        click.echo(f"correct: the episode succeeded (its environment's success metric), else its reward "
+                   f">= {result['correct_threshold']:g}")
+    if result.get("format_reward"):
+        click.echo(f"format: the mean of reward {result['format_reward']!r}, right answer or not "
+                   "(greedy/format, sampled/format)")
+    skip = {"checkpoint_step", "examples_requested"}
+    rows = [(key, value) for key, value in result.items() if isinstance(value, (int, float)) and key not in skip]
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         shown = "-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))

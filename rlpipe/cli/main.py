@@ -40,18 +40,41 @@ def config_options(fn: Callable) -> Callable:
     return fn
 
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout instead of a table.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout instead of a table (every field, unabridged).")
 
 
 def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    cols = [headers, *rows]
-    widths = [max(len(str(r[i])) for r in cols) for i in range(len(headers))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in cols]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, wrap: Sequence[int] = (),
+           width: int | None = None) -> str:
+    """A plain-text table that fits ``width`` columns (the terminal's, else
+    120): when it would not, the columns listed in ``wrap`` (indices) are
+    narrowed, widest first, and their cells wrapped onto further lines.  The
+    ``--json`` form of every listing keeps everything on one line."""
+    import shutil
+    import textwrap
+
+    width = width or shutil.get_terminal_size((120, 24)).columns
+    cols = [list(map(str, headers)), *[list(map(str, r)) for r in rows]]
+    widths = [max(len(r[i]) for r in cols) for i in range(len(headers))]
+    gap = 2
+    floor = {i: max(len(str(headers[i])), 12) for i in wrap}
+    while sum(widths) + gap * (len(widths) - 1) > width:
+        shrinkable = [i for i in wrap if widths[i] > floor[i]]
+        if not shrinkable:
+            break  # nothing left to narrow: the table overflows rather than becoming unreadable
+        widths[max(shrinkable, key=lambda j: widths[j])] -= 1  # the widest first, so they end up balanced
+    lines = []
+    for n, row in enumerate(cols):
+        cells = [textwrap.wrap(c, widths[i], break_on_hyphens=False, break_long_words=False) or [""] if i in wrap else [c]
+                 for i, c in enumerate(row)]
+        for k in range(max(len(c) for c in cells)):
+            parts = [(c[k] if k < len(c) else "").ljust(w) for c, w in zip(cells, widths)]
+            lines.append((" " * gap).join(parts).rstrip())
+        if n == 0:
+            lines.append((" " * gap).join("-" * w for w in widths))
     return "\n".join(lines)
 
 
@@ -115,7 +138,7 @@ def roles_list(ctx: click.Context, as_json: bool) -> None:
         consumes = ", ".join(e["consumes"] + [f"[{f}]" for f in e["optional_consumes"]])
         provider = f"{e['distribution']} {e['version']}" if e["distribution"] else f"{e['plugin']} (in-process)"
         rows.append([e["name"], e["status"], provider, consumes or "-", ", ".join(e["produces"]) or "-"])
-    click.echo(_table(["ROLE", "STATUS", "PROVIDED BY", "CONSUMES ([optional])", "PRODUCES"], rows))
+    click.echo(_table(["ROLE", "STATUS", "PROVIDED BY", "CONSUMES ([optional])", "PRODUCES"], rows, wrap=(2, 3, 4)))
     notes = [e for e in entries if e["note"]]
     if notes:
         click.echo("")
@@ -165,7 +188,7 @@ def placements_list(ctx: click.Context, as_json: bool) -> None:
         provider = f"{e['distribution']} {e['version']}" if e["distribution"] else f"{e['plugin']} (in-process)"
         opts = ", ".join(o["name"] for o in e["options"]) or "-"
         rows.append([e["name"], e["status"], provider, opts, e["description"]])
-    click.echo(_table(["POLICY", "STATUS", "PROVIDED BY", "OPTIONS", "DESCRIPTION"], rows))
+    click.echo(_table(["POLICY", "STATUS", "PROVIDED BY", "OPTIONS", "DESCRIPTION"], rows, wrap=(2, 3, 4)))
 
 
 @cli.group(cls=_Group)
@@ -186,9 +209,12 @@ def plugins_list(ctx: click.Context, as_json: bool) -> None:
         return
     rows = []
     for e in entries:
-        provides = ", ".join(f"{p['kind']} {p['name']}" for p in e["provides"]) or "-"
+        kinds: dict[str, list[str]] = {}
+        for p in e["provides"]:
+            kinds.setdefault(p["kind"], []).append(p["name"])
+        provides = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in kinds.items()) or "-"
         rows.append([e["name"], e["status"], e["distribution"] or "(in-process)", e["version"] or "-", provides])
-    click.echo(_table(["PLUGIN", "STATUS", "DISTRIBUTION", "VERSION", "PROVIDES"], rows))
+    click.echo(_table(["PLUGIN", "STATUS", "DISTRIBUTION", "VERSION", "PROVIDES"], rows, wrap=(4,)))
     for e in entries:
         for err in e["errors"]:
             click.echo(f"{e['name']}: {err}")
@@ -204,14 +230,17 @@ def config() -> None:
 
 @config.command("show")
 @config_options
-@json_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout instead of YAML.")
 @click.pass_context
 def config_show(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str, ...], as_json: bool) -> None:
-    """Print the resolved config (defaults, then files, then --set) as YAML."""
-    from rlpipe.app.defaults import DEFAULT_CONFIG
-    from rlpipe.core.config import dump_yaml
+    """Print the resolved config as YAML, each value with the layer it came
+    from: built-in default, embedded default, preset NAME (the model preset's
+    tuned values), file PATH or --set KEY=VALUE."""
+    from rlpipe.app.defaults import DEFAULT_CONFIG, source_of
+    from rlpipe.cli.context import load_run_config_with_sources
+    from rlpipe.core.config import dump_yaml_annotated
 
-    cfg = load_run_config(ctx, files, overrides)
+    cfg, sources = load_run_config_with_sources(ctx, files, overrides)
     data = cfg.to_dict()
     # Files merge over the defaults, so a default role this config removed must
     # be shown as removed (null) for the output to load back to the same config.
@@ -220,28 +249,25 @@ def config_show(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str
     if as_json:
         _echo_json(data)
     else:
-        click.echo(dump_yaml(data), nl=False)
+        click.echo(dump_yaml_annotated(data, lambda key: source_of(key, sources)), nl=False)
 
 
 @config.command("validate")
 @config_options
 @click.pass_context
 def config_validate(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str, ...]) -> None:
-    """Check the config, its stage graph and its colocation references.
+    """Check the config without building any model: keys and values, the
+    stage graph, colocation references, datasets and batch arithmetic.
 
-    Device-dependent checks (mesh sizes against the devices present) are
-    ``rlpipe plan``'s.
+    Device-dependent checks (mesh sizes against the devices present) are made
+    by 'rlpipe plan'.
     """
-    from rlpipe.core.graph import build_graph
-    from rlpipe.core.placement import check_requests
-    from rlpipe.runtime.planning import apply_algorithm, role_requests, role_specs
+    from rlpipe.runtime.planning import validate_run
 
-    reg = registry_of(ctx)
-    cfg, notes = apply_algorithm(load_run_config(ctx, files, overrides), reg)
-    graph = build_graph(role_specs(cfg, reg))
-    check_requests(role_requests(cfg))
-    click.echo(f"config is valid: roles {', '.join(graph.order)}; placement policy {cfg.placement.policy}")
-    for note in notes:
+    checked = validate_run(load_run_config(ctx, files, overrides), registry_of(ctx))
+    click.echo(f"config is valid: roles {', '.join(checked.graph.order)}; "
+               f"placement policy {checked.config.placement.policy}")
+    for note in checked.notes:
         click.echo(f"note: {note}")
 
 
@@ -326,7 +352,7 @@ def _train(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str, ...
     from pathlib import Path
 
     from rlpipe.app.driver import RunControl, train
-    from rlpipe.cli.progress import progress_reporter
+    from rlpipe.cli.progress import display_mode, progress_display
     from rlpipe.cli.signals import graceful_stop
 
     primary = session is None or session.is_primary
@@ -342,16 +368,18 @@ def _train(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str, ...
         session.barrier("prepare-run-dir")  # process 0 may have deleted an old run (--force)
     cfg = _load_run_config(ctx, path, files, overrides) if resume else load_run_config(ctx, files, overrides)
     who = "rlpipe" if session is None else f"rlpipe[{session.process_index}]"
-    log = lambda message: click.echo(f"{who}: {message}", err=True)  # noqa: E731
-    log(f"training {cfg.train.steps} steps; run directory {path}")
     control = RunControl()
-    with progress_reporter(cfg.train.steps, enabled=primary and not quiet and sys.stderr.isatty()) as report, \
-            graceful_stop(control, grace_s=cfg.checkpoint.grace_period_s, log=log) as stop:
-        summary = train(cfg, reg, run_dir=path, report=report, resume=resume, control=control, log=log)
+    mode = display_mode(quiet=quiet, primary=primary)
+    with progress_display(cfg.train.steps, mode=mode, prefix=who) as display, \
+            graceful_stop(control, grace_s=cfg.checkpoint.grace_period_s, log=display.log) as stop:
+        summary = train(cfg, reg, run_dir=path, report=display.report, resume=resume, control=control,
+                        log=display.log)
+    log = display.log
     if stop.signal is not None:
-        log(f"stopped by {stop.name} after step {summary.steps - 1}; resume with: rlpipe train --run-dir {path}")
+        log(display.stopped(stop.name, f"resume with: rlpipe train --run-dir {path}"))
         ctx.exit(stop.exit_code)
-    log(f"finished {summary.steps} steps (policy version {summary.policy_version}); see {path}")
+    done = f"{summary.steps} step" if summary.steps == 1 else f"{summary.steps} steps"
+    log(f"finished {done} (policy version {summary.policy_version}); see {path}")
 
 
 def _prepare_run_dir(path, *, resume: bool, force: bool) -> None:
@@ -440,7 +468,7 @@ def plan_cmd(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str, .
         host = not planned.roles[r.name].uses_devices
         rows.append([r.name, _ranges(r.devices), mesh, ", ".join(r.colocated_with) or "-",
                      "host role" if host else ("yes" if r.offload else "no"), _bytes(r.memory_estimate_bytes)])
-    click.echo(_table(["ROLE", "DEVICES", "MESH", "COLOCATED WITH", "OFFLOAD", "MEMORY/DEVICE"], rows))
+    click.echo(_table(["ROLE", "DEVICES", "MESH", "COLOCATED WITH", "OFFLOAD", "MEMORY/DEVICE"], rows, wrap=(3,)))
     click.echo("")
     _echo_memory(planned)
     click.echo("")
@@ -491,6 +519,10 @@ from rlpipe.cli.eval import eval_cmd  # noqa: E402 - registered after the group 
 
 cli.add_command(eval_cmd)
 
+from rlpipe.cli.models import models_group  # noqa: E402 - registered after the group exists
+
+cli.add_command(models_group)
+
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point."""
@@ -502,8 +534,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()  # `rlpipe` or `rlpipe roles` alone: the help is the answer
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        sys.exit(_usage_error(exc))
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     # Without standalone mode, click returns ctx.exit()'s code instead of exiting.
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _usage_error(exc: click.UsageError) -> int:
+    """A bad option or argument as one line, like every other user error:
+    ``error: rlpipe train: Invalid value for '--steps': ... (see 'rlpipe train --help')``."""
+    path = exc.ctx.command_path if exc.ctx is not None else "rlpipe"
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    click.echo(f"error: {path}: {message} (see '{path} --help')", err=True)
+    return exc.exit_code

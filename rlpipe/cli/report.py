@@ -12,7 +12,8 @@ import click
 @click.option("--out", "out_dir", type=click.Path(), default=None,
               help="Where to write the report (default: RUN_DIR/report).")
 @click.option("--last-steps", type=click.IntRange(min=0), default=5, show_default=True,
-              help="Steps the timeline and the idle fractions cover, counted back from the last logged step (0: all).")
+              help="Steps the timeline and the idle fractions cover, counted back from the last logged step "
+                   "(0: all); the timeline's title says which it shows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary numbers as JSON on stdout instead of the file list.")
 def report_cmd(run_dir: str, out_dir: str | None, last_steps: int, as_json: bool) -> None:
     """Write reward, loss and timeline plots and report.md for RUN_DIR, with the

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
@@ -274,6 +274,31 @@ class _Dumper(yaml.SafeDumper):
 
 for _cls in (_Loader, _Dumper):
     _cls.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)[eE][-+]?[0-9]+$"), list("-+.0123456789"))
+
+
+def dump_yaml_annotated(data: Mapping[str, Any], comment: Callable[[str], str | None]) -> str:
+    """Block YAML of mapping ``data`` with ``# comment(key)`` after every value
+    (``key`` dotted); lists and empty mappings are written inline.  It reads
+    back to the same data as :func:`dump_yaml`'s output."""
+    lines: list[str] = []
+
+    def inline(value: Any) -> str:
+        text = yaml.dump(value, Dumper=_Dumper, default_flow_style=True, width=float("inf")).strip()
+        return text[:-4].rstrip() if text.endswith("\n...") else text
+
+    def walk(mapping: Mapping[str, Any], indent: int, prefix: str) -> None:
+        for key, value in mapping.items():
+            name = inline(key)
+            path = f"{prefix}{key}"
+            if isinstance(value, Mapping) and value:
+                lines.append(f"{' ' * indent}{name}:")
+                walk(value, indent + 2, f"{path}.")
+                continue
+            note = comment(path)
+            lines.append(f"{' ' * indent}{name}: {inline(value)}" + (f"  # {note}" if note else ""))
+
+    walk(data, 0, "")
+    return "\n".join(lines) + "\n"
 
 
 def _load_yaml(text: str) -> Any:

@@ -170,7 +170,15 @@ class TaskSpec:
 
     Attributes:
         factory: ``factory(config) -> task object`` yielding examples.
-        rewards: names of the reward functions the task scores with by default.
+        rewards: names of the reward functions the task scores with by default;
+            the first is the *primary* one, which decides whether an answer
+            is correct.
+        reward_weights: the weight of each of ``rewards``, in order (as
+            ``roles.reward.functions`` would give them); empty: all 1.0.
+        format_reward: the name of a reward function measuring whether a
+            completion has the answer format the task asks for (1.0: it
+            has); ``rlpipe eval`` reports its mean as ``greedy/format`` and
+            ``sampled/format``.  ``None``: the task asks for no format.
     """
 
     name: str = attrs.field(validator=_check_name)
@@ -178,6 +186,18 @@ class TaskSpec:
     factory: Callable[..., Any]
     config_type: type | None = None
     rewards: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    reward_weights: tuple[float, ...] = attrs.field(default=(), converter=lambda v: tuple(float(w) for w in v))
+    format_reward: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.reward_weights and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(f"task {self.name!r}: reward_weights has {len(self.reward_weights)} weights for "
+                             f"{len(self.rewards)} reward functions")
+
+    @property
+    def reward_terms(self) -> tuple[tuple[str, float], ...]:
+        """``(name, weight)`` of each default reward function."""
+        return tuple(zip(self.rewards, self.reward_weights or (1.0,) * len(self.rewards)))
 
 
 @attrs.frozen(kw_only=True)

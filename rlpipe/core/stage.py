@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, ContextManager, Protocol, runtime_checkable
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ContextManager, Protocol, runtime_checkable
 
 import attrs
-import jax
+
+if TYPE_CHECKING:
+    import jax
+
+    from rlpipe.core.batch import Batch
 
 
 @runtime_checkable
@@ -52,91 +56,6 @@ class _Untraced:
 
 #: The tracer of a run that keeps no timeline.
 UNTRACED: Tracer = _Untraced()
-
-
-class FieldConflictError(ValueError):
-    """A stage tried to replace a field that already exists in a batch."""
-
-
-@jax.tree_util.register_pytree_with_keys_class
-class Batch(Mapping[str, Any]):
-    """An immutable, field-addressed pytree: the unit that flows between stages.
-
-    Fields are named arrays (``prompt_tokens``, ``completion_tokens``,
-    ``completion_mask``, ``rollout_logprobs``, ``ref_logprobs``, ``values``,
-    ``rewards``, ``policy_version``, ...).  Stages *add* fields; a field, once
-    produced, is never replaced, so every consumer sees exactly what its
-    producer wrote.  ``Batch`` is a JAX pytree (keys are field names), so it can
-    be passed straight into ``jax.jit``-ed functions or ``jax.device_put``.
-
-    Example:
-        >>> b = Batch(prompt_tokens=[[1, 2]])
-        >>> b2 = b.add(completion_tokens=[[3]])
-        >>> sorted(b2)
-        ['completion_tokens', 'prompt_tokens']
-    """
-
-    __slots__ = ("_fields",)
-
-    def __init__(self, fields: Mapping[str, Any] | None = None, /, **kwargs: Any):
-        merged = dict(fields or {})
-        for name in kwargs:
-            if name in merged:
-                raise FieldConflictError(f"field {name!r} given twice")
-        merged.update(kwargs)
-        object.__setattr__(self, "_fields", merged)
-
-    def __getitem__(self, name: str) -> Any:
-        try:
-            return self._fields[name]
-        except KeyError:
-            raise KeyError(f"batch has no field {name!r} (fields: {', '.join(sorted(self._fields)) or 'none'})") from None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._fields)
-
-    def __len__(self) -> int:
-        return len(self._fields)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("Batch is immutable; use Batch.add(...) to add fields")
-
-    def __repr__(self) -> str:
-        return f"Batch({', '.join(sorted(self._fields))})"
-
-    def add(self, **fields: Any) -> Batch:
-        """Returns a new batch with ``fields`` added.
-
-        Raises:
-            FieldConflictError: if a field already exists; fields are never
-                replaced, only added.
-        """
-        clash = sorted(set(fields) & set(self._fields))
-        if clash:
-            raise FieldConflictError(f"field(s) {', '.join(map(repr, clash))} already present; stages add fields, never replace them")
-        return Batch({**self._fields, **fields})
-
-    def merge(self, other: Batch) -> Batch:
-        """Union of two batches that descend from the same item.
-
-        Fields present in both must be the very same object (they were produced
-        once, upstream of both branches); anything else is a conflict.
-        """
-        out = dict(self._fields)
-        for name, value in other._fields.items():
-            if name in out and out[name] is not value:
-                raise FieldConflictError(f"field {name!r} differs between two branches of the graph")
-            out[name] = value
-        return Batch(out)
-
-    # -- pytree protocol -------------------------------------------------
-    def tree_flatten_with_keys(self):
-        names = sorted(self._fields)
-        return [(jax.tree_util.DictKey(n), self._fields[n]) for n in names], tuple(names)
-
-    @classmethod
-    def tree_unflatten(cls, names, children):
-        return cls(dict(zip(names, children)))
 
 
 @attrs.frozen(kw_only=True)
@@ -181,6 +100,8 @@ class StageContext:
         whatever the thread interleaving.  The role enters as a stable hash of its
         whole name (CRC-32 of the UTF-8 bytes, folded into 31 bits; not Python's
         per-process ``hash``), so ``reward_a`` and ``reward_b`` draw different numbers."""
+        import jax
+
         role_id = zlib.crc32(self.role.encode("utf-8")) & 0x7FFFFFFF
         k = jax.random.fold_in(jax.random.key(self.seed), role_id)
         k = jax.random.fold_in(k, self.step)
@@ -302,3 +223,13 @@ def weight_publisher(stages: Mapping[str, Any], sink: str | None = None) -> Any:
         raise ValueError(f"several roles publish weights ({', '.join(found)}) and none is the graph's sink: "
                          "which one trains the policy is ambiguous")
     return stages[found[0]] if found else None
+
+
+def __getattr__(name: str) -> Any:
+    # Batch (and its error) are defined in rlpipe.core.batch, which imports jax
+    # to register the pytree: load it only when a caller asks for them.
+    if name in ("Batch", "FieldConflictError"):
+        from rlpipe.core import batch
+
+        return getattr(batch, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,28 +1,66 @@
-"""Models: a flax.nnx decoder of the Llama / Qwen2 family, presets, sharding."""
+"""Models: a flax.nnx decoder of the Llama / Qwen2 family, presets, sharding.
 
-from rlpipe.models.config import PRESETS, DecoderConfig, RopeScaling
-from rlpipe.models.decoder import (
-           Decoder,
-           LayerCache,
-           build,
-           init_cache,
-           sequence_logprobs,
-           token_logprobs,
-)
-from rlpipe.models.hf import (
-           CheckpointError,
-           config_from_hf,
-           from_pretrained,
-           save_pretrained,
-)
-from rlpipe.models.tokenizer import (
-           CharTokenizer,
-           HFTokenizer,
-           Tokenizer,
-           TokenizerError,
-           load_tokenizer,
-)
+The names below are imported on first use (``rlpipe.models.build`` loads
+:mod:`rlpipe.models.decoder`), so that the role specs, which need only
+:mod:`rlpipe.models.memory`'s formulas, load without jax or flax.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ resolves these
+    from rlpipe.models.config import PRESETS, DecoderConfig, RopeScaling
+    from rlpipe.models.decoder import (
+        Decoder,
+        LayerCache,
+        build,
+        init_cache,
+        sequence_logprobs,
+        token_logprobs,
+    )
+    from rlpipe.models.hf import (
+        CheckpointError,
+        config_from_hf,
+        from_pretrained,
+        save_pretrained,
+    )
+    from rlpipe.models.gguf import from_gguf, gguf_config, gguf_tokenizer, is_gguf
+    from rlpipe.models.tokenizer import (
+        CharTokenizer,
+        HFTokenizer,
+        Tokenizer,
+        TokenizerError,
+        load_tokenizer,
+    )
+
+#: Each public name and the module that defines it.
+_LAZY = {
+    **dict.fromkeys(["PRESETS", "DecoderConfig", "RopeScaling"], "rlpipe.models.config"),
+    **dict.fromkeys(["Decoder", "LayerCache", "build", "init_cache", "sequence_logprobs", "token_logprobs"],
+                    "rlpipe.models.decoder"),
+    **dict.fromkeys(["CheckpointError", "config_from_hf", "from_pretrained", "save_pretrained"], "rlpipe.models.hf"),
+    **dict.fromkeys(["from_gguf", "gguf_config", "gguf_tokenizer", "is_gguf"], "rlpipe.models.gguf"),
+    **dict.fromkeys(["CharTokenizer", "HFTokenizer", "Tokenizer", "TokenizerError", "load_tokenizer"],
+                    "rlpipe.models.tokenizer"),
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = ["PRESETS", "CharTokenizer", "CheckpointError", "Decoder", "DecoderConfig", "HFTokenizer", "LayerCache",
-           "RopeScaling", "Tokenizer", "TokenizerError", "build", "config_from_hf", "from_pretrained", "init_cache",
-           "load_tokenizer", "save_pretrained", "sequence_logprobs", "token_logprobs"]
+           "RopeScaling", "Tokenizer", "TokenizerError", "build", "config_from_hf", "from_gguf", "from_pretrained",
+           "gguf_config", "gguf_tokenizer", "init_cache", "is_gguf", "load_tokenizer", "save_pretrained", "sequence_logprobs", "token_logprobs"]

@@ -296,7 +296,9 @@ def from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype:
 
     Args:
         path: a directory with ``config.json`` and either ``model.safetensors``
-            or shards listed in ``model.safetensors.index.json``.
+            or shards listed in ``model.safetensors.index.json``; or a GGUF
+            file, loaded by :func:`rlpipe.models.gguf.from_gguf` (where
+            ``dtype=None`` means float32).
         mesh: the mesh to lay the parameters out on (see
             :func:`rlpipe.models.sharding.shardings_for`); ``None`` puts them
             on the first device.
@@ -315,10 +317,19 @@ def from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype:
         ShardingError: a parameter dimension the mesh does not divide.
     """
     path = Path(path)
+    if path.is_file():
+        from rlpipe.models.gguf import GGUFError, from_gguf, is_gguf
+
+        if is_gguf(path):
+            try:
+                return from_gguf(path, mesh=mesh, dtype=dtype)
+            except GGUFError as e:
+                raise CheckpointError(str(e), missing=e.missing, unexpected=e.unexpected,
+                                      mismatched=e.mismatched) from None
     config_file = path / "config.json"
     if not config_file.is_file():
         what = "is not a directory" if not path.is_dir() else "has no config.json"
-        raise CheckpointError(f"{path} {what}: expected a Hugging Face checkpoint directory")
+        raise CheckpointError(f"{path} {what}: expected a Hugging Face checkpoint directory or a .gguf file")
     try:
         hf = json.loads(config_file.read_text())
     except ValueError as e:

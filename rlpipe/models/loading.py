@@ -16,13 +16,70 @@ from rlpipe.models.config import PRESETS, DecoderConfig
 from rlpipe.models.decoder import Decoder
 from rlpipe.models.hf import config_from_hf, from_pretrained
 from rlpipe.models.sharding import shardings_for
-from rlpipe.runtime import weights
+from rlpipe.runtime import pretrained, weights
+from rlpipe.runtime.pretrained import PRETRAINED
 
 
 def preset(name: str) -> DecoderConfig:
+    """The shape of preset ``name``: a random-init preset's
+    (:data:`rlpipe.models.config.PRESETS`) or a pretrained one's
+    (:data:`rlpipe.runtime.pretrained.PRETRAINED`, from its table entry).
+
+    Raises:
+        ConfigError: at ``model.preset``, an unknown name.
+    """
+    if name in PRETRAINED:
+        return DecoderConfig(**PRETRAINED[name].shape)
     if name not in PRESETS:
-        raise ConfigError(Problem("model.preset", f"unknown preset {name!r}{suggest(name, PRESETS)} (available: {choices_text(PRESETS)})"))
+        known = [*PRESETS, *PRETRAINED]
+        raise ConfigError(Problem("model.preset", f"unknown preset {name!r}{suggest(name, known)} "
+                                                  f"(available: {choices_text(known)})"))
     return PRESETS[name]
+
+
+def checkpoint_path(model_config: Any) -> str | None:
+    """The checkpoint a ``model`` section loads: ``model.path`` (an HF
+    directory or a ``.gguf`` file), else a pretrained preset's file in the
+    model cache, else ``None`` (a random-init preset).
+
+    Raises:
+        ConfigError: at ``model.preset``, a pretrained preset that is not in
+            the cache, naming the command that fetches it.
+    """
+    if model_config.path:
+        return str(model_config.path)
+    if model_config.preset in PRETRAINED:
+        return str(pretrained.require_file(model_config.preset))
+    return None
+
+
+def is_gguf_file(path: str | Path) -> bool:
+    """Whether ``path`` is a GGUF file (else an HF checkpoint directory)."""
+    if Path(path).is_dir():
+        return False
+    from rlpipe.models import gguf
+
+    return gguf.is_gguf(path)
+
+
+def load_checkpoint(path: str | Path, *, mesh: jax.sharding.Mesh | None = None, dtype: Any = None) -> Decoder:
+    """The decoder in ``path`` (an HF directory or a ``.gguf`` file) on ``mesh``."""
+    if is_gguf_file(path):
+        from rlpipe.models import gguf
+
+        return gguf.from_gguf(str(path), mesh=mesh, dtype=dtype)
+    return from_pretrained(path, mesh=mesh, dtype=dtype)
+
+
+def checkpoint_shape(path: str | Path) -> DecoderConfig:
+    """The decoder shape of the checkpoint in ``path`` (metadata only: an HF
+    directory's ``config.json`` or a ``.gguf`` file's header)."""
+    if is_gguf_file(path):
+        from rlpipe.models import gguf
+
+        return gguf.gguf_config(str(path))
+    file = Path(path) / "config.json"
+    return config_from_hf(json.loads(file.read_text()), source=str(file))
 
 
 def init_sharded(config: DecoderConfig, mesh: jax.sharding.Mesh | None, *, seed: int, dtype: Any = jnp.float32,
@@ -81,18 +138,21 @@ def load_model(model_config: Any, *, mesh: jax.sharding.Mesh | None = None, seed
     parameters, which their optimizer state follows)."""
     dtype = compute_dtype(model_config, mesh)
     param_dtype = MASTER_DTYPE if master else dtype
-    if model_config.path:
-        model = from_pretrained(model_config.path, mesh=mesh, dtype=param_dtype)
+    path = checkpoint_path(model_config)
+    if path:
+        model = load_checkpoint(path, mesh=mesh, dtype=param_dtype)
         model.dtype = dtype  # the compute dtype: a static attribute of the graph
         return model
     return init_sharded(preset(model_config.preset), mesh, seed=seed, dtype=dtype, param_dtype=param_dtype)
 
 
 def load_tokenizer(model_config: Any):
-    """The tokenizer of a ``model`` config section (see ``model.tokenizer``)."""
+    """The tokenizer of a ``model`` config section (see ``model.tokenizer``):
+    with ``tokenizer: null``, the checkpoint's own (``model.path``, or a
+    pretrained preset's cached file), else ``char``."""
     from rlpipe.models.tokenizer import load_tokenizer as load
 
-    spec = model_config.tokenizer or (model_config.path if model_config.path else "char")
+    spec = model_config.tokenizer or checkpoint_path(model_config) or "char"
     return load(spec)
 
 
@@ -113,11 +173,8 @@ def policy_state(model_config: Any, mesh: jax.sharding.Mesh, model_state: Any = 
         model = load_model(model_config, mesh=mesh, seed=seed)
         graphdef, state = nnx.split(model)
         return graphdef, state, model.dtype
-    if model_config.path:
-        file = Path(model_config.path) / "config.json"
-        shape = config_from_hf(json.loads(file.read_text()), source=str(file))
-    else:
-        shape = preset(model_config.preset)
+    path = checkpoint_path(model_config)
+    shape = checkpoint_shape(path) if path else preset(model_config.preset)
     dtype = compute_dtype(model_config, mesh)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(shape, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(params=seed))))
     return graphdef, install_state(abstract, model_state, shardings_for(abstract, mesh), dtype), dtype

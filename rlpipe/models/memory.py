@@ -62,9 +62,11 @@ from typing import Any
 from rlpipe.core.errors import ConfigError, Problem, choices_text, suggest
 from rlpipe.core.placement import MeshSpec
 from rlpipe.models.config import PRESETS, DecoderConfig
-from rlpipe.models.decoder import attention_query_block, logit_chunk_tokens
-from rlpipe.models.hf import CheckpointError, config_from_hf
 from rlpipe.models.sharding import DEFAULT_RULES, logical_axes
+from rlpipe.runtime.pretrained import PRETRAINED
+
+# rlpipe.models.decoder and rlpipe.models.hf load jax and flax: they are imported in the
+# functions that use them, so that the role specs, which import this module, stay light.
 
 #: Bytes per element of the dtypes rlpipe creates parameters, caches and activations in.
 DTYPE_BYTES: Mapping[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -166,6 +168,8 @@ def attention_bytes(config: DecoderConfig, rows: int, seq: int, keys: int) -> in
     keys × 4``.  Without a cache (``keys == seq``) queries run in blocks of
     :func:`rlpipe.models.decoder.attention_query_block`; with a cache (prefill:
     ``keys > seq``) all ``seq`` queries at once."""
+    from rlpipe.models.decoder import attention_query_block
+
     block = seq if keys != seq else attention_query_block(rows, config.num_heads, seq)
     return rows * config.num_heads * block * keys * 4
 
@@ -191,6 +195,8 @@ def logits_bytes(config: DecoderConfig, rows: int, positions: int) -> int:
     """One chunk of float32 logits and their exponentials (or gradient): the head
     runs over :func:`rlpipe.models.decoder.logit_chunk_tokens` positions at a time,
     so ``2 × min(rows × positions, chunk) × vocab × 4``."""
+    from rlpipe.models.decoder import logit_chunk_tokens
+
     chunk = min(rows * positions, logit_chunk_tokens(config.vocab_size))
     return 2 * chunk * config.vocab_size * 4
 
@@ -237,6 +243,8 @@ def training_activation_bytes(config: DecoderConfig, rows: int, seq: int, itemsi
     param_itemsize = itemsize if param_itemsize is None else param_itemsize
     layers, tokens = config.num_layers, rows * seq * token_bytes(config, itemsize)
     attention = attention_bytes(config, rows, seq, seq)
+    from rlpipe.models.decoder import attention_query_block
+
     blocked = attention_query_block(rows, config.num_heads, seq) < seq
     if remat:
         out = (layers * rows * seq * config.hidden_size * itemsize + 2 * layers * layer_params(config) * itemsize
@@ -250,10 +258,12 @@ def training_activation_bytes(config: DecoderConfig, rows: int, seq: int, itemsi
 
 
 def model_shape(model_config: Any, path: str | None = None) -> DecoderConfig | None:
-    """The decoder shape of a ``model`` config section: its preset, or the
-    ``config.json`` of ``path`` (default ``model.path``).  ``None`` when the
-    checkpoint's ``config.json`` cannot be read here (planning for another
-    machine); building the role then reports the problem.
+    """The decoder shape of a ``model`` config section: its preset (a
+    pretrained preset's shape comes from its table entry, so this works before
+    its file is fetched), or the ``config.json`` of ``path`` (default
+    ``model.path``), or the metadata of a ``.gguf`` file.  ``None`` when the
+    checkpoint cannot be read here (planning for another machine); building
+    the role then reports the problem.
 
     Raises:
         ConfigError: an unknown preset.
@@ -261,13 +271,27 @@ def model_shape(model_config: Any, path: str | None = None) -> DecoderConfig | N
     path = path or getattr(model_config, "path", None)
     if not path:
         name = model_config.preset
+        if name in PRETRAINED:
+            return DecoderConfig(**PRETRAINED[name].shape)
         if name not in PRESETS:
-            raise ConfigError(Problem("model.preset", f"unknown preset {name!r}{suggest(name, PRESETS)} (available: {choices_text(PRESETS)})"))
+            known = [*PRESETS, *PRETRAINED]
+            raise ConfigError(Problem("model.preset", f"unknown preset {name!r}{suggest(name, known)} "
+                                                      f"(available: {choices_text(known)})"))
         return PRESETS[name]
+    if str(path).endswith(".gguf"):
+        from rlpipe.models import gguf  # numpy and the file format, on first use
+        from rlpipe.models.hf import CheckpointError
+
+        try:
+            return gguf.gguf_config(path)
+        except (CheckpointError, OSError, ValueError):  # unreadable or unsupported: reported when the role is built
+            return None
     try:
         hf = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return None
+    from rlpipe.models.hf import CheckpointError, config_from_hf
+
     try:
         return config_from_hf(hf, source=str(Path(path) / "config.json"))
     except CheckpointError:

@@ -2,9 +2,11 @@
 grouped into items and global batches.
 
 A task (a ``rlpipe_tasks`` plugin) yields examples, ``{"prompt": str,
-"answer": str, ...metadata}``; :func:`prompt_items` turns them into what the
-executor streams: a global batch is ``items_per_step`` items, each holding
-``prompts_per_item`` right-padded prompts with their examples.
+"answer": str, ...metadata}``, optionally with ``messages`` (a chat
+conversation, for few-shot prompts; :func:`encode_prompt`);
+:func:`prompt_items` turns them into what the executor streams: a global
+batch is ``items_per_step`` items, each holding ``prompts_per_item``
+right-padded prompts with their examples.
 
 Prompt-length limits (``task.max_prompt_tokens``, ``task.overlong_prompts``):
 
@@ -28,7 +30,7 @@ padded or batched).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import attrs
@@ -67,13 +69,33 @@ class PromptCounters:
                 "data/prompts_rejected": self.rejected}
 
 
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """The prompt as the model sees it: through the tokenizer's chat template
-    when it has one, as plain text otherwise."""
+def prompt_messages(example: str | Mapping[str, Any]) -> list[dict[str, str]]:
+    """The conversation an example asks the model to continue: its
+    ``messages`` (chat turns ``{"role", "content"}``, ending with the user's
+    question; earlier user/assistant turns are few-shot examples) when it has
+    them, else its ``prompt`` as one user message.  A string is a prompt."""
+    if isinstance(example, str):
+        return [{"role": "user", "content": example}]
+    messages = example.get("messages")
+    if messages:
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    return [{"role": "user", "content": str(example["prompt"])}]
+
+
+def encode_prompt(tokenizer: Any, example: str | Mapping[str, Any]) -> list[int]:
+    """The prompt as the model sees it: :func:`prompt_messages` through the
+    tokenizer's chat template with its generation prompt (the assistant
+    header) when it has one; as plain text otherwise — the example's
+    ``prompt`` (a task that gives ``messages`` also writes them out there).
+
+    Args:
+        example: a task's example (``prompt``, and maybe ``messages``), or a
+            prompt string.
+    """
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(prompt_messages(example), add_generation_prompt=True)
     except Exception:  # noqa: BLE001 - a tokenizer without a chat template
-        text = prompt
+        text = example if isinstance(example, str) else str(example["prompt"])
     return tokenizer.encode(text)
 
 
@@ -143,7 +165,7 @@ def prompt_items(task: Any, tokenizer: Any, *, seed: int, prompts_per_item: int,
         """The next example that fits and its (maybe truncated) token ids."""
         for in_a_row in itertools.count(1):
             ex = next(examples)
-            ids = encode_prompt(tokenizer, ex["prompt"])
+            ids = encode_prompt(tokenizer, ex)
             fitted = fit_prompt(ids, max_prompt_tokens, overlong)
             if fitted is not None:
                 if count:

@@ -12,10 +12,13 @@ the parameter.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+if TYPE_CHECKING:
+    from jax.sharding import Mesh, PartitionSpec
+
+# jax is imported in the functions that lay parameters out, so that the memory
+# formulas (which use the logical axes) load without it.
 
 #: Logical axis -> mesh axis.
 DEFAULT_RULES: Mapping[str, str] = {"embed": "fsdp", "vocab": "tp", "heads": "tp", "mlp": "tp"}
@@ -46,6 +49,9 @@ def logical_axes(path: Sequence[Any], ndim: int) -> tuple[str | None, ...]:
 
 
 def partition_spec(path: Sequence[Any], shape: Sequence[int], mesh: Mesh, rules: Mapping[str, str] = DEFAULT_RULES) -> PartitionSpec:
+    import jax
+    from jax.sharding import PartitionSpec
+
     axes = logical_axes(path, len(shape))
     spec = []
     for dim, logical in zip(shape, axes):
@@ -64,6 +70,8 @@ def partition_spec(path: Sequence[Any], shape: Sequence[int], mesh: Mesh, rules:
 def shardings_for(state: Any, mesh: Mesh, rules: Mapping[str, str] = DEFAULT_RULES, memory_kind: str | None = None) -> Any:
     """A pytree of ``NamedSharding`` matching ``state`` (an ``nnx.State`` or any
     pytree of arrays whose paths follow the decoder's names)."""
+    import jax
+    from jax.sharding import NamedSharding
 
     def one(path, leaf):
         sharding = NamedSharding(mesh, partition_spec(path, leaf.shape, mesh, rules))

@@ -212,17 +212,30 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
-    """The tokenizer named by ``spec``: ``"char"`` or a Hugging Face tokenizer directory.
+    """The tokenizer named by ``spec``: ``"char"``, a Hugging Face tokenizer
+    directory, or a GGUF file (its vocabulary: :func:`rlpipe.models.gguf_file.read_vocab`).
 
     Raises:
-        TokenizerError: ``spec`` is neither.
+        TokenizerError: ``spec`` is none of these.
     """
     if str(spec) == "char":
         return CharTokenizer()
     path = Path(spec)
     if path.is_dir():
         return HFTokenizer.from_dir(path)
-    raise TokenizerError(f"unknown tokenizer {str(spec)!r}: expected 'char' or a directory with tokenizer.json")
+    if path.is_file():
+        from rlpipe.models.gguf_file import GGUFError, is_gguf, read_vocab
+
+        if is_gguf(path):
+            try:
+                vocab = read_vocab(path)
+            except GGUFError as e:
+                raise TokenizerError(str(e)) from None
+            return HFTokenizer(vocab.tokenizer, eos_id=vocab.eos_id, bos_id=vocab.bos_id, pad_id=vocab.pad_id,
+                               chat_template=vocab.chat_template, special_tokens=vocab.special_tokens,
+                               source=vocab.source)
+    raise TokenizerError(f"unknown tokenizer {str(spec)!r}: expected 'char', a directory with tokenizer.json "
+                         "or a .gguf file")
 
 
 # -- helpers -------------------------------------------------------------------

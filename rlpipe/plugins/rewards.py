@@ -89,6 +89,54 @@ def math_answer(prompt: str, completion: str, example: Mapping) -> float:
     return float(want is not None and final_number(completion) == want)
 
 
+_HASH_INTEGER = re.compile(r"[+-]?\d+")
+
+
+def hash_answer(text: str) -> int | None:
+    """The integer after the first ``####`` of ``text`` (GSM8K's answer line),
+    or None when there is none.
+
+    The rest of that line, with whitespace and commas dropped (``#### 1,200``)
+    and one trailing period allowed, must be an optionally signed integer
+    and nothing else: ``#### 12``, ``####12``, ``#### -3`` parse;
+    ``#### 12 apples``, ``#### 3.5`` and ``####`` followed by a line break
+    do not.  Later ``####`` are ignored, so two answer lines count as the
+    first one.
+    """
+    if not isinstance(text, str):
+        return None
+    at = text.find("####")
+    if at < 0:
+        return None
+    line = text[at + 4:].split("\n", 1)[0]
+    value = "".join(line.split()).replace(",", "").replace("\u2212", "-").removesuffix(".")
+    if not _HASH_INTEGER.fullmatch(value):
+        return None
+    return int(value)
+
+
+def _expected_integer(answer: object) -> int | None:
+    """The example's answer as an integer: its ``####`` line when it has one
+    (a GSM8K-style worked answer), else the whole answer."""
+    text = str(answer)
+    return hash_answer(text if "####" in text else "####" + text.strip())
+
+
+def answer_exact(prompt: str, completion: str, example: Mapping) -> float:
+    """1.0 when the integer after the completion's first ``####``
+    (:func:`hash_answer`) equals the example's answer; else 0.0 (no
+    ``####``, no integer after it, or an answer that is no integer)."""
+    got = hash_answer(completion)
+    return float(got is not None and got == _expected_integer(example.get("answer") if isinstance(example, Mapping) else None))
+
+
+def answer_format(prompt: str, completion: str, example: Mapping) -> float:
+    """Format credit: 1.0 when the completion's first ``####`` is followed by
+    an integer on its line (:func:`hash_answer`), right or wrong; else 0.0.
+    Every completion :func:`answer_exact` scores 1 also scores 1 here."""
+    return float(hash_answer(completion) is not None)
+
+
 def tool_call_match(prompt: str, completion: str, example: Mapping) -> float:
     """Tool-use credit, for tasks whose examples give a reference
     ``tool_call``: half for making a call in the first turn (any call, even
@@ -112,5 +160,9 @@ def rlpipe_reward_functions():
                              fn=prefix_match)
     yield RewardFunctionSpec(name="digits", description="share of completion characters that are digits (format)", fn=digits)
     yield RewardFunctionSpec(name="math-answer", description="final-number match, GSM8K style", fn=math_answer)
+    yield RewardFunctionSpec(name="answer-exact", description="1 if the integer after the first #### is the answer",
+                             fn=answer_exact)
+    yield RewardFunctionSpec(name="answer-format", description="1 if the first #### is followed by an integer (format)",
+                             fn=answer_format)
     yield RewardFunctionSpec(name="tool-call-match", description="first turn vs the example's reference tool call (partial credit)",
                              fn=tool_call_match)

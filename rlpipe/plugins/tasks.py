@@ -21,9 +21,16 @@ Each draws its examples from a seeded generator, so runs are reproducible,
 and keeps a disjoint held-out split (examples whose hash puts them in it never
 appear in training).
 
+* ``arithmetic``: ``What is 3 + 4?`` -> ``7``, for pretrained chat models:
+  a few-shot chat prompt (``messages``) asking for a final ``#### N`` line,
+  scored with ``answer-exact`` plus a little ``answer-format``; levels
+  ``add1``, ``add2``, ``mul2x1`` (:class:`ArithmeticTask`).
+
 * ``jsonl``: a dataset of JSON objects, one a line (``{"prompt": ...,
   "answer": ...}`` plus any metadata), scored with ``math-answer`` by default.
-  The whole file is checked when the task is built; see :class:`JsonlTask`.
+  The whole file is checked when the task is built (:class:`JsonlTask`),
+  and before that by ``rlpipe config validate`` and ``rlpipe plan``
+  (:meth:`JsonlTaskConfig.run_problems`).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import attrs
 import numpy as np
 
 from rlpipe.core.config import check
-from rlpipe.core.errors import DatasetError
+from rlpipe.core.errors import DatasetError, Problem
 from rlpipe.core.hookspecs import hookimpl
 from rlpipe.core.specs import TaskSpec
 
@@ -160,6 +167,167 @@ class CalculatorTask:
                 yield ex
 
 
+# -- arithmetic with an answer format, for pretrained chat models ---------------------
+
+#: ``task.options.level`` of the ``arithmetic`` task: ``(operator, first
+#: operands, second operands)``; the problem space is every pair.
+ARITHMETIC_LEVELS: dict[str, tuple[str, range, range]] = {
+    "add1": ("+", range(10), range(10)),            # 100 problems
+    "add2": ("+", range(10, 100), range(10, 100)),  # 8,100 problems
+    "mul2x1": ("*", range(10, 100), range(2, 10)),  # 720 problems (no trivial * 0, * 1)
+}
+
+#: The weight of ``answer-format`` among the task's default rewards: enough to
+#: pull a model towards the format, small next to a correct answer's 1.0.
+ARITHMETIC_FORMAT_WEIGHT = 0.1
+
+#: ``task.options.instruction_in`` of the ``arithmetic`` task.
+INSTRUCTION_PLACES = ("every", "first", "system")
+
+DEFAULT_INSTRUCTION = "Answer with the final result on its own line as '#### N'."
+
+
+@attrs.frozen(kw_only=True)
+class ArithmeticTaskConfig:
+    """``task.options`` of the ``arithmetic`` task.
+
+    Attributes:
+        level: the problems: ``add1`` (``a + b``, one digit each), ``add2``
+            (two digits each), ``mul2x1`` (two digits times one).
+        shots: worked examples before the question, as earlier chat turns
+            (drawn from the train split, never the question itself).
+        instruction: a line of instructions; ``""`` for none.
+        instruction_in: where it goes: ``every`` user turn (each shot's and
+            the question's, so the question reads exactly like the shots),
+            the ``first`` user turn only (fewer tokens), or a ``system``
+            message (which replaces a template's default system message).
+        show_work: the shots' answers show the computation first
+            (``3 + 4 = 7`` then ``#### 7`` on the next line); ``false``: the
+            answer line alone (``#### 7``).
+        eval_fraction: share of the problems held out for evaluation (by a
+            stable hash of the question).
+        shot_seed: the seed choosing the shots (fixed, so a question's
+            prompt never changes).
+    """
+
+    level: str = attrs.field(default="add1", validator=check(lambda v: v in ARITHMETIC_LEVELS,
+                                                             "must be one of " + ", ".join(ARITHMETIC_LEVELS) + ", got {value}"))
+    shots: int = attrs.field(default=4, validator=check(lambda v: 0 <= v <= 16, "must be in [0, 16], got {value}"))
+    instruction: str = DEFAULT_INSTRUCTION
+    instruction_in: str = attrs.field(default="every", validator=check(lambda v: v in INSTRUCTION_PLACES,
+                                                                       "must be one of every, first, system, got {value}"))
+    show_work: bool = True
+    eval_fraction: float = attrs.field(default=0.2, validator=check(lambda v: 0 <= v < 1, "must be in [0, 1), got {value}"))
+    shot_seed: int = 0
+
+
+class ArithmeticTask:
+    """Arithmetic questions whose answer must end in a ``#### N`` line, as a
+    few-shot chat prompt.
+
+    The whole problem space of the level is enumerated (100 problems for
+    ``add1``, 8,100 for ``add2``, 720 for ``mul2x1``: ``10..99 * 2..9``) and
+    split by a stable hash of the question, so the splits are fixed,
+    disjoint and their sizes known (:meth:`size`).  Each example is::
+
+        {"prompt": <the conversation as plain text>, "messages": [<chat turns>],
+         "answer": "7", "question": "What is 3 + 4?", "level": "add1"}
+
+    ``messages`` holds ``shots`` worked examples as user/assistant turns, then
+    the question as the last user turn; :func:`rlpipe.models.prompts.encode_prompt`
+    renders it through the tokenizer's chat template, and a tokenizer without
+    one reads ``prompt``.  The shots are the first ``shots`` problems of a
+    fixed permutation (``shot_seed``) of the train split, skipping the
+    question itself.
+
+    Raises:
+        DatasetError: ``eval_fraction`` leaves fewer than ``shots + 1``
+            training problems.
+    """
+
+    def __init__(self, config: ArithmeticTaskConfig | None = None):
+        self.config = c = config or ArithmeticTaskConfig()
+        op, first, second = ARITHMETIC_LEVELS[c.level]
+        problems = [(a, b) for a in first for b in second]
+        self.operator = op
+        self.splits: dict[str, list[tuple[int, int]]] = {"train": [], "eval": []}
+        for p in problems:
+            self.splits["eval" if held_out(self.question(p), c.eval_fraction) else "train"].append(p)
+        train = self.splits["train"]
+        if len(train) < c.shots + 1:
+            raise DatasetError(f"task arithmetic (level {c.level}): {len(train)} training problems, but {c.shots} shots "
+                               f"and a question need {c.shots + 1}; lower eval_fraction ({c.eval_fraction}) or shots")
+        order = np.random.default_rng(c.shot_seed).permutation(len(train))
+        # One more than needed: a question that is itself a shot is replaced by the next.
+        self._shot_pool = [train[i] for i in order[: c.shots + 1]]
+
+    def question(self, problem: tuple[int, int]) -> str:
+        a, b = problem
+        return f"What is {a} {self.operator} {b}?"
+
+    def value(self, problem: tuple[int, int]) -> int:
+        a, b = problem
+        return a + b if self.operator == "+" else a * b
+
+    def _ask(self, problem: tuple[int, int], *, first: bool) -> str:
+        instruction = self.config.instruction.strip()
+        if instruction and (self.config.instruction_in == "every" or (first and self.config.instruction_in == "first")):
+            return f"{instruction}\n{self.question(problem)}"
+        return self.question(problem)
+
+    def _solution(self, problem: tuple[int, int]) -> str:
+        a, b = problem
+        line = f"#### {self.value(problem)}"
+        return f"{a} {self.operator} {b} = {self.value(problem)}\n{line}" if self.config.show_work else line
+
+    def shots_for(self, problem: tuple[int, int]) -> list[tuple[int, int]]:
+        """The worked examples shown before ``problem`` (never ``problem`` itself)."""
+        return [p for p in self._shot_pool if p != problem][: self.config.shots]
+
+    def example(self, problem: tuple[int, int]) -> dict[str, Any]:
+        """``problem``'s example: prompt, chat messages and answer."""
+        instruction = self.config.instruction.strip()
+        messages = [{"role": "system", "content": instruction}] if instruction and self.config.instruction_in == "system" else []
+        shots = self.shots_for(problem)
+        for i, shot in enumerate(shots):
+            messages += [{"role": "user", "content": self._ask(shot, first=i == 0)},
+                         {"role": "assistant", "content": self._solution(shot)}]
+        messages.append({"role": "user", "content": self._ask(problem, first=not shots)})
+        # The same conversation as plain text, for a tokenizer without a chat template.
+        turns = [f"Q: {self.question(s)}\nA: {self._solution(s)}" for s in shots]
+        text = "\n\n".join([instruction] * bool(instruction) + turns + [f"Q: {self.question(problem)}\nA:"])
+        return {"prompt": text, "messages": messages, "answer": str(self.value(problem)),
+                "question": self.question(problem), "level": self.config.level}
+
+    def size(self, split: str = "train") -> int:
+        """How many distinct problems ``split`` has."""
+        return len(self._split(split))
+
+    def _split(self, split: str) -> list[tuple[int, int]]:
+        if split not in self.splits:
+            raise ValueError(f"unknown split {split!r} (splits: train, eval)")
+        return self.splits[split]
+
+    def examples(self, *, seed: int, split: str = "train") -> Iterator[dict[str, Any]]:
+        """An endless stream of ``split``'s problems, each epoch a new
+        permutation drawn from ``seed``.
+
+        Raises:
+            DatasetError: (at the call) ``split`` is empty.
+        """
+        problems = self._split(split)
+        if not problems:
+            raise DatasetError(f"task arithmetic (level {self.config.level}): the {split} split has no problems "
+                               f"(eval_fraction={self.config.eval_fraction})")
+        return self._stream(problems, seed)
+
+    def _stream(self, problems: list[tuple[int, int]], seed: int) -> Iterator[dict[str, Any]]:
+        rng = np.random.default_rng(seed)
+        while True:
+            for i in rng.permutation(len(problems)):
+                yield self.example(problems[i])
+
+
 # -- JSONL datasets ------------------------------------------------------------------
 
 
@@ -191,74 +359,159 @@ class JsonlTaskConfig:
     answer_field: str = attrs.field(default="answer", validator=check(bool, "must be a key name"))
     shuffle: bool = True
 
+    def run_problems(self, run_config: Any = None, *, path: str = "task.options") -> list[Problem]:
+        """The dataset checked without building anything (``rlpipe config
+        validate`` and ``rlpipe plan`` call this): both files exist and every
+        line is an example (:func:`scan_jsonl`, streamed), and some examples
+        are left for training.  One problem per bad line (at most
+        :data:`MAX_REPORTED_PROBLEMS` a file), at ``<path>.path`` or
+        ``<path>.eval_path``, each naming ``file:line``."""
+        fields = {"prompt_field": self.prompt_field, "answer_field": self.answer_field}
+        problems = []
+        try:
+            counts = scan_jsonl(self.path, **fields, eval_fraction=0.0 if self.eval_path is not None else self.eval_fraction)
+        except DatasetError as exc:
+            problems.extend(Problem(f"{path}.path", line) for line in exc.lines())
+        else:
+            if counts.examples == counts.held_out:
+                why = ("it has no examples" if not counts.examples
+                       else f"every prompt is held out (eval_fraction={self.eval_fraction})")
+                problems.append(Problem(f"{path}.path", f"{self.path}: no training examples: {why}"))
+        if self.eval_path is not None:
+            try:
+                scan_jsonl(self.eval_path, **fields)
+            except DatasetError as exc:
+                problems.extend(Problem(f"{path}.eval_path", line) for line in exc.lines())
+        return problems
+
 
 def _kind(value: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
         type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
 
 
+def _jsonl_lines(path: Path, prompt_field: str, answer_field: str) -> Iterator[tuple[dict[str, Any] | None, list[str]]]:
+    """Each non-blank line of ``path`` as ``(example, [])``, or ``(None,
+    problems)`` when it is not an example; streamed, one line at a time.
+
+    Raises:
+        DatasetError: the file cannot be opened or read.
+    """
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: dataset file not found (working directory {Path.cwd()})") from None
+    except IsADirectoryError:
+        raise DatasetError(f"{path}: is a directory, expected a JSONL file") from None
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read dataset file: {exc.strerror or exc}") from None
+    with f:
+        offset = 0
+        try:
+            for number, data in enumerate(f, start=1):
+                where = f"{path}:{number}"
+                start, offset = offset, offset + len(data)
+                try:
+                    raw = data.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as exc:
+                    yield None, [f"{where}: not UTF-8 text (byte {start + exc.start} of the file)"]
+                    continue
+                if not raw.strip():
+                    continue
+                yield _example(raw, where, prompt_field, answer_field)
+        except OSError as exc:
+            raise DatasetError(f"{path}: cannot read dataset file: {exc.strerror or exc}") from None
+
+
+def _example(raw: str, where: str, prompt_field: str, answer_field: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """One line's example, or its problems (each ``<where>: <reason>``)."""
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        return None, [f"{where}: invalid JSON: {exc.msg} (column {exc.colno})"]
+    if not isinstance(obj, dict):
+        return None, [f"{where}: expected a JSON object, got {_kind(obj)}"]
+    bad = []
+    keys = ", ".join(map(repr, obj)) or "none"
+    prompt, answer = obj.get(prompt_field), obj.get(answer_field)
+    if prompt_field not in obj:
+        bad.append(f"missing prompt field {prompt_field!r} (keys: {keys})")
+    elif not isinstance(prompt, str):
+        bad.append(f"prompt field {prompt_field!r} must be a string, got {_kind(prompt)}")
+    elif not prompt.strip():
+        bad.append(f"prompt field {prompt_field!r} is empty")
+    if answer_field not in obj:
+        bad.append(f"missing answer field {answer_field!r} (keys: {keys})")
+    elif isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        bad.append(f"answer field {answer_field!r} must be a string or a number, got {_kind(answer)}")
+    if bad:
+        return None, [f"{where}: {b}" for b in bad]
+    meta = {k: v for k, v in obj.items() if k not in (prompt_field, answer_field)}
+    return {**meta, "prompt": prompt, "answer": answer if isinstance(answer, str) else str(answer)}, []
+
+
+def _raise_problems(path: Path, problems: list[str]) -> None:
+    if problems:
+        more = len(problems) - MAX_REPORTED_PROBLEMS
+        shown = problems[:MAX_REPORTED_PROBLEMS] + ([f"{path}: ... and {more} more bad line(s)"] if more > 0 else [])
+        raise DatasetError("\n".join(shown))
+
+
 def read_jsonl(path: str | Path, *, prompt_field: str = "prompt", answer_field: str = "answer") -> list[dict[str, Any]]:
     """Every example of a JSONL file, checked whole before anything is used.
 
-    Each non-blank line must be a JSON object whose ``prompt_field`` is a
-    non-empty string and whose ``answer_field`` is a string or a number
-    (numbers become their decimal text).  An example is ``{"prompt", "answer",
-    **metadata}``: the object's other keys are kept as they are, except that
-    with other field names a key literally named ``prompt`` or ``answer`` is
-    replaced by the canonical one.
+    Each non-blank line must be UTF-8 text holding a JSON object whose
+    ``prompt_field`` is a non-empty string and whose ``answer_field`` is a
+    string or a number (numbers become their decimal text).  An example is
+    ``{"prompt", "answer", **metadata}``: the object's other keys are kept as
+    they are, except that with other field names a key literally named
+    ``prompt`` or ``answer`` is replaced by the canonical one.
 
     Raises:
         DatasetError: the file cannot be read, or some lines are not examples:
-            one line per problem, ``<path>:<line>: <reason>``.
+            one line per problem, ``<path>:<line>: <reason>`` (at most
+            :data:`MAX_REPORTED_PROBLEMS`, then a count of the rest).
     """
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DatasetError(f"{p}: dataset file not found (working directory {Path.cwd()})") from None
-    except IsADirectoryError:
-        raise DatasetError(f"{p}: is a directory, expected a JSONL file") from None
-    except OSError as exc:
-        raise DatasetError(f"{p}: cannot read dataset file: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        line = p.read_bytes()[: exc.start].count(b"\n") + 1
-        raise DatasetError(f"{p}:{line}: not UTF-8 text (byte {exc.start} of the file)") from None
     examples, problems = [], []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        where = f"{p}:{number}"
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})")
-            continue
-        if not isinstance(obj, dict):
-            problems.append(f"{where}: expected a JSON object, got {_kind(obj)}")
-            continue
-        bad = []
-        keys = ", ".join(map(repr, obj)) or "none"
-        prompt, answer = obj.get(prompt_field), obj.get(answer_field)
-        if prompt_field not in obj:
-            bad.append(f"missing prompt field {prompt_field!r} (keys: {keys})")
-        elif not isinstance(prompt, str):
-            bad.append(f"prompt field {prompt_field!r} must be a string, got {_kind(prompt)}")
-        elif not prompt.strip():
-            bad.append(f"prompt field {prompt_field!r} is empty")
-        if answer_field not in obj:
-            bad.append(f"missing answer field {answer_field!r} (keys: {keys})")
-        elif isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-            bad.append(f"answer field {answer_field!r} must be a string or a number, got {_kind(answer)}")
-        if bad:
-            problems.extend(f"{where}: {b}" for b in bad)
-            continue
-        meta = {k: v for k, v in obj.items() if k not in (prompt_field, answer_field)}
-        examples.append({**meta, "prompt": prompt, "answer": answer if isinstance(answer, str) else str(answer)})
-    if problems:
-        more = len(problems) - MAX_REPORTED_PROBLEMS
-        shown = problems[:MAX_REPORTED_PROBLEMS] + ([f"{p}: ... and {more} more bad line(s)"] if more > 0 else [])
-        raise DatasetError("\n".join(shown))
+    for example, bad in _jsonl_lines(p, prompt_field, answer_field):
+        if example is None:
+            problems.extend(bad)
+        elif not problems:  # once a line is bad the examples are never used
+            examples.append(example)
+    _raise_problems(p, problems)
     return examples
+
+
+@attrs.frozen
+class JsonlCounts:
+    """What :func:`scan_jsonl` found: the examples of a file and how many of
+    them a held-out fraction keeps for evaluation."""
+
+    examples: int
+    held_out: int
+
+
+def scan_jsonl(path: str | Path, *, prompt_field: str = "prompt", answer_field: str = "answer",
+               eval_fraction: float = 0.0) -> JsonlCounts:
+    """Checks a JSONL file as :func:`read_jsonl` does, without keeping its
+    examples: the file is streamed line by line, so a large dataset is checked
+    in constant memory (what ``rlpipe config validate`` and ``rlpipe plan`` do).
+
+    Raises:
+        DatasetError: as :func:`read_jsonl`.
+    """
+    p = Path(path)
+    examples = held = 0
+    problems: list[str] = []
+    for example, bad in _jsonl_lines(p, prompt_field, answer_field):
+        if example is None:
+            problems.extend(bad)
+        else:
+            examples += 1
+            held += held_out(example["prompt"], eval_fraction)
+    _raise_problems(p, problems)
+    return JsonlCounts(examples=examples, held_out=held)
 
 
 class JsonlTask:
@@ -326,5 +579,8 @@ def rlpipe_tasks():
     yield TaskSpec(name="calculator", description="arithmetic with a calculator tool: 37*49= -> 1813 (agentic demo)",
                    factory=lambda options: CalculatorTask(options), config_type=CalculatorTaskConfig,
                    rewards=("exact-match", "prefix-match", "tool-call-match"))
+    yield TaskSpec(name="arithmetic", description="few-shot chat arithmetic answered as '#### N' (add1, add2, mul2x1)",
+                   factory=ArithmeticTask, config_type=ArithmeticTaskConfig, rewards=("answer-exact", "answer-format"),
+                   reward_weights=(1.0, ARITHMETIC_FORMAT_WEIGHT), format_reward="answer-format")
     yield TaskSpec(name="jsonl", description="a JSONL dataset of {prompt, answer} objects, held-out split by hash",
                    factory=JsonlTask, config_type=JsonlTaskConfig, rewards=("math-answer",))

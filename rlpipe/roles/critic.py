@@ -17,10 +17,13 @@ class CriticConfig(OptimizedRoleConfig):
     ``roles.trainer``'s optimizer) and the value clip.
 
     Attributes:
+        learning_rate: the value model's (default 1e-5: a critic learns a new
+            head and follows the policy, so it runs hotter than the policy's 1e-6).
         value_clip: how far a value may move from the one it had when the
             completion was scored, in the clipped value loss.
     """
 
+    learning_rate: float = attrs.field(default=1e-5, validator=check(lambda v: v > 0, "must be positive, got {value}"))
     value_clip: float = attrs.field(default=0.2, validator=check(lambda v: v > 0, "must be positive, got {value}"))
 
 

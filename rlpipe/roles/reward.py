@@ -147,7 +147,7 @@ def reward_terms(config: RewardConfig, *, run_config: Any, registry: Any) -> lis
     terms, where = config.functions, "roles.reward.functions[{i}].name"
     if not terms:
         task = run_config.task.name
-        terms = tuple(RewardTerm(name=n) for n in registry.get("rlpipe_tasks", task, path="task.name").rewards)
+        terms = tuple(RewardTerm(name=n, weight=w) for n, w in registry.get("rlpipe_tasks", task, path="task.name").reward_terms)
         where = f"task {task!r}: reward function {{i}}"
     return [(t.name, t.weight, registry.get("rlpipe_reward_functions", t.name, path=where.format(i=i)).fn)
             for i, t in enumerate(terms)]

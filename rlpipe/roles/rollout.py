@@ -66,6 +66,61 @@ class RolloutConfig(RoleConfig):
             raise ConfigValueError(f"must be at most roles.rollout.max_new_tokens ({self.max_new_tokens}), the "
                                    f"episode's budget; got {turn}", ("environment", "max_turn_tokens"))
 
+    def run_problems(self, run_config, *, path: str = "roles.rollout") -> list:
+        """Checked by ``rlpipe config validate`` and ``rlpipe plan`` before any
+        model is built: see :func:`generation_problems`."""
+        return generation_problems(self, run_config, path=path)
+
+
+#: The built-in advantage estimators that compare the completions of a prompt
+#: with each other (a group of one gets advantage 0).
+GROUP_ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce-pp")
+
+
+def generation_problems(config: RolloutConfig, run_config, *, path: str = "roles.rollout") -> list:
+    """What the rollout's settings must satisfy given the rest of the run:
+
+    * at least 2 ``num_generations`` for an algorithm whose advantages compare
+      a prompt's completions (:data:`GROUP_ESTIMATORS`), or that drops groups
+      of fewer than two (``algorithm.options.dynamic_sampling``);
+    * ``task.max_prompt_tokens`` (when set) plus ``max_new_tokens`` within the
+      model's ``max_position_embeddings`` (its preset, or ``model.path``'s
+      ``config.json`` when readable here); an unknown ``model.preset`` too.
+
+    Returns:
+        one :class:`rlpipe.core.errors.Problem` each, at its key.
+    """
+    from rlpipe.core.errors import ConfigError, Problem
+
+    problems = []
+    options = run_config.algorithm.options
+    advantage, name = getattr(options, "advantage", None), run_config.algorithm.name
+    if config.num_generations < 2 and advantage in GROUP_ESTIMATORS:
+        problems.append(Problem(f"{path}.num_generations", (
+            f"{config.num_generations} completion per prompt, but algorithm {name!r} (advantage estimator {advantage!r}) "
+            "compares the completions of each prompt: a group of one gets advantage 0 and nothing is learned; use at "
+            "least 2")))
+    elif config.num_generations < 2 and getattr(options, "dynamic_sampling", False):
+        problems.append(Problem(f"{path}.num_generations", (
+            f"{config.num_generations} completion per prompt, but algorithm.options.dynamic_sampling drops every group "
+            "of fewer than 2 completions, so nothing is trained on; use at least 2")))
+    try:
+        shape = memory.model_shape(run_config.model)
+    except ConfigError as exc:  # an unknown preset
+        return [*problems, *exc.problems]
+    limit = getattr(shape, "max_position_embeddings", None)
+    prompt = getattr(run_config.task, "max_prompt_tokens", None)
+    total = (prompt or 0) + config.max_new_tokens
+    if limit is not None and total > limit:
+        model = getattr(run_config.model, "path", None)
+        model = f"model.path {model!r}" if model else f"model.preset {run_config.model.preset!r}"
+        sum_text = (f"task.max_prompt_tokens {prompt} + {path}.max_new_tokens {config.max_new_tokens} = {total} tokens"
+                    if prompt else f"{config.max_new_tokens} new tokens")
+        problems.append(Problem(f"{path}.max_new_tokens", (
+            f"{sum_text}, more than the {limit} positions of the model (max_position_embeddings of {model}); "
+            "lower " + ("one of them" if prompt else "it"))))
+    return problems
+
 
 def generating_section(run_config):
     """The config section of the role that generates: ``roles.rollout``, else

@@ -25,7 +25,7 @@ class OptimizedRoleConfig(RoleConfig):
         grad_clip: clip gradients to this global norm; 0 disables.
     """
 
-    learning_rate: float = attrs.field(default=1e-5, validator=check(lambda v: v > 0, "must be positive, got {value}"))
+    learning_rate: float = attrs.field(default=1e-6, validator=check(lambda v: v > 0, "must be positive, got {value}"))
     micro_batch_size: int = attrs.field(default=8, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
     optimizer: str = attrs.field(default="adamw", validator=check(lambda v: v in ("adamw", "sgd"), "must be 'adamw' or 'sgd', got {value}"))
     b1: float = 0.9
@@ -58,6 +58,62 @@ class TrainerConfig(OptimizedRoleConfig):
     num_iterations: int = attrs.field(default=1, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
     max_skipped_updates: int = attrs.field(default=10, validator=check(lambda v: v >= 0, "must be at least 0, got {value}"))
     remat: bool = False
+
+    def run_problems(self, run_config, *, path: str = "roles.trainer") -> list:
+        """The batch arithmetic, checked by ``rlpipe config validate`` and
+        ``rlpipe plan`` before any model is built: see :func:`batch_problems`."""
+        return batch_problems(self, run_config, path=path)
+
+
+def batch_problems(config: TrainerConfig, run_config, *, path: str = "roles.trainer") -> list:
+    """How the trainer splits a global batch, from the config alone.
+
+    A global batch holds ``train.items_per_step × train.prompts_per_item ×
+    roles.rollout.num_generations`` rows (completions); ``mini_batch_size``
+    must divide it and ``micro_batch_size`` must divide the mini-batch (the
+    whole global batch when ``mini_batch_size`` is null), as
+    :class:`rlpipe.roles.trainer_stage.TrainerStage` splits it.  Without a
+    generating role the rows are unknown and nothing is checked.
+
+    Returns:
+        one :class:`rlpipe.core.errors.Problem` per key that does not divide,
+        at ``<path>.mini_batch_size`` / ``<path>.micro_batch_size``.
+    """
+    from rlpipe.core.config import path_key
+    from rlpipe.core.errors import Problem
+    from rlpipe.roles.rollout import generating_section
+
+    rollout = generating_section(run_config)
+    generations = getattr(rollout, "num_generations", None)
+    if not isinstance(generations, int):
+        return []
+    name = next((n for n, c in run_config.roles.items() if c is rollout), "rollout")
+    t = run_config.train
+    rows = t.items_per_step * t.prompts_per_item * generations
+    origin = (f"train.items_per_step {t.items_per_step} × train.prompts_per_item {t.prompts_per_item} × "
+              f"roles.{path_key(name)}.num_generations {generations}")
+    mb, mini = config.micro_batch_size, config.mini_batch_size
+    problems = []
+    if mini is not None and rows % mini:
+        problems.append(Problem(f"{path}.mini_batch_size",
+                                f"{mini} does not divide the global batch of {rows} rows ({origin}){_nearest_divisors(rows, mini)}"))
+    if mini is not None and mini % mb:
+        problems.append(Problem(f"{path}.micro_batch_size",
+                                f"{mb} does not divide the mini-batch of {mini} rows ({path}.mini_batch_size)"
+                                f"{_nearest_divisors(mini, mb)}"))
+    elif mini is None and rows % mb:
+        problems.append(Problem(f"{path}.micro_batch_size",
+                                f"{mb} does not divide the global batch of {rows} rows ({origin}; {path}.mini_batch_size "
+                                f"is null: one update per global batch){_nearest_divisors(rows, mb)}"))
+    return problems
+
+
+def _nearest_divisors(n: int, value: int) -> str:
+    """``; the nearest that divide it: 16 or 32``: the divisors of ``n`` just below and above ``value``."""
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    shown = [str(d) for d in (max((d for d in divisors if d < value), default=None),
+                              min((d for d in divisors if d > value), default=None)) if d is not None]
+    return f"; the nearest that divide it: {' or '.join(shown)}" if shown else ""
 
 
 def optimized_memory(config: OptimizedRoleConfig, run_config, mesh, *, rows: int, value_head: bool = False) -> MemoryEstimate | None:

@@ -1,8 +1,11 @@
 """From a resolved config to a stage graph and a placement plan.
 
-This is the path ``rlpipe plan`` (and later ``rlpipe train``) takes:
+This is the path ``rlpipe plan`` and ``rlpipe train`` take:
 config -> role specs (from plugins) -> :func:`build_graph` -> role requests
--> the selected colocation policy -> :class:`PlacementPlan`.
+-> what the config's sections check of the run (datasets, batch arithmetic;
+:func:`run_problems`) -> the selected colocation policy -> :class:`PlacementPlan`.
+:func:`validate_run` is the same path up to the policy (``rlpipe config
+validate``): everything that can be checked without devices or models.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import attrs
 
 from rlpipe.core.config import path_key
 from rlpipe.core.errors import (
+    ConfigError,
     GraphError,
     PlacementError,
     PluginError,
@@ -160,8 +164,96 @@ def role_requests(config: RunConfig) -> list[RoleRequest]:
     return out
 
 
+def run_problems(config: RunConfig) -> list[Problem]:
+    """What the config's sections check of the whole run, before anything is
+    built: each of ``model``, ``task.options``, ``algorithm.options``,
+    ``placement.options`` and ``roles.<name>`` that has a method
+    ``run_problems(run_config, *, path) -> list[Problem]`` is asked (``path``
+    is the section's own key).  The built-ins check that a pretrained
+    ``model.preset`` is in the model cache, the JSONL task's dataset
+    (files exist, every line is an example, streamed), the trainer's batch
+    arithmetic and the rollout's generations per prompt and sequence length.
+
+    Raises:
+        PluginError: a section's check raised something other than a
+            :class:`ConfigError` (whose problems are taken as found).
+    """
+    sections = [("model", config.model), ("task.options", config.task.options),
+                ("algorithm.options", config.algorithm.options), ("placement.options", config.placement.options),
+                *((f"roles.{path_key(name)}", section) for name, section in config.roles.items())]
+    problems: list[Problem] = []
+    for path, section in sections:
+        check = getattr(section, "run_problems", None)
+        if not callable(check):
+            continue
+        try:
+            problems.extend(check(config, path=path) or ())
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+        except RlpipeError:
+            raise
+        except Exception as exc:  # a plugin's check may raise anything
+            raise PluginError(f"{path}: its run_problems check raised {type(exc).__name__}: {exc}") from exc
+    return problems
+
+
+@attrs.frozen(kw_only=True)
+class Validated:
+    """A config checked without devices: the config with the algorithm's roles
+    (:func:`apply_algorithm`), each role's spec, the stage graph, and a note
+    per change the algorithm made."""
+
+    config: RunConfig
+    roles: Mapping[str, RoleSpec]
+    graph: StageGraph
+    notes: tuple[str, ...] = ()
+
+
+def validate_run(config: RunConfig, registry: Registry) -> Validated:
+    """Everything ``rlpipe config validate`` checks, which is everything that
+    needs neither devices nor models: the algorithm and the roles it needs,
+    the role specs and reward terms, the stage graph, ``colocate_with``
+    references, and :func:`run_problems` (datasets, batch arithmetic, ...).
+
+    Raises:
+        ConfigError: every problem found, one per line with its key; a
+            :class:`GraphError` / :class:`PlacementError` when all of them are
+            of that kind.
+    """
+    found: list[ConfigError] = []
+    notes: list[str] = []
+    specs: dict[str, RoleSpec] = {}
+    graph = None
+    try:
+        config, notes = apply_algorithm(config, registry)
+    except ConfigError as exc:
+        found.append(exc)
+    else:  # without the algorithm's roles the graph would report its absence as the roles'
+        try:
+            specs = role_specs(config, registry)
+            graph = build_graph(specs)
+        except ConfigError as exc:
+            found.append(exc)
+    try:
+        check_requests(role_requests(config))
+    except ConfigError as exc:
+        found.append(exc)
+    problems = run_problems(config)
+    if problems:
+        found.append(ConfigError(problems))
+    if len(found) == 1:
+        raise found[0]
+    if found:
+        kinds = {type(e) for e in found}
+        kind = kinds.pop() if len(kinds) == 1 else ConfigError
+        raise kind([p for e in found for p in e.problems])
+    return Validated(config=config, roles=specs, graph=graph, notes=tuple(notes))
+
+
 def plan_run(config: RunConfig, registry: Registry, devices: Sequence[DeviceInfo] | None = None) -> Planned:
-    """Resolves roles, derives the graph and asks the configured policy for a plan.
+    """Checks the config (:func:`validate_run`: graph, datasets, batch
+    arithmetic, ..., all reported together), then asks the configured policy
+    for a plan on ``devices``.
 
     Args:
         devices: the device pool; by default the devices JAX sees.
@@ -171,11 +263,9 @@ def plan_run(config: RunConfig, registry: Registry, devices: Sequence[DeviceInfo
             anything wrong with the config, each problem at its path.
         PluginError: the policy returned a plan that breaks the Placement contract.
     """
-    config, algorithm_notes = apply_algorithm(config, registry)
-    specs = role_specs(config, registry)
-    graph = build_graph(specs)
+    validated = validate_run(config, registry)
+    config, specs, graph, algorithm_notes = validated.config, dict(validated.roles), validated.graph, validated.notes
     requests = role_requests(config)
-    check_requests(requests)
     devices = list(device_pool() if devices is None else devices)
     if not devices:
         raise GraphError(Problem("devices", "no devices to place roles on"))

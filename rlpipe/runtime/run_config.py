@@ -29,6 +29,7 @@ from rlpipe.core.config import (
 )
 from rlpipe.core.errors import ConfigError, Problem, suggest
 from rlpipe.core.plugins import Registry
+from rlpipe.runtime.pretrained import PRETRAINED, missing_problem
 
 
 @attrs.frozen(kw_only=True)
@@ -72,8 +73,12 @@ class ModelConfig:
 
     Attributes:
         preset: a built-in shape (``tiny``, ``qwen2.5-0.5b``, ``llama-3.2-1b``),
-            randomly initialised from ``train.seed``; ignored when ``path`` is set.
-        path: a local Hugging Face checkpoint directory (Llama or Qwen2).
+            randomly initialised from ``train.seed``, or a pretrained preset
+            (``smollm2-135m-instruct``, :data:`rlpipe.runtime.pretrained.PRETRAINED`):
+            its file in the model cache, put there by ``rlpipe models fetch
+            NAME``; ignored when ``path`` is set.
+        path: a local Hugging Face checkpoint directory (Llama or Qwen2), or
+            a ``.gguf`` file.
         dtype: ``float32`` or ``bfloat16``; kept for older configs.  The
             dtype the memory estimates of the inference roles assume, and
             ``bfloat16`` makes ``compute_dtype: null`` mean bfloat16 on every
@@ -87,7 +92,7 @@ class ModelConfig:
             (:meth:`resolved_compute_dtype`, resolved where the devices are known).
         tokenizer: ``char`` (the built-in character tokenizer), a directory
             holding ``tokenizer.json``, or ``null``: the checkpoint's own with
-            ``path``, else ``char``.
+            ``path`` or a pretrained preset, else ``char``.
     """
 
     preset: str = "tiny"
@@ -105,6 +110,15 @@ class ModelConfig:
         if self.dtype == "bfloat16":
             return "bfloat16"
         return "float32" if platform in (None, "cpu") else "bfloat16"
+
+    def run_problems(self, run_config: Any = None, *, path: str = "model") -> list[Problem]:
+        """Checked by ``rlpipe config validate``, ``plan`` and ``train`` before
+        anything is built: a pretrained ``preset`` (without ``path``) must be
+        in the model cache; the problem names the command that fetches it."""
+        if self.path or self.preset not in PRETRAINED:
+            return []
+        problem = missing_problem(self.preset, path=f"{path}.preset")
+        return [] if problem is None else [problem]
 
 
 @attrs.frozen(kw_only=True)

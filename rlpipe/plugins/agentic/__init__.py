@@ -4,30 +4,62 @@ The rollout role runs them when ``roles.rollout.environment`` is set; the
 rest of the stage graph (reward, reference, trainer) is unchanged.  Plugins
 provide environments (``rlpipe_environments``), tools (``rlpipe_tools``) and
 tool-call formats (``rlpipe_tool_parsers``).
+
+The names below are imported on first use: the environment and tool plugins
+need only the light records, while the episode loop loads the models.
 """
 
 from __future__ import annotations
 
-from rlpipe.plugins.agentic.environment import (
-           Environment,
-           EnvironmentContext,
-           EnvironmentSection,
-           Step,
-)
-from rlpipe.plugins.agentic.episodes import (
-           Episode,
-           EpisodeBatch,
-           EpisodeRunner,
-           episode_metrics,
-)
-from rlpipe.plugins.agentic.scoring import TaskRewards
-from rlpipe.plugins.agentic.tools import (
-           ToolCall,
-           ToolError,
-           ToolParser,
-           resolve_arguments,
-           run_tool,
-)
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ resolves these
+    from rlpipe.plugins.agentic.environment import (
+        Environment,
+        EnvironmentContext,
+        EnvironmentSection,
+        Step,
+    )
+    from rlpipe.plugins.agentic.episodes import (
+        Episode,
+        EpisodeBatch,
+        EpisodeRunner,
+        episode_metrics,
+    )
+    from rlpipe.plugins.agentic.scoring import TaskRewards
+    from rlpipe.plugins.agentic.tools import (
+        ToolCall,
+        ToolError,
+        ToolParser,
+        resolve_arguments,
+        run_tool,
+    )
+
+#: Each public name and the module that defines it.
+_LAZY = {
+    **dict.fromkeys(["Environment", "EnvironmentContext", "EnvironmentSection", "Step"],
+                    "rlpipe.plugins.agentic.environment"),
+    **dict.fromkeys(["Episode", "EpisodeBatch", "EpisodeRunner", "episode_metrics"], "rlpipe.plugins.agentic.episodes"),
+    "TaskRewards": "rlpipe.plugins.agentic.scoring",
+    **dict.fromkeys(["ToolCall", "ToolError", "ToolParser", "resolve_arguments", "run_tool"],
+                    "rlpipe.plugins.agentic.tools"),
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = ["Environment", "EnvironmentContext", "EnvironmentSection", "Episode", "EpisodeBatch", "EpisodeRunner",
            "Step", "TaskRewards", "ToolCall", "ToolError", "ToolParser", "episode_metrics", "resolve_arguments",

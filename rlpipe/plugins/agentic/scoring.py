@@ -37,15 +37,15 @@ class TaskRewards:
         from rlpipe.core.errors import ConfigError, Problem
 
         task = run_config.task.name
-        task_rewards = registry.get("rlpipe_tasks", task, path="task.name").rewards
+        task_terms = registry.get("rlpipe_tasks", task, path="task.name").reward_terms
         if terms:
             named = [(t.name, float(t.weight), f"{path}[{i}].name") for i, t in enumerate(terms)]
         else:
-            named = [(n, 1.0, f"task {task!r}: reward function {i}") for i, n in enumerate(task_rewards)]
+            named = [(n, float(w), f"task {task!r}: reward function {i}") for i, (n, w) in enumerate(task_terms)]
         if not named:
             raise ConfigError(Problem(path, f"task {task!r} names no reward functions; list some here"))
         self.terms = [(n, w, registry.get("rlpipe_reward_functions", n, path=where).fn) for n, w, where in named]
-        primary = task_rewards[0] if task_rewards else named[0][0]
+        primary = task_terms[0][0] if task_terms else named[0][0]
         self.primary = primary
         self._primary_fn = registry.get("rlpipe_reward_functions", primary, path=f"task {task!r}: reward function 0").fn
 

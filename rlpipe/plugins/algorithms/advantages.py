@@ -23,13 +23,20 @@ see ``docs/algorithms.md``): by keyword, with the arguments it names among
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import jax
+
+# jax is imported inside the functions, so that registering them (the plugin's
+# specs) does not load it.
 
 __all__ = ["drgrpo", "gae", "grpo", "reinforce_pp", "rloo", "sequence_rewards_to_tokens"]
 
 
 def _float(x: jax.Array) -> jax.Array:
+    import jax.numpy as jnp
+
     x = jnp.asarray(x)
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
@@ -38,6 +45,8 @@ class _Groups:
     """Per-group statistics over the valid completions of each group."""
 
     def __init__(self, rewards: jax.Array, mask: jax.Array):
+        import jax.numpy as jnp
+
         self.rewards = r = _float(rewards)
         self.valid = jnp.asarray(mask).astype(bool).any(axis=-1)  # [P, G]
         v = self.valid.astype(r.dtype)
@@ -50,15 +59,21 @@ class _Groups:
         self.informative = (self.count >= 2) & (hi > lo)  # [P, 1]
 
     def sample_std(self) -> jax.Array:
+        import jax.numpy as jnp
+
         dev = jnp.where(self.valid, self.rewards - self.mean, 0)
         return jnp.sqrt((dev * dev).sum(axis=-1, keepdims=True) / jnp.maximum(self.count - 1, 1))
 
     def finish(self, advantage: jax.Array) -> jax.Array:
         """Zeroes absent completions and uninformative groups."""
+        import jax.numpy as jnp
+
         return jnp.where(self.valid & self.informative, advantage, 0)
 
 
 def _to_tokens(seq_advantages: jax.Array, mask: jax.Array) -> jax.Array:
+    import jax.numpy as jnp
+
     return jnp.where(jnp.asarray(mask).astype(bool), seq_advantages[..., None], 0).astype(seq_advantages.dtype)
 
 
@@ -93,6 +108,8 @@ def rloo(rewards: jax.Array, mask: jax.Array) -> jax.Array:
     With ``k`` valid completions this is ``k / (k - 1) * (r_i - mean_group)``;
     a group with one valid completion (``G = 1``) has no baseline and gets 0.
     """
+    import jax.numpy as jnp
+
     g = _Groups(rewards, mask)
     others = (g.sum - g.rewards) / jnp.maximum(g.count - 1, 1)
     return _to_tokens(g.finish(g.rewards - others), mask)
@@ -111,6 +128,8 @@ def reinforce_pp(rewards: jax.Array, mask: jax.Array, *, eps: float = 1e-6) -> j
     reward on the last token, REINFORCE++'s per-token return equals the
     sequence reward, so the sequence form here is the token form.)
     """
+    import jax.numpy as jnp
+
     g = _Groups(rewards, mask)
     adv = _to_tokens(g.finish(g.rewards - g.mean), mask)
     m = jnp.asarray(mask).astype(bool)
@@ -125,6 +144,8 @@ def sequence_rewards_to_tokens(rewards: jax.Array, mask: jax.Array) -> jax.Array
 
     A fully masked row gets all zeros.
     """
+    import jax.numpy as jnp
+
     m = jnp.asarray(mask).astype(bool)
     r = _float(rewards)
     n = m.shape[-1]
@@ -155,6 +176,9 @@ def gae(token_rewards: jax.Array, values: jax.Array, mask: jax.Array, *, gamma: 
     Returns:
         ``(advantages, returns)``, each ``[P, G, N]`` and 0 where masked.
     """
+    import jax
+    import jax.numpy as jnp
+
     m = jnp.asarray(mask).astype(bool)
     r = jnp.where(m, _float(token_rewards), 0)
     v = jnp.where(m, _float(values), 0)

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import attrs
-import jax
-import jax.numpy as jnp
 
 from rlpipe.core.config import ConfigValueError, check
 from rlpipe.core.errors import ConfigError, Problem, choices_text, suggest
@@ -32,6 +30,12 @@ from rlpipe.plugins.algorithms import advantages as adv_lib
 from rlpipe.plugins.algorithms import dapo, losses
 from rlpipe.plugins.algorithms import terms as loss_terms
 from rlpipe.plugins.algorithms.terms import LossInputs, LossTerm
+
+if TYPE_CHECKING:
+    import jax
+
+# jax is imported inside the methods, so that building an Algorithm (the
+# plugin's specs do, for its roles) does not load it.
 
 __all__ = ["Algorithm", "AlgorithmConfig", "Estimate", "OverlongConfig", "BUILTIN_ESTIMATORS", "BUILTIN_LOSSES"]
 
@@ -268,6 +272,8 @@ class Algorithm:
                        ref_logprobs: jax.Array | None = None) -> jax.Array:
         """Sequence rewards ``[P, G]`` plus the overlong penalty (when configured)
         and, with ``kl_in_reward``, minus ``kl_beta`` times the completion's summed KL."""
+        import jax.numpy as jnp
+
         m = jnp.asarray(mask).astype(bool)
         r = self._with_overlong(rewards, m)
         if self._kl_in_reward:
@@ -275,6 +281,8 @@ class Algorithm:
         return r
 
     def _with_overlong(self, rewards, m):
+        import jax.numpy as jnp
+
         r = jnp.asarray(rewards).astype(jnp.float32)
         over = self.config.overlong
         if over is not None:
@@ -287,6 +295,8 @@ class Algorithm:
         return self.config.kl_in_reward and self.config.kl_beta > 0
 
     def _token_kl(self, logprobs, ref_logprobs, mask):
+        import jax
+
         if logprobs is None or ref_logprobs is None:
             raise ValueError("kl_in_reward needs logprobs (the rollout's) and ref_logprobs (the reference role's) to compute advantages")
         return jax.lax.stop_gradient(losses.kl(logprobs, ref_logprobs, self.config.kl_kind, mask))
@@ -310,6 +320,9 @@ class Algorithm:
             logprobs: ``[P, G, N]`` rollout log-probs, for ``kl_in_reward``.
             ref_logprobs: ``[P, G, N]`` reference log-probs, for ``kl_in_reward``.
         """
+        import jax
+        import jax.numpy as jnp
+
         cfg = self.config
         m = jnp.asarray(mask).astype(bool)
         wanted = ESTIMATOR_ARGUMENTS if self._estimator_args is None else self._estimator_args

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
-import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["TopUp", "dynamic_sampling_keep", "overlong_penalty", "top_up"]
@@ -23,7 +22,11 @@ __all__ = ["TopUp", "dynamic_sampling_keep", "overlong_penalty", "top_up"]
 
 def array_module(*arrays: Any):
     """numpy when every argument is a host array or number, else jax.numpy."""
-    return np if all(isinstance(a, (np.ndarray, np.generic, int, float)) for a in arrays) else jnp
+    if all(isinstance(a, (np.ndarray, np.generic, int, float)) for a in arrays):
+        return np
+    import jax.numpy as jnp
+
+    return jnp
 
 
 def overlong_penalty(lengths, *, max_len: int, buffer: int, penalty_factor: float = 1.0):

@@ -25,10 +25,13 @@ returns ``(per_token_loss, stats)`` where ``stats`` may hold per-token
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import jax
-import jax.numpy as jnp
+if TYPE_CHECKING:
+    import jax
+
+# jax is imported inside the functions, so that registering them (the plugin's
+# specs) does not load it.
 
 __all__ = [
     "AGGREGATIONS",
@@ -72,6 +75,8 @@ class Normalisers(NamedTuple):
 def normalisers(mask: jax.Array, share: float = 1.0) -> Normalisers:
     """The :class:`Normalisers` of a whole batch with completion mask ``mask``
     (``[..., N]``; numpy or JAX), for calls that each cover ``share`` of its rows."""
+    import jax.numpy as jnp
+
     m = jnp.asarray(mask).astype(bool)
     return Normalisers(tokens=jnp.maximum(m.sum(), 1).astype(jnp.float32),
                        sequences=jnp.maximum((m.sum(axis=-1) > 0).sum(), 1).astype(jnp.float32),
@@ -79,15 +84,21 @@ def normalisers(mask: jax.Array, share: float = 1.0) -> Normalisers:
 
 
 def _bool(mask: jax.Array) -> jax.Array:
+    import jax.numpy as jnp
+
     return jnp.asarray(mask).astype(bool)
 
 
 def _log_ratio(logp: jax.Array, base: jax.Array, mask: jax.Array) -> jax.Array:
+    import jax.numpy as jnp
+
     diff = jnp.asarray(logp) - jnp.asarray(base)
     return jnp.clip(jnp.where(_bool(mask), diff, 0.0), -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
 
 
 def _clipped_objective(ratio, advantages, mask, eps_low, eps_high, dual_clip):
+    import jax.numpy as jnp
+
     m = _bool(mask)
     adv = jnp.where(m, advantages, 0.0)
     unclipped = -adv * ratio
@@ -121,6 +132,8 @@ def ppo_clip(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: 
         ``ratio`` (float), ``clipped_low``, ``clipped_high`` and, with dual
         clip, ``dual_clipped`` (bool).
     """
+    import jax.numpy as jnp
+
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     ratio = jnp.exp(_log_ratio(logp, old_logp, mask))
@@ -143,6 +156,9 @@ def gspo(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.
         ``(loss, stats)`` as :func:`ppo_clip` (``ratio`` is ``s_i`` on each
         valid token).
     """
+    import jax
+    import jax.numpy as jnp
+
     m = _bool(mask)
     n = m.sum(axis=-1, keepdims=True)
     logp = jnp.asarray(logp)
@@ -163,6 +179,8 @@ def kl(logp: jax.Array, ref_logp: jax.Array, kind: str = "k3", mask: jax.Array |
 
     Positions where ``mask`` is 0 give 0.
     """
+    import jax.numpy as jnp
+
     d = jnp.asarray(logp) - jnp.asarray(ref_logp)
     if mask is not None:
         d = jnp.where(_bool(mask), d, 0.0)
@@ -196,6 +214,8 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str = "token-mean", *
     ``normalisers.sequences`` — the whole batch's counts — instead of this
     call's own, so the values of the micro-batches sum to the whole batch's.
     """
+    import jax.numpy as jnp
+
     m = _bool(mask)
     x = jnp.where(m, per_token, 0.0)
     if mode == "token-mean":
@@ -222,11 +242,17 @@ def truncated_importance_weights(old_logp: jax.Array, rollout_logp: jax.Array, m
     trainer's (other kernels, stale weights): multiply the per-token policy
     loss by these.  No gradient flows through them; 0 where masked.
     """
+    import jax
+    import jax.numpy as jnp
+
     w = jnp.minimum(jnp.exp(_log_ratio(old_logp, rollout_logp, mask)), cap)
     return jax.lax.stop_gradient(jnp.where(_bool(mask), w, 0.0))
 
 
 def entropy_from_logits(logits: jax.Array) -> jax.Array:
     """Per-position entropy of ``softmax(logits)`` over the last (vocabulary) axis."""
+    import jax
+    import jax.numpy as jnp
+
     logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
     return -(jnp.exp(logp) * logp).sum(axis=-1)

@@ -37,16 +37,19 @@ may hold anything.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, Protocol
-
-import jax
-import jax.numpy as jnp
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from rlpipe.plugins.algorithms import losses
 
+if TYPE_CHECKING:
+    import jax
+
+# jax is imported inside the functions, so that building an algorithm's terms
+# (the plugin's specs do) does not load it.
+
 __all__ = ["LossInputs", "LossTerm", "chain", "entropy_bonus", "kl_penalty", "policy_gradient"]
 
-Metrics = dict[str, jax.Array]
+Metrics = dict[str, "jax.Array"]
 
 
 class LossInputs(NamedTuple):
@@ -76,6 +79,8 @@ class LossInputs(NamedTuple):
     def create(cls, logp: jax.Array, batch: Mapping[str, jax.Array], *, entropy: jax.Array | None = None,
                normalisers: losses.Normalisers | None = None) -> LossInputs:
         """The inputs for ``logp`` and ``batch``; the mask is ``batch["completion_mask"]`` as bool."""
+        import jax.numpy as jnp
+
         return cls(logp=logp, mask=jnp.asarray(batch["completion_mask"]).astype(bool), batch=batch, entropy=entropy,
                    normalisers=normalisers)
 
@@ -98,11 +103,15 @@ class LossTerm(Protocol):
 
 
 def _zero() -> jax.Array:
+    import jax.numpy as jnp
+
     # Weakly typed, so adding it keeps the other contributions' dtype (and value: x + 0.0 == x).
     return jnp.asarray(0.0)
 
 
 def _stop(metrics: Mapping[str, Any]) -> Metrics:
+    import jax
+
     return {k: jax.lax.stop_gradient(v) for k, v in metrics.items()}
 
 
@@ -145,6 +154,8 @@ def policy_gradient(policy_loss: Callable[..., Any], *, aggregation: str, eps_lo
     extra = {} if dual_clip is None else {"dual_clip": dual_clip}
 
     def term(inputs: LossInputs) -> tuple[jax.Array, Metrics]:
+        import jax.numpy as jnp
+
         mask, batch = inputs.mask, inputs.batch
         old = batch["old_logprobs"]
         per_token, stats = policy_loss(logp=inputs.logp, old_logp=old, advantages=batch["advantages"], mask=mask,
@@ -219,6 +230,8 @@ def entropy_bonus(coef: float, *, aggregation: str) -> LossTerm:
     """
 
     def term(inputs: LossInputs) -> tuple[jax.Array, Metrics]:
+        import jax.numpy as jnp
+
         if inputs.entropy is None:
             raise KeyError("entropy_coef > 0: pass the policy's per-token entropy")
         mask = inputs.mask
@@ -246,6 +259,8 @@ def chain(*terms: LossTerm) -> Callable[[LossInputs], tuple[jax.Array, Metrics]]
             raise TypeError(f"a loss term must be callable as term(inputs) -> (loss, metrics), got {t!r}")
 
     def loss(inputs: LossInputs) -> tuple[jax.Array, Metrics]:
+        import jax
+
         total: jax.Array | None = None
         metrics: Metrics = {}
         for t in terms:

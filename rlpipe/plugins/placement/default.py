@@ -75,7 +75,10 @@ class DefaultPolicy:
         if wanted + (1 if anchor_implicit else 0) > n:
             parts = ", ".join(f"{r.name} {r.mesh.size}" for r in explicit)
             extra = f", plus at least 1 for {anchor} (no mesh)" if anchor_implicit else ""
-            raise PlacementError(Problem("roles", f"the roles' meshes need {wanted} devices ({parts}{extra}) but {n} exist"))
+            need = wanted + (1 if anchor_implicit else 0)
+            raise PlacementError(Problem("roles", f"the roles' meshes need {wanted} devices ({parts}{extra}) but {n} exist; "
+                                                  f"plan for them with `rlpipe plan --devices {need}`, or on the CPU fake "
+                                                  f"them with XLA_FLAGS=--xla_force_host_platform_device_count={need}"))
 
         ids = [d.id for d in devices]
         slices: dict[str, list[int]] = {}
