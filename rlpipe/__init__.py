@@ -12,6 +12,8 @@ from __future__ import annotations
 from importlib import metadata as _metadata
 from typing import TYPE_CHECKING
 
+from rlpipe.core.lazy import lazy_exports
+
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ resolves these
     from rlpipe.core.config import MeshConfig, PlacementConfig, RoleConfig, check
     from rlpipe.core.errors import (
@@ -100,19 +102,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rlpipe' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 try:

@@ -151,6 +151,7 @@ def test_a_finished_run_is_recognised_before_any_model_is_built(short_run, monke
     r = CliRunner().invoke(cli, ["train", "--run-dir", str(run_dir), "--steps", "2"])
     assert r.exit_code == 0, r.stderr
     assert f"{run_dir}: the run already completed step 1 (2 of 2 steps); raise --steps to continue it" in r.stderr
+    assert "finished" not in r.stderr  # nothing ran: no second, contradicting line
 
 
 @pytest.mark.slow

@@ -378,6 +378,8 @@ def _train(ctx: click.Context, files: tuple[str, ...], overrides: tuple[str, ...
     if stop.signal is not None:
         log(display.stopped(stop.name, f"resume with: rlpipe train --run-dir {path}"))
         ctx.exit(stop.exit_code)
+    if not summary.items:
+        return  # nothing ran: the run had completed its steps already, and the driver said so
     done = f"{summary.steps} step" if summary.steps == 1 else f"{summary.steps} steps"
     log(f"finished {done} (policy version {summary.policy_version}); see {path}")
 

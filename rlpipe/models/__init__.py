@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from rlpipe.core.lazy import lazy_exports
+
 if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ resolves these
     from rlpipe.models.config import PRESETS, DecoderConfig, RopeScaling
     from rlpipe.models.decoder import (
@@ -19,13 +21,13 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ resolves th
         sequence_logprobs,
         token_logprobs,
     )
+    from rlpipe.models.gguf import from_gguf, gguf_config, gguf_tokenizer, is_gguf
     from rlpipe.models.hf import (
         CheckpointError,
         config_from_hf,
         from_pretrained,
         save_pretrained,
     )
-    from rlpipe.models.gguf import from_gguf, gguf_config, gguf_tokenizer, is_gguf
     from rlpipe.models.tokenizer import (
         CharTokenizer,
         HFTokenizer,
@@ -46,19 +48,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = ["PRESETS", "CharTokenizer", "CheckpointError", "Decoder", "DecoderConfig", "HFTokenizer", "LayerCache",

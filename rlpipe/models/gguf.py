@@ -49,6 +49,7 @@ from rlpipe.models.gguf_file import (
     is_gguf,
     open_gguf,
 )
+from rlpipe.models.tensor_check import check_tensors
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
@@ -194,19 +195,8 @@ def from_gguf(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: Any =
 
 
 def _check(f: GGUFFile, wanted: Mapping[str, tuple[int, ...]], allowed: set[str]) -> None:
-    missing = [n for n in wanted if n not in f.tensors]
-    unexpected = sorted(n for n in f.tensors if n not in wanted and n not in allowed)
-    mismatched = [(n, wanted[n], f.shape(n)) for n in wanted if n in f.tensors and f.shape(n) != wanted[n]]
-    if not (missing or unexpected or mismatched):
-        return
-    lines = [f"{f.path}: the tensors do not match the file's metadata"]
-    if missing:
-        lines.append(f"  missing tensors ({len(missing)}): {', '.join(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
-    for n, want, got in mismatched:
-        lines.append(f"  tensor {n} has shape {list(got)}, expected {list(want)} (outermost first)")
-    raise GGUFError("\n".join(lines), missing=missing, unexpected=unexpected, mismatched=mismatched)
+    check_tensors({n: f.shape(n) for n in f.tensors}, wanted, ignore=allowed.__contains__, error=GGUFError,
+                  header=f"{f.path}: the tensors do not match the file's metadata", shape_note=" (outermost first)")
 
 
 def gguf_tokenizer(path: str | os.PathLike) -> HFTokenizer:

@@ -43,6 +43,7 @@ from rlpipe.core.errors import UsageError
 from rlpipe.models.config import DecoderConfig, RopeScaling
 from rlpipe.models.decoder import Decoder
 from rlpipe.models.sharding import shardings_for
+from rlpipe.models.tensor_check import check_tensors
 
 __all__ = ["CheckpointError", "classifier_config_from_hf", "config_from_hf", "from_pretrained",
            "from_pretrained_classifier", "hf_name", "save_pretrained"]
@@ -457,19 +458,9 @@ def from_pretrained_classifier(path: str | os.PathLike, *, mesh: Mesh | None = N
 
 
 def _check(path: Path, tensors: Mapping[str, _Tensor], wanted: Mapping[str, tuple[int, ...]], ignored: set[str]) -> None:
-    missing = [n for n in wanted if n not in tensors]
-    unexpected = sorted(n for n in tensors if n not in wanted and n not in ignored and not _IGNORED.search(n))
-    mismatched = [(n, wanted[n], tensors[n].shape) for n in wanted if n in tensors and tensors[n].shape != wanted[n]]
-    if not (missing or unexpected or mismatched):
-        return
-    lines = [f"{path}: checkpoint does not match its config.json"]
-    if missing:
-        lines.append(f"  missing tensors ({len(missing)}): {', '.join(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
-    for n, want, got in mismatched:
-        lines.append(f"  tensor {n} has shape {list(got)}, expected {list(want)}")
-    raise CheckpointError("\n".join(lines), missing=missing, unexpected=unexpected, mismatched=mismatched)
+    check_tensors({n: t.shape for n, t in tensors.items()}, wanted, error=CheckpointError,
+                  ignore=lambda n: n in ignored or bool(_IGNORED.search(n)),
+                  header=f"{path}: checkpoint does not match its config.json")
 
 
 def _check_zero(tensors: Mapping[str, _Tensor], names: Iterable[str]) -> None:

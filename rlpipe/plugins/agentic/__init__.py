@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from rlpipe.core.lazy import lazy_exports
+
 if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ resolves these
     from rlpipe.plugins.agentic.environment import (
         Environment,
@@ -46,19 +48,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = ["Environment", "EnvironmentContext", "EnvironmentSection", "Episode", "EpisodeBatch", "EpisodeRunner",
