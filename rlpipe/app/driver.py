@@ -382,7 +382,7 @@ def _train(config: RunConfig, registry: Registry, *, run_dir: Path, report: Call
         from rlpipe.runtime.tensorboard import TensorBoardSink
 
         sink = TensorBoardSink(run_dir / "tensorboard")
-    trace = Trace(process_index=distributed.process_index())
+    trace = _RunTrace(process_index=distributed.process_index(), sink=planned.graph.sink)
     trace_path = trace_file(run_dir, distributed.process_index())
     if start_step:
         trace.continue_from(trace_path)
@@ -401,7 +401,12 @@ def _train(config: RunConfig, registry: Registry, *, run_dir: Path, report: Call
     with metrics_path.open("a") if primary else open(os.devnull, "w") as metrics_file:
         def on_step(step: int) -> None:
             now = time.perf_counter()
-            row: dict[str, Any] = {"step": step, "time/step_s": now - last[0]}
+            # The sink snapshots its state for a checkpoint between its barrier and this call (the
+            # end-of-run checkpoint after the last step): that is checkpoint time, not step time.
+            snapshot = trace.sink_snapshot_s.pop(step, 0.0)
+            row: dict[str, Any] = {"step": step, "time/step_s": now - last[0] - snapshot}
+            if snapshot:
+                row["time/checkpoint_s"] = snapshot
             last[0] = now
             row.update(getattr(trainer, "last_metrics", {}) or {})
             for role, stage in stages.items():  # other training roles' metrics, by role (critic/value_loss)
@@ -442,3 +447,21 @@ def _train(config: RunConfig, registry: Registry, *, run_dir: Path, report: Call
                 trace.write(trace_path)
                 if sink is not None:
                     sink.close()
+
+
+class _RunTrace(Trace):
+    """The run's timeline, which also notes how long each ``snapshot`` span
+    of the sink (``sink``: its role) took, by step: the executor copies the
+    sink's state for a checkpoint after the sink's barrier and before
+    ``on_step``, so the metrics row of that step can leave the copy out of
+    ``time/step_s`` and report it as ``time/checkpoint_s``."""
+
+    def __init__(self, *, process_index: int = 0, sink: str | None = None):
+        super().__init__(process_index=process_index)
+        self._sink = sink
+        self.sink_snapshot_s: dict[int, float] = {}  # taken out by on_step
+
+    def complete(self, track: str, name: str, start_us: float, end_us: float, **args: Any) -> None:
+        super().complete(track, name, start_us, end_us, **args)
+        if track == self._sink and name == "snapshot" and isinstance(args.get("step"), int):
+            self.sink_snapshot_s[args["step"]] = max(end_us - start_us, 0.0) / 1e6

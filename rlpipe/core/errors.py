@@ -86,6 +86,12 @@ class DatasetError(UsageError):
     examples.  One line per problem, each naming ``file:line`` and why."""
 
 
+class PromptTokenError(UsageError):
+    """A prompt holds a token id the model has no embedding for (the
+    tokenizer and the model do not match).  Names the example, the id and
+    the vocabulary size: such an id would otherwise turn into NaN log-probs."""
+
+
 class RunDirError(UsageError):
     """A run directory that cannot be reported on: missing, without metrics, or
     holding a file rlpipe cannot read."""

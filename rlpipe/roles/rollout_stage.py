@@ -18,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from rlpipe.core.errors import PromptTokenError
 from rlpipe.core.placement import RolePlacement, make_mesh
 from rlpipe.core.specs import BuildContext
 from rlpipe.core.stage import Batch, StageContext
@@ -72,6 +73,44 @@ class SingleTurn:
                 "rollout_logprobs": out["logprobs"].reshape(rows, g, n)}
 
 
+def check_prompt_tokens(batch: Batch, vocab_size: int, *, tokenizer_vocab: int | None = None) -> None:
+    """Raises when a prompt token of ``batch`` (where ``prompt_mask`` is set)
+    is not an id of a ``vocab_size``-token vocabulary.
+
+    Such an id has no embedding: the gather would give NaN hidden states and
+    NaN log-probs, silently.  It comes from a tokenizer that does not match
+    the model.
+
+    Raises:
+        PromptTokenError: names the first bad prompt (its ``example_id`` — its
+            position in the task's stream — and its text when the item carries
+            them), the id, its position in the prompt, the vocabulary size
+            (and ``tokenizer_vocab``, the tokenizer's, when given), and how many
+            more such tokens the item holds.
+    """
+    tokens = np.asarray(batch["prompt_tokens"])
+    bad = np.asarray(batch["prompt_mask"]).astype(bool) & ((tokens < 0) | (tokens >= vocab_size))
+    if not bad.any():
+        return
+    row, col = (int(i) for i in np.argwhere(bad)[0])
+    which = f"prompt {row} of the item"
+    if "example_id" in batch:
+        which = f"example {int(np.asarray(batch['example_id'])[row])}"
+    if "example" in batch:
+        example = np.asarray(batch["example"], dtype=object)[row]
+        text = example.get("prompt") if isinstance(example, dict) else None
+        if isinstance(text, str):
+            which += f" (prompt {text[:60]!r}{'...' if len(text) > 60 else ''})"
+    position = int(np.asarray(batch["prompt_mask"])[row, :col].astype(bool).sum())  # among the prompt's own tokens
+    more = int(bad.sum()) - 1
+    tokenizer = f"; the tokenizer has {tokenizer_vocab} ids" if tokenizer_vocab is not None and tokenizer_vocab != vocab_size else ""
+    raise PromptTokenError(
+        f"{which}: token id {int(tokens[row, col])} at prompt position {position} is outside the model's vocabulary "
+        f"of {vocab_size} ids (0..{vocab_size - 1}){tokenizer}"
+        + (f"; {more} more such token(s) in this item" if more else "")
+        + ": the tokenizer does not match the model (model.tokenizer)")
+
+
 class RolloutStage:
     """Generates ``num_generations`` completions per prompt.
 
@@ -92,6 +131,7 @@ class RolloutStage:
         mesh = make_mesh(placement)
         self.tokenizer = load_tokenizer(run.model)
         model = load_model(run.model, mesh=mesh, seed=context.seed)
+        self.vocab_size = int(model.config.vocab_size)
         self.holder = ModelHolder(model, placement, mesh)
         spec = context.registry.get("rlpipe_rollout_engines", config.engine, path="roles.rollout.engine")
         self.engine = spec.factory(self.holder.graphdef, cache_dtype=model.dtype)
@@ -131,6 +171,8 @@ class RolloutStage:
                            f"but the rollout holds versions {held}")
 
     def process(self, batch: Batch, *, context: StageContext) -> Batch:
+        # Before the engine: an id without an embedding would only show up as NaN log-probs.
+        check_prompt_tokens(batch, self.vocab_size, tokenizer_vocab=getattr(self.tokenizer, "vocab_size", None))
         state, version = self._weights_for(context.behavior_version)
         fields = self.generator.generate(batch, state, version, context=context)
         rows = np.asarray(batch["prompt_tokens"]).shape[0]

@@ -6,14 +6,17 @@ at the barrier the trainer
 1. computes advantages with its algorithm (per group of completions);
 2. recomputes the current policy's log-probs of every completion (the "old"
    log-probs the PPO ratio is taken against; the rollout's own log-probs are
-   kept for truncated importance sampling of stale rollouts);
+   kept for truncated importance sampling of stale rollouts) — a forward pass
+   over the whole global batch, *skipped when it cannot matter* (below);
 3. for ``num_iterations`` passes, splits the rows into mini-batches, and for
    each accumulates gradients over micro-batches and applies one optax update.
    The loss's normalisers (valid tokens, valid completions) are counted over
    the whole mini-batch before it is split and passed into each micro-batch's
    loss, so the micro-batch losses sum to the mini-batch loss and the update
    does not depend on ``micro_batch_size``.  Gradients accumulate inside jit,
-   into a donated buffer (one call per micro-batch);
+   into a donated buffer (one call per micro-batch).  The log-probs and the
+   entropy come from one forward pass (``sequence_logprobs(...,
+   with_entropy=True)``);
 4. publishes the new weights (policy version + 1) to its subscribers — the
    rollout's ``load_weights``.  It is a :class:`rlpipe.core.stage.WeightPublisher`
    (``subscribe`` / ``publish``): the driver subscribes every stage that is a
@@ -22,6 +25,26 @@ at the barrier the trainer
 Every device computation is a jitted pure function of (params, optimizer
 state, arrays): ``nnx.split`` / ``nnx.merge`` happen inside the jit
 boundary, the optimizer state and the gradient accumulator are donated.
+
+**When the old-log-prob pass is skipped.**  The old log-probs are the
+current weights' log-probs *before any update of this global batch*, whatever
+policy version generated the rows (a stale row's behaviour policy enters only
+through ``rollout_logprobs``, in truncated importance sampling).  When the
+global batch gets exactly one update — ``num_iterations == 1`` and one
+mini-batch (``mini_batch_size`` null or equal to the global batch) — every
+row is used by the very weights the pass would run with, so the pass would
+recompute the training forward's own log-probs: the trainer skips it and
+takes ``jax.lax.stop_gradient(logp)`` of the training forward as the old
+log-probs.  The ratio is then exactly 1 and its gradient is ``grad logp``,
+as with the pass; loss, metrics and update are the same (up to float
+rounding between two compiled forwards).  With several mini-batches or
+iterations, every update after the first sees rows the weights have moved
+away from, so the pass runs.  Stale rows (``train.max_staleness > 0``) do
+not force the pass: the old log-probs never were the rollout's.  The metric
+``old_logprobs_skipped`` (1 or 0) says which happened, and the ``train``
+span's ``old_logprobs`` argument says ``fused`` or ``pass`` (a ``logprobs``
+span appears only with the pass).  :attr:`TrainerStage.fuse_old_logprobs`
+set to ``False`` always runs the pass.
 """
 
 from __future__ import annotations
@@ -94,7 +117,15 @@ def _combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class TrainerStage(OptimizedState):
-    """The policy update.  See the module docstring for what happens when."""
+    """The policy update.  See the module docstring for what happens when.
+
+    Attributes:
+        fuse_old_logprobs: skip the old-log-prob pass when the global batch
+            gets one update (the module docstring says why that is exact);
+            ``False`` always runs it (to compare the two).
+    """
+
+    fuse_old_logprobs: bool = True
 
     def __init__(self, config: Any, placement: RolePlacement, *, context: BuildContext, algorithm: Any):
         run = context.run_config
@@ -144,6 +175,13 @@ class TrainerStage(OptimizedState):
                                               rows["completion"], attention_mask(rows), self.temperature,
                                               with_entropy=True, remat=self.config.remat)
             logp = jnp.where(rows["completion_mask"].astype(bool), logp, 0.0)  # environment tokens are not scored
+            if "old_logprobs" not in rows:
+                # The old-log-prob pass was skipped (one update per global batch): these weights are
+                # the old policy, so its log-probs are this forward's, held constant.  Whether the key
+                # is there is part of the traced structure, so each case compiles once.
+                batch = {**rows, "old_logprobs": jax.lax.stop_gradient(logp)}
+            else:
+                batch = rows
             # An Algorithm's loss always takes the entropy (its entropy_bonus term uses it when
             # configured).  A third-party algorithm object's loss(logp, rows) without an ``entropy``
             # parameter is called without it: decided from its signature here, which runs once
@@ -153,10 +191,10 @@ class TrainerStage(OptimizedState):
             # Only a loss that names ``normalisers`` uses them (one taking **kwargs may ignore them).
             if _takes(algorithm_loss, "normalisers", var_keyword=False):
                 # Divides by the mini-batch's counts: the micro-batch losses and metrics sum to the mini-batch's.
-                loss, metrics = algorithm_loss(logp, rows, normalisers=normalisers, **kwargs)
+                loss, metrics = algorithm_loss(logp, batch, normalisers=normalisers, **kwargs)
             else:
                 # A loss that normalises each micro-batch on its own: weighted by its share of the rows.
-                loss, metrics = algorithm_loss(logp, rows, **kwargs)
+                loss, metrics = algorithm_loss(logp, batch, **kwargs)
                 share = normalisers.share
                 loss = loss * share
                 metrics = {k: v if k.endswith("_max") else v * share for k, v in metrics.items()}
@@ -242,18 +280,22 @@ class TrainerStage(OptimizedState):
         def chunk(lo, hi):
             return distributed.put({k: v[lo:hi] for k, v in device_rows.items()}, self.row_sharding)
 
+        # One update per global batch: the weights that would compute the old log-probs are the
+        # ones that use every row, so the training forward supplies them (module docstring).
+        skip_old = self.fuse_old_logprobs and self.config.num_iterations == 1 and mini == n_rows
         with on_devices(self.mesh, context):  # colocated roles run device programs one at a time
-            # The "old" policy: current weights before any update of this global batch.
-            with context.span("logprobs", policy_version=self.version):
-                old = [self._logprobs(self.params, chunk(i, i + mb)) for i in range(0, n_rows, mb)]
-                device_rows["old_logprobs"] = np.concatenate(distributed.to_host(old))
+            if not skip_old:
+                # The "old" policy: current weights before any update of this global batch.
+                with context.span("logprobs", policy_version=self.version):
+                    old = [self._logprobs(self.params, chunk(i, i + mb)) for i in range(0, n_rows, mb)]
+                    device_rows["old_logprobs"] = np.concatenate(distributed.to_host(old))
             # Each mini-batch's loss normalisers, counted before it is split (the same every pass).
             replicated = NamedSharding(self.mesh, PartitionSpec())
             normalisers = [distributed.put(_normalisers(device_rows["completion_mask"][lo:lo + mini], mb / mini), replicated)
                            for lo in range(0, n_rows, mini)]
             per_update: list[tuple[list, Any]] = []  # (micro-batch metrics, loss) of each update
             grad_norms, skips = [], []
-            with context.span("train", policy_version=self.version):
+            with context.span("train", policy_version=self.version, old_logprobs="fused" if skip_old else "pass"):
                 for _ in range(self.config.num_iterations):
                     for j, lo in enumerate(range(0, n_rows, mini)):
                         acc, parts = self._zeros(self.params), []
@@ -276,6 +318,7 @@ class TrainerStage(OptimizedState):
             self.skipped_updates += int(np.sum(fetched[2]))
             self.last_metrics["skipped_updates"] = self.skipped_updates
             self.last_metrics["reward/mean"] = self._reward_mean
+            self.last_metrics["old_logprobs_skipped"] = float(skip_old)
             if getattr(getattr(self.algorithm, "config", None), "dynamic_sampling", False):
                 self.last_metrics["dynamic_sampling/kept_groups"] = self._kept_groups
             tokens = float(rows["completion_mask"].sum())

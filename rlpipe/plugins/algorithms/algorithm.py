@@ -385,7 +385,9 @@ class Algorithm:
                 tokens (differentiate with respect to these).
             batch: ``completion_mask``, ``old_logprobs`` (what the ratio is
                 taken against: the rollout's log-probs, or the trainer's
-                recomputation of them), ``advantages``; ``ref_logprobs`` when
+                recomputation of them — with one update per global batch,
+                ``stop_gradient(logp)`` itself, see
+                :mod:`rlpipe.roles.trainer_stage`), ``advantages``; ``ref_logprobs`` when
                 ``kl_beta > 0`` (and reported as ``kl`` whenever present);
                 ``rollout_logprobs`` when ``tis_cap`` is set; whatever a
                 plugin's term reads.
