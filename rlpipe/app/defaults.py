@@ -102,9 +102,9 @@ DEFAULT_CONFIG: dict = _merge(RUN_DEFAULTS, PRESET_DEFAULTS["tiny"])
 
 def model_preset(data: Mapping[str, Any]) -> str | None:
     """The preset whose defaults apply to merged config ``data``: ``model.preset``
-    unless ``model.path`` names a checkpoint."""
+    unless ``model.path`` names a checkpoint or ``model.architecture`` a shape."""
     model = data.get("model") or {}
-    if not isinstance(model, Mapping) or model.get("path"):
+    if not isinstance(model, Mapping) or model.get("path") or model.get("architecture"):
         return None
     preset = model.get("preset")
     return preset if isinstance(preset, str) else None

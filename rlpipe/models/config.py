@@ -86,6 +86,18 @@ class DecoderConfig:
         return out
 
 
+def from_architecture(section: Any) -> DecoderConfig:
+    """The decoder shape of a ``model.architecture`` config section
+    (:class:`rlpipe.runtime.run_config.ArchitectureConfig`, whose short keys
+    are mapped here; its derived keys are already filled in)."""
+    return DecoderConfig(
+        architecture=section.family, vocab_size=section.vocab, hidden_size=section.hidden,
+        intermediate_size=section.ffn, num_layers=section.layers, num_heads=section.heads,
+        num_kv_heads=section.kv_heads, head_dim=section.head_dim, rope_theta=section.rope_theta,
+        rms_norm_eps=section.norm_eps, qkv_bias=section.qkv_bias, tie_embeddings=section.tied,
+        max_position_embeddings=section.max_positions)
+
+
 #: Built-in shapes (random weights unless loaded from a checkpoint).
 PRESETS: dict[str, DecoderConfig] = {
     # Trains on a 2-core CPU in seconds; vocabulary sized for the character tokenizer.

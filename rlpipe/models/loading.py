@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from rlpipe.core.errors import ConfigError, Problem, choices_text, suggest
-from rlpipe.models.config import PRESETS, DecoderConfig
+from rlpipe.models.config import PRESETS, DecoderConfig, from_architecture
 from rlpipe.models.decoder import Decoder
 from rlpipe.models.hf import config_from_hf, from_pretrained
 from rlpipe.models.sharding import shardings_for
@@ -37,10 +37,19 @@ def preset(name: str) -> DecoderConfig:
     return PRESETS[name]
 
 
+def random_init_shape(model_config: Any) -> DecoderConfig:
+    """The shape a ``model`` section without a checkpoint initialises:
+    ``model.architecture`` when set, else the preset's."""
+    architecture = getattr(model_config, "architecture", None)
+    if architecture is not None:
+        return from_architecture(architecture)
+    return preset(model_config.preset)
+
+
 def checkpoint_path(model_config: Any) -> str | None:
     """The checkpoint a ``model`` section loads: ``model.path`` (an HF
     directory or a ``.gguf`` file), else a pretrained preset's file in the
-    model cache, else ``None`` (a random-init preset).
+    model cache, else ``None`` (``model.architecture`` or a random-init preset).
 
     Raises:
         ConfigError: at ``model.preset``, a pretrained preset that is not in
@@ -48,6 +57,8 @@ def checkpoint_path(model_config: Any) -> str | None:
     """
     if model_config.path:
         return str(model_config.path)
+    if getattr(model_config, "architecture", None) is not None:
+        return None
     if model_config.preset in PRETRAINED:
         return str(pretrained.require_file(model_config.preset))
     return None
@@ -143,7 +154,7 @@ def load_model(model_config: Any, *, mesh: jax.sharding.Mesh | None = None, seed
         model = load_checkpoint(path, mesh=mesh, dtype=param_dtype)
         model.dtype = dtype  # the compute dtype: a static attribute of the graph
         return model
-    return init_sharded(preset(model_config.preset), mesh, seed=seed, dtype=dtype, param_dtype=param_dtype)
+    return init_sharded(random_init_shape(model_config), mesh, seed=seed, dtype=dtype, param_dtype=param_dtype)
 
 
 def load_tokenizer(model_config: Any):
@@ -174,7 +185,7 @@ def policy_state(model_config: Any, mesh: jax.sharding.Mesh, model_state: Any = 
         graphdef, state = nnx.split(model)
         return graphdef, state, model.dtype
     path = checkpoint_path(model_config)
-    shape = checkpoint_shape(path) if path else preset(model_config.preset)
+    shape = checkpoint_shape(path) if path else random_init_shape(model_config)
     dtype = compute_dtype(model_config, mesh)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(shape, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(params=seed))))
     return graphdef, install_state(abstract, model_state, shardings_for(abstract, mesh), dtype), dtype

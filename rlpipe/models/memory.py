@@ -61,7 +61,7 @@ from typing import Any
 
 from rlpipe.core.errors import ConfigError, Problem, choices_text, suggest
 from rlpipe.core.placement import MeshSpec
-from rlpipe.models.config import PRESETS, DecoderConfig
+from rlpipe.models.config import PRESETS, DecoderConfig, from_architecture
 from rlpipe.models.sharding import DEFAULT_RULES, logical_axes
 from rlpipe.runtime.pretrained import PRETRAINED
 
@@ -258,7 +258,8 @@ def training_activation_bytes(config: DecoderConfig, rows: int, seq: int, itemsi
 
 
 def model_shape(model_config: Any, path: str | None = None) -> DecoderConfig | None:
-    """The decoder shape of a ``model`` config section: its preset (a
+    """The decoder shape of a ``model`` config section: ``model.architecture``,
+    or its preset (a
     pretrained preset's shape comes from its table entry, so this works before
     its file is fetched), or the ``config.json`` of ``path`` (default
     ``model.path``), or the metadata of a ``.gguf`` file.  ``None`` when the
@@ -269,6 +270,9 @@ def model_shape(model_config: Any, path: str | None = None) -> DecoderConfig | N
         ConfigError: an unknown preset.
     """
     path = path or getattr(model_config, "path", None)
+    architecture = getattr(model_config, "architecture", None)
+    if not path and architecture is not None:
+        return from_architecture(architecture)
     if not path:
         name = model_config.preset
         if name in PRETRAINED:

@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 
 from rlpipe.core.config import (
+    ConfigValueError,
     PlacementConfig,
     RoleConfig,
     check,
@@ -67,6 +68,70 @@ class TelemetrySection:
     tensorboard: bool = False
 
 
+def _positive(what: str = "must be at least 1, got {value}"):
+    return check(lambda v: v >= 1, what)
+
+
+@attrs.frozen(kw_only=True)
+class ArchitectureConfig:
+    """``model.architecture``: an explicit decoder shape, randomly initialised
+    from ``train.seed`` like a built-in preset.  Names follow the config's
+    short style; :func:`rlpipe.models.config.from_architecture` maps them to a
+    :class:`~rlpipe.models.config.DecoderConfig`.
+
+    The keys left ``null`` are derived (and written back, so ``rlpipe config
+    show`` prints what is built): ``kv_heads`` = ``heads`` (no grouped-query
+    attention), ``head_dim`` = ``hidden / heads``, ``ffn`` = ``4 * hidden``,
+    ``qkv_bias`` = whether ``family`` is ``qwen2``.
+
+    Attributes:
+        family: ``llama`` or ``qwen2`` (what HF export writes).
+        layers: decoder layers.
+        hidden: the residual width.
+        heads: query heads.
+        kv_heads: key/value heads; divides ``heads``.
+        head_dim: per-head width (may differ from ``hidden / heads``).
+        ffn: the MLP's inner width (SwiGLU).
+        vocab: embedding rows; at least the tokenizer's vocabulary.
+        qkv_bias: a bias on the q, k and v projections.
+        tied: the output projection reuses the token embedding.
+        rope_theta: RoPE base frequency.
+        norm_eps: RMSNorm epsilon.
+        max_positions: the longest sequence (prompt plus completion).
+    """
+
+    family: str = attrs.field(default="llama", validator=check(lambda v: v in ("llama", "qwen2"), "must be 'llama' or 'qwen2', got {value}"))
+    layers: int = attrs.field(validator=_positive())
+    hidden: int = attrs.field(validator=_positive())
+    heads: int = attrs.field(validator=_positive())
+    kv_heads: int | None = attrs.field(default=None, validator=_positive("must be at least 1 (or null: heads), got {value}"))
+    head_dim: int | None = attrs.field(default=None, validator=_positive("must be at least 1 (or null: hidden / heads), got {value}"))
+    ffn: int | None = attrs.field(default=None, validator=_positive("must be at least 1 (or null: 4 * hidden), got {value}"))
+    vocab: int = attrs.field(validator=_positive())
+    qkv_bias: bool | None = None
+    tied: bool = False
+    rope_theta: float = attrs.field(default=10000.0, validator=check(lambda v: v > 0, "must be positive, got {value}"))
+    norm_eps: float = attrs.field(default=1e-6, validator=check(lambda v: v > 0, "must be positive, got {value}"))
+    max_positions: int = attrs.field(default=2048, validator=_positive())
+
+    def __attrs_post_init__(self) -> None:
+        kv_heads = self.heads if self.kv_heads is None else self.kv_heads
+        if self.heads % kv_heads:
+            raise ConfigValueError(f"{self.heads} heads are not a multiple of {kv_heads} kv_heads; "
+                                   "choose kv_heads dividing heads", ("kv_heads",))
+        head_dim = self.head_dim
+        if head_dim is None:
+            if self.hidden % self.heads:
+                raise ConfigValueError(f"hidden {self.hidden} is not a multiple of {self.heads} heads, so head_dim "
+                                       "cannot be derived; set head_dim or make hidden a multiple of heads", ("head_dim",))
+            head_dim = self.hidden // self.heads
+        # Written back so that the resolved config says what is built.
+        object.__setattr__(self, "kv_heads", kv_heads)
+        object.__setattr__(self, "head_dim", head_dim)
+        object.__setattr__(self, "ffn", 4 * self.hidden if self.ffn is None else self.ffn)
+        object.__setattr__(self, "qkv_bias", self.family == "qwen2" if self.qkv_bias is None else self.qkv_bias)
+
+
 @attrs.frozen(kw_only=True)
 class ModelConfig:
     """``model``: which policy to train, in which dtype, with which tokenizer.
@@ -76,9 +141,12 @@ class ModelConfig:
             randomly initialised from ``train.seed``, or a pretrained preset
             (``smollm2-135m-instruct``, :data:`rlpipe.runtime.pretrained.PRETRAINED`):
             its file in the model cache, put there by ``rlpipe models fetch
-            NAME``; ignored when ``path`` is set.
+            NAME``; ignored when ``path`` or ``architecture`` is set.
         path: a local Hugging Face checkpoint directory (Llama or Qwen2), or
             a ``.gguf`` file.
+        architecture: an explicit shape (:class:`ArchitectureConfig`),
+            randomly initialised from ``train.seed``; replaces ``preset``,
+            and cannot be combined with ``path``.
         dtype: ``float32`` or ``bfloat16``; kept for older configs.  The
             dtype the memory estimates of the inference roles assume, and
             ``bfloat16`` makes ``compute_dtype: null`` mean bfloat16 on every
@@ -101,6 +169,7 @@ class ModelConfig:
     compute_dtype: str | None = attrs.field(default=None, validator=check(
         lambda v: v is None or v in ("float32", "bfloat16"), "must be 'float32', 'bfloat16' or null, got {value}"))
     tokenizer: str | None = None
+    architecture: ArchitectureConfig | None = None
 
     def resolved_compute_dtype(self, platform: str | None) -> str:
         """``compute_dtype`` with ``null`` resolved for devices of ``platform``
@@ -113,8 +182,15 @@ class ModelConfig:
 
     def run_problems(self, run_config: Any = None, *, path: str = "model") -> list[Problem]:
         """Checked by ``rlpipe config validate``, ``plan`` and ``train`` before
-        anything is built: a pretrained ``preset`` (without ``path``) must be
-        in the model cache; the problem names the command that fetches it."""
+        anything is built: a pretrained ``preset`` (without ``path`` or
+        ``architecture``) must be in the model cache; the problem names the
+        command that fetches it.  ``architecture`` and ``path`` exclude each
+        other (a checkpoint has its own shape)."""
+        if self.architecture is not None:
+            if self.path:
+                return [Problem(f"{path}.architecture", f"a random-init shape, but {path}.path {self.path!r} names a "
+                                                        "checkpoint with its own; set one of them")]
+            return []
         if self.path or self.preset not in PRETRAINED:
             return []
         problem = missing_problem(self.preset, path=f"{path}.preset")
