@@ -6,6 +6,8 @@ Usage::
     python benchmarks/pipeline.py                       # 3 placements x {sync, async}, 8 steps each (~3 min on 2 cores)
     python benchmarks/pipeline.py --steps 14 --warmup 4 # longer runs
     python benchmarks/pipeline.py --placements disaggregated --modes async --keep-runs runs/bench
+    python benchmarks/pipeline.py --config examples/smollm2_arithmetic.yaml --set model.preset=smollm2-135m-instruct \
+        --modes sync --steps 3 --warmup 1                   # the pretrained model in the three placements
 
 Runs a few steps of real training (``rlpipe.app.driver.train``) for each seed
 placement (``examples/colocated.yaml``, ``examples/colocated_offload.yaml``,
@@ -441,10 +443,12 @@ def summary_table(records: Sequence[dict[str, Any]]) -> None:
 
 def measure(*, placements: Sequence[str] = tuple(PLACEMENTS), modes: Sequence[str] = tuple(MODES), steps: int = 8,
             warmup: int = 2, overrides: Sequence[str] = (), run_root: str | Path | None = None,
-            emit: Sink | None = None) -> list[dict[str, Any]]:
+            configs: Sequence[str | Path] = (), emit: Sink | None = None) -> list[dict[str, Any]]:
     """Runs every placement in every mode and returns the records.
 
     Args:
+        configs: config files applied before each placement's file (e.g. the
+            SmolLM2 example: the placement's meshes then apply to that run).
         run_root: where the run directories go (``<placement>-<mode>``); a
             temporary directory, deleted afterwards, when ``None``.
     """
@@ -466,7 +470,7 @@ def measure(*, placements: Sequence[str] = tuple(PLACEMENTS), modes: Sequence[st
                     shutil.rmtree(run_dir)
                 log(f"{placement}, {mode}: {steps} steps ...")
                 started = time.perf_counter()
-                run = run_training([PLACEMENTS[placement]],
+                run = run_training([*configs, PLACEMENTS[placement]],
                                    [*SHAPE, f"train.steps={steps}", f"train.max_staleness={MODES[mode]}", *overrides],
                                    run_dir=run_dir)
                 log(f"{placement}, {mode}: done in {time.perf_counter() - started:.1f} s")
@@ -485,6 +489,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="first steps left out (compilation; default 2)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every run (after the benchmark's small shape)")
+    p.add_argument("--config", dest="configs", action="append", default=[], metavar="FILE",
+                   help="a config file applied before each placement's (e.g. examples/smollm2_arithmetic.yaml; "
+                        "then also --set model.preset=... where the benchmark's small shape sets tiny)")
     p.add_argument("--keep-runs", metavar="DIR", default=None, help="keep the run directories under DIR")
     p.add_argument("--devices", type=int, default=8, help="fake CPU devices to ask for (default 8)")
     args = p.parse_args(argv)
@@ -497,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     fake_devices.request(args.devices)
     records = measure(placements=args.placements, modes=args.modes, steps=args.steps, warmup=args.warmup,
-                      overrides=args.overrides, run_root=args.keep_runs)
+                      overrides=args.overrides, run_root=args.keep_runs, configs=args.configs)
     summary_table(records)
     return 0
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -125,12 +125,42 @@ class CalculatorTaskConfig:
         digits: each operand's length in digits (no leading zeros).
         operators: the operators to draw from, a non-empty subset of ``+-*``.
         eval_fraction: share of all possible prompts kept for evaluation only.
+        shots: worked episodes before the question, as earlier chat turns,
+            for a pretrained chat model (0: the bare prompt ``37*49=``, for
+            the character-level tiny model).  Each shot's answer is the whole
+            episode: the call, the calculator's result and the final answer,
+            written in ``parser``'s format (``What is 12*7?`` ->
+            ``<<12*7=84>>84`` with ``gsm8k``).
+        parser: the tool-call format of the shots; the environment's
+            ``parser`` must be the same (the policy copies what it is shown).
+        instruction: a line before the first question; ``""`` for none.
+            With ``shots`` or an instruction the examples are chat turns
+            (``messages``: ``What is 37*49?``); with neither, the bare
+            prompt ``37*49=``.
+        shot_seed: the seed choosing the shots (fixed, so a question's
+            prompt never changes).
+        words: the chat questions name the operator in words (``What is 37
+            times 49?``), so the policy has to write the expression itself;
+            ``false``: ``What is 37*49?``.
     """
 
     digits: int = attrs.field(default=2, validator=check(lambda v: 1 <= v <= 9, "must be in [1, 9], got {value}"))
     operators: str = attrs.field(default="*", validator=check(lambda v: v and set(v) <= set("+-*"),
                                                               "must be a non-empty string of + - *, got {value}"))
     eval_fraction: float = attrs.field(default=0.1, validator=check(lambda v: 0 <= v < 1, "must be in [0, 1), got {value}"))
+    shots: int = attrs.field(default=0, validator=check(lambda v: 0 <= v <= 16, "must be in [0, 16], got {value}"))
+    parser: str = attrs.field(default="gsm8k", validator=check(lambda v: v in CALCULATOR_SHOT_FORMATS,
+                                                               "must be one of tag, gsm8k, hermes, got {value}"))
+    instruction: str = ""
+    shot_seed: int = 0
+    words: bool = False
+
+
+#: The operators of the ``calculator`` task in words (``task.options.words``).
+OPERATOR_WORDS = {"+": "plus", "-": "minus", "*": "times"}
+
+#: ``task.options.parser`` of the ``calculator`` task: the built-in tool-call formats.
+CALCULATOR_SHOT_FORMATS = ("tag", "gsm8k", "hermes")
 
 
 class CalculatorTask:
@@ -143,6 +173,12 @@ class CalculatorTask:
 
     def __init__(self, config: CalculatorTaskConfig | None = None):
         self.config = config or CalculatorTaskConfig()
+        self._shots: list[dict[str, Any]] = []
+        if self.config.shots:
+            # A fixed pool from the train split, one more than needed: a question
+            # that is itself a shot is replaced by the next.
+            pool = self._draw(np.random.default_rng(self.config.shot_seed), "train")
+            self._shots = [next(pool) for _ in range(self.config.shots + 1)]
 
     def _make(self, rng: np.random.Generator) -> dict[str, Any]:
         c = self.config
@@ -157,14 +193,44 @@ class CalculatorTask:
         return {"prompt": f"{expression}=", "answer": str(value),
                 "tool_call": {"name": "calculator", "arguments": {"expression": expression}}}
 
-    def examples(self, *, seed: int, split: str = "train") -> Iterator[dict[str, Any]]:
-        """An endless, seeded stream of examples of ``split`` (``train`` or ``eval``)."""
-        rng = np.random.default_rng(seed)
+    def _draw(self, rng: np.random.Generator, split: str) -> Iterator[dict[str, Any]]:
         want_eval = split == "eval"
         while True:
             ex = self._make(rng)
             if held_out(ex["prompt"], self.config.eval_fraction) == want_eval:
                 yield ex
+
+    def _episode(self, ex: Mapping[str, Any]) -> str:
+        """A shot's assistant turn: the call, the result and the answer, in ``parser``'s format."""
+        from rlpipe.plugins.tools import Gsm8kFormat, HermesFormat, TagFormat  # the built-in formats
+
+        fmt = {"tag": TagFormat, "gsm8k": Gsm8kFormat, "hermes": HermesFormat}[self.config.parser]()
+        call = ex["tool_call"]
+        return fmt.format_call(call["name"], call["arguments"]) + fmt.format_result(ex["answer"]) + ex["answer"]
+
+    def _with_shots(self, ex: dict[str, Any]) -> dict[str, Any]:
+        """``ex`` with ``messages``: the instruction, the shots and the question as chat turns."""
+        def ask(e: Mapping[str, Any]) -> str:
+            expression = e["tool_call"]["arguments"]["expression"]
+            if self.config.words:
+                for op, word in OPERATOR_WORDS.items():
+                    expression = expression.replace(op, f" {word} ")
+            return f"What is {expression}?"
+
+        shots = [s for s in self._shots if s["prompt"] != ex["prompt"]][: self.config.shots]
+        messages: list[dict[str, str]] = []
+        instruction = self.config.instruction.strip()
+        for i, shot in enumerate(shots):
+            question = f"{instruction}\n{ask(shot)}" if instruction and i == 0 else ask(shot)
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": self._episode(shot)}]
+        question = f"{instruction}\n{ask(ex)}" if instruction and not shots else ask(ex)
+        messages.append({"role": "user", "content": question})
+        return {**ex, "messages": messages}
+
+    def examples(self, *, seed: int, split: str = "train") -> Iterator[dict[str, Any]]:
+        """An endless, seeded stream of examples of ``split`` (``train`` or ``eval``)."""
+        for ex in self._draw(np.random.default_rng(seed), split):
+            yield self._with_shots(ex) if self.config.shots or self.config.instruction.strip() else ex
 
 
 # -- arithmetic with an answer format, for pretrained chat models ---------------------
