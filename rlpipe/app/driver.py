@@ -41,7 +41,12 @@ from rlpipe.core.specs import BuildContext
 from rlpipe.core.stage import StatefulStage, WeightReceiver, weight_publisher
 from rlpipe.models.prompts import PromptCounters, prompt_items
 from rlpipe.runtime import distributed
-from rlpipe.runtime.checkpoint import CheckpointError, RunCheckpointer
+from rlpipe.runtime.checkpoint import (
+    CheckpointError,
+    RunCheckpointer,
+    base_changes,
+    base_identity,
+)
 from rlpipe.runtime.planning import build_stages, plan_run
 from rlpipe.runtime.run_config import RunConfig
 from rlpipe.runtime.trace import Trace
@@ -310,8 +315,9 @@ def _train(config: RunConfig, registry: Registry, *, run_dir: Path, report: Call
     if latest is not None and not resume:
         raise CheckpointError(f"{run_dir}: holds checkpoints (latest step {latest}); resume it or choose another run directory")
     meta = checkpointer.meta(latest) if latest is not None else None
+    base = base_identity(config.model)  # with LoRA: checkpoints record the base they hold no copy of
     if meta is not None:
-        changed = config_changes(meta["config"], config.to_dict())
+        changed = config_changes(meta["config"], config.to_dict()) + base_changes(meta.get("base"), base)
         if changed:
             raise CheckpointError([f"{run_dir / 'checkpoints' / str(latest)}: config changed incompatibly since the "
                                    f"checkpoint was written: {c}" for c in changed][0])
@@ -395,7 +401,7 @@ def _train(config: RunConfig, registry: Registry, *, run_dir: Path, report: Call
         checkpointer.save(snap.step, states=snap.states, pending=snap.pending, meta={
             "policy_version": snap.policy_version, "data_position": snap.step + 1, "seed": config.train.seed,
             "metric_step": snap.step, "rlpipe_version": __version__, "config": config.to_dict(),
-            "prompt_counters": attrs.asdict(counters)})
+            "prompt_counters": attrs.asdict(counters), **({"base": base} if base is not None else {})})
         log(f"checkpoint of step {snap.step} started")
 
     with metrics_path.open("a") if primary else open(os.devnull, "w") as metrics_file:

@@ -27,18 +27,21 @@ def policy_role(config: Any, registry: Any) -> str:
     return sinks[0]
 
 
-def load_policy(run_dir: Path, config: Any, step: int | None, *, role: str) -> tuple[Any, int]:
-    """The parameters of ``role`` (the one that trains the policy, see
-    :func:`policy_role`) from checkpoint ``step`` (the latest when ``None``)
-    of ``run_dir``, as host-placed arrays shaped like the policy.
+def run_checkpoint(run_dir: Path, config: Any, step: int | None) -> tuple[Any, int]:
+    """The checkpointer of ``run_dir`` and the step to read (the latest when
+    ``step`` is ``None``).  For a LoRA run, the base model the config loads
+    must be the one the checkpoint's adapters were trained on.
 
     Raises:
-        CheckpointError: no checkpoint, or one that does not fit the model.
+        CheckpointError: no checkpoint, no checkpoint of ``step``, or a LoRA
+            checkpoint whose base model has changed since.
     """
-    from flax import nnx
-
-    from rlpipe.models.loading import load_model
-    from rlpipe.runtime.checkpoint import CheckpointError, RunCheckpointer
+    from rlpipe.runtime.checkpoint import (
+        CheckpointError,
+        RunCheckpointer,
+        base_changes,
+        base_identity,
+    )
 
     directory = run_dir / "checkpoints"
     if not directory.is_dir():
@@ -51,8 +54,36 @@ def load_policy(run_dir: Path, config: Any, step: int | None, *, role: str) -> t
         step = steps[-1]
     elif step not in steps:
         raise CheckpointError(f"{directory}: no checkpoint of step {step} (there are: {', '.join(map(str, steps))})")
+    if config.model.lora is not None:
+        changed = base_changes(checkpointer.meta(step).get("base"), base_identity(config.model))
+        if changed:
+            raise CheckpointError(f"{directory / str(step)}: the adapters were trained on another base model: {changed[0]}")
+    return checkpointer, step
+
+
+def load_policy(run_dir: Path, config: Any, step: int | None, *, role: str) -> tuple[Any, int]:
+    """The parameters of ``role`` (the one that trains the policy, see
+    :func:`policy_role`) from checkpoint ``step`` (the latest when ``None``)
+    of ``run_dir``, as host-placed arrays shaped like the policy — for a LoRA
+    run, the adapters alone (``rlpipe.app.evaluation.evaluate`` installs them
+    over the base).
+
+    Raises:
+        CheckpointError: see :func:`run_checkpoint`, or a checkpoint that does not fit the model.
+    """
+    from flax import nnx
+
+    from rlpipe.models.loading import load_model
+    from rlpipe.models.loading import load_policy as build_policy
+
+    checkpointer, step = run_checkpoint(run_dir, config, step)
     # Shapes only: nothing is initialised, the restored arrays are the only copy.
-    template = nnx.state(nnx.eval_shape(lambda: load_model(config.model, seed=config.train.seed)))
+    if config.model.lora is not None:
+        from rlpipe.models.lora import LoRAParam
+
+        template = nnx.state(nnx.eval_shape(lambda: build_policy(config.model, seed=config.train.seed)), LoRAParam)
+    else:
+        template = nnx.state(nnx.eval_shape(lambda: load_model(config.model, seed=config.train.seed)))
     return checkpointer.restore_subtree(step, role, ("params",), template), step
 
 

@@ -525,6 +525,10 @@ from rlpipe.cli.models import models_group  # noqa: E402 - registered after the 
 
 cli.add_command(models_group)
 
+from rlpipe.cli.export import export_cmd  # noqa: E402 - registered after the group exists
+
+cli.add_command(export_cmd)
+
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point."""

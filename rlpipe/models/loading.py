@@ -157,6 +157,48 @@ def load_model(model_config: Any, *, mesh: jax.sharding.Mesh | None = None, seed
     return init_sharded(random_init_shape(model_config), mesh, seed=seed, dtype=dtype, param_dtype=param_dtype)
 
 
+#: Folded into the run's seed for the adapters' initial draw, so that every
+#: policy role (trainer, rollout, evaluation) draws the same ``lora_a`` and the
+#: adapters' stream differs from the base weights'.
+LORA_SEED_STREAM = 0x10A
+
+
+def adapter_rngs(seed: int) -> nnx.Rngs:
+    """The random streams :func:`rlpipe.models.lora.apply_lora` draws the
+    adapters from, derived from the run's ``seed`` alone."""
+    return nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), LORA_SEED_STREAM))
+
+
+def add_adapters(model: Decoder, lora: Any, *, mesh: jax.sharding.Mesh | None = None, seed: int = 0) -> Decoder:
+    """``model`` with LoRA adapters (``lora``, a :class:`~rlpipe.core.lora_config.LoRAConfig`)
+    on its projections, in place: float32 adapters drawn from :func:`adapter_rngs`
+    and laid out on ``mesh`` (:func:`~rlpipe.models.sharding.shardings_for`);
+    the base arrays are kept, not copied."""
+    from rlpipe.models.lora import LoRAParam, apply_lora
+
+    apply_lora(model, lora, rngs=adapter_rngs(seed), param_dtype=MASTER_DTYPE)
+    if mesh is not None:
+        adapters = nnx.state(model, LoRAParam)
+        nnx.update(model, jax.device_put(adapters, shardings_for(adapters, mesh)))
+    return model
+
+
+def load_policy(model_config: Any, *, mesh: jax.sharding.Mesh | None = None, seed: int = 0,
+                master: bool = False) -> Decoder:
+    """The policy a ``model`` section describes: :func:`load_model`, plus the
+    adapters of ``model.lora`` when set.
+
+    With ``model.lora`` the base weights are frozen: they are always in the
+    compute dtype (``master`` then only means float32 adapters, which they
+    always are), and the same seed gives every policy role the same adapters,
+    so trainer and rollout start identical.  Without it this is
+    :func:`load_model` (``master``: float32 parameters)."""
+    lora = getattr(model_config, "lora", None)
+    if lora is None:
+        return load_model(model_config, mesh=mesh, seed=seed, master=master)
+    return add_adapters(load_model(model_config, mesh=mesh, seed=seed), lora, mesh=mesh, seed=seed)
+
+
 def load_tokenizer(model_config: Any):
     """The tokenizer of a ``model`` config section (see ``model.tokenizer``):
     with ``tokenizer: null``, the checkpoint's own (``model.path``, or a
@@ -177,13 +219,28 @@ def policy_state(model_config: Any, mesh: jax.sharding.Mesh, model_state: Any = 
     like ``nnx.split(model)[1]``, device or host arrays) is checked against
     them and laid out on ``mesh``.
 
+    With ``model.lora`` the policy is the base plus adapters, and
+    ``model_state`` may be the adapters alone (what the trainer's
+    ``params`` and a run checkpoint hold): they are installed over the base.
+
     Raises:
         ValueError: ``model_state`` has another structure or other shapes.
     """
-    if model_state is None:
-        model = load_model(model_config, mesh=mesh, seed=seed)
-        graphdef, state = nnx.split(model)
-        return graphdef, state, model.dtype
+    lora = getattr(model_config, "lora", None)
+    if model_state is None or lora is not None:
+        model = load_policy(model_config, mesh=mesh, seed=seed)
+        if lora is None:
+            graphdef, state = nnx.split(model)
+            return graphdef, state, model.dtype
+        from rlpipe.models.lora import LoRAParam
+
+        graphdef, adapters, base = nnx.split(model, LoRAParam, ...)
+        if model_state is not None:
+            from rlpipe.models.lora import adapter_state
+
+            given = adapter_state(model_state) if isinstance(model_state, nnx.State) else model_state
+            adapters = install_state(adapters, given, shardings_for(adapters, mesh), None)
+        return graphdef, nnx.merge_state(base, adapters), model.dtype
     path = checkpoint_path(model_config)
     shape = checkpoint_shape(path) if path else random_init_shape(model_config)
     dtype = compute_dtype(model_config, mesh)

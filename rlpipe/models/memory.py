@@ -147,6 +147,24 @@ def decoder_parameter_bytes(config: DecoderConfig, mesh: MeshSpec, itemsize: int
     return parameter_bytes(decoder_parameters(config), mesh, itemsize)
 
 
+def lora_parameters(config: DecoderConfig, lora: Any) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+    """``(path, shape)`` of the LoRA adapters ``lora`` (a
+    :class:`~rlpipe.core.lora_config.LoRAConfig`) puts on ``config``'s
+    decoder: ``lora_a`` ``[in, rank]`` and ``lora_b`` ``[rank, out]`` beside
+    each targeted kernel, named as :mod:`rlpipe.models.sharding` lays them out."""
+    out = []
+    for path, (d_in, d_out) in ((p, s) for p, s in decoder_parameters(config) if p[-1] == "kernel"):
+        if path[-2] in lora.targets:
+            out += [((*path[:-1], "lora_a"), (d_in, lora.rank)), ((*path[:-1], "lora_b"), (lora.rank, d_out))]
+    return out
+
+
+def lora_parameter_bytes(config: DecoderConfig, lora: Any, mesh: MeshSpec, itemsize: int = 4) -> int:
+    """Bytes of the LoRA adapters on each device of ``mesh`` (float32 by default,
+    as :func:`rlpipe.models.lora.apply_lora` makes them for the roles)."""
+    return parameter_bytes(lora_parameters(config, lora), mesh, itemsize)
+
+
 # -- caches and activations ----------------------------------------------------------
 
 

@@ -31,6 +31,15 @@ _BY_NAME: Mapping[tuple[str, str], tuple[str | None, ...]] = {
     ("down_proj", "kernel"): ("mlp", "embed"), ("lm_head", "kernel"): ("embed", "vocab"),
     ("value_head", "kernel"): ("embed", None), ("value_head", "bias"): (None,),
 }
+# LoRA adapters (rlpipe.models.lora) are laid out like the kernel they factor:
+# ``lora_a`` [in, rank] takes its input axis, ``lora_b`` [rank, out] its output
+# axis (so under tensor parallelism B's output is split as the base product's
+# is), and the rank is never split.
+_BY_NAME = {
+    **_BY_NAME,
+    **{(t, "lora_a"): (axes[0], None) for (t, leaf), axes in _BY_NAME.items() if leaf == "kernel" and t.endswith("_proj")},
+    **{(t, "lora_b"): (None, axes[1]) for (t, leaf), axes in _BY_NAME.items() if leaf == "kernel" and t.endswith("_proj")},
+}
 
 
 class ShardingError(ValueError):

@@ -21,6 +21,7 @@ from rlpipe.core.specs import BuildContext
 from rlpipe.core.stage import Batch
 from rlpipe.models.generation import bucket_length, left_pad
 from rlpipe.models.loading import load_model, load_tokenizer
+from rlpipe.roles.model_holder import policy_model
 from rlpipe.runtime import weights
 
 
@@ -117,30 +118,54 @@ class OptimizedState:
     opt_state: Any
     _on_device: bool = True
 
-    def _build_model(self, config: Any, placement: RolePlacement, context: BuildContext, algorithm: Any) -> Any:
+    #: With ``model.lora``: the frozen base weights (in the compute dtype; no
+    #: gradient, no optimizer state), shared with the run's other roles on
+    #: the same mesh (:class:`rlpipe.roles.model_holder.SharedBase`).
+    base_weights: Any = None
+
+    @property
+    def frozen(self) -> Any:
+        """The parameters the model needs besides ``params``: the frozen base, or ``None``."""
+        return None if self.base_weights is None else self.base_weights.state
+
+    def _build_model(self, config: Any, placement: RolePlacement, context: BuildContext, algorithm: Any, *,
+                     policy: bool = False) -> Any:
         """The common start of a trainable role's constructor: its config,
         algorithm, mesh and pad id; returns its model (initialised or loaded
         on the mesh) with float32 master parameters — the optimizer state
-        follows them — computing in ``model.compute_dtype``."""
+        follows them — computing in ``model.compute_dtype``.  ``policy``:
+        the policy (:func:`rlpipe.roles.model_holder.policy_model`), with
+        ``model.lora``'s adapters when set: float32 adapters over a frozen base
+        in the compute dtype (:attr:`base_weights`)."""
         self.config = config
         self.algorithm = algorithm
         self.mesh = make_mesh(placement)
         self.pad_id = load_tokenizer(context.run_config.model).pad_id
+        if policy:
+            model, self.base_weights = policy_model(context.run_config, self.mesh, seed=context.seed, master=True,
+                                                    user=self)
+            return model
         return load_model(context.run_config.model, mesh=self.mesh, seed=context.seed, master=True)
 
     def offload(self) -> None:
         if self._on_device:
             self.params, self.opt_state = weights.offload((self.params, self.opt_state))
+            if self.base_weights is not None:
+                self.base_weights.offload(self)
             self._on_device = False
 
     def onload(self) -> None:
         if not self._on_device:
+            if self.base_weights is not None:
+                self.base_weights.onload(self)
             self.params, self.opt_state = weights.onload((self.params, self.opt_state))
             self._on_device = True
 
     def state(self) -> Any:
         """Parameters and optimizer state as copies in host memory: later
-        updates donate the device buffers, the snapshot stays valid."""
+        updates donate the device buffers, the snapshot stays valid.  The
+        frozen parameters are not part of it (they are rebuilt from the
+        config: with LoRA a checkpoint holds the adapters, not the base)."""
         return {"params": weights.offload(self.params), "opt_state": weights.offload(self.opt_state)}
 
     def restore(self, state: Any) -> None:

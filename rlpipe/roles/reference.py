@@ -24,6 +24,22 @@ class ReferenceConfig(RoleConfig):
     micro_batch_size: int = attrs.field(default=8, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
 
 
+#: The roles that hold the policy's base weights with ``model.lora``.
+_POLICY_ROLES = ("trainer", "actor", "rollout")
+
+
+def shares_policy_base(config: ReferenceConfig, run_config) -> bool:
+    """Whether the reference holds no weights of its own: with ``model.lora``
+    and no ``checkpoint`` it is the base model, and on the devices and mesh of
+    a policy role (no ``mesh`` of its own and, under the ``default`` placement
+    policy, colocated with the trainer or the rollout) it evaluates that
+    role's base arrays (:func:`rlpipe.roles.model_holder.shared_base`).
+    Elsewhere (a disaggregated reference) it loads the base as without LoRA."""
+    if getattr(run_config.model, "lora", None) is None or config.checkpoint or config.mesh is not None:
+        return False
+    return run_config.placement.policy == "default" and config.colocate_with in (None, *_POLICY_ROLES)
+
+
 def estimate_memory(config: ReferenceConfig, run_config, mesh) -> MemoryEstimate | None:
     """Parameters of the frozen policy (``checkpoint``'s shape if set) on
     ``mesh``, and one forward pass of ``micro_batch_size`` rows over prompt
@@ -31,14 +47,15 @@ def estimate_memory(config: ReferenceConfig, run_config, mesh) -> MemoryEstimate
     the compute dtype (``model.compute_dtype``; ``null`` counts float32, the
     larger: estimates are made before devices are known).  The micro-batch's
     rows are split over the mesh's ``fsdp`` axis (rounded up to a multiple of
-    its size), so each device holds ``ceil(micro_batch_size / fsdp)`` rows."""
+    its size), so each device holds ``ceil(micro_batch_size / fsdp)`` rows.
+    No parameters when it shares a policy role's base (:func:`shares_policy_base`)."""
     shape = memory.model_shape(run_config.model, config.checkpoint)
     if shape is None:
         return None
     b = memory.dtype_bytes(run_config.model.resolved_compute_dtype(None))
     prompt, completion = sequence_shape(run_config)
     return MemoryEstimate(
-        parameters=memory.decoder_parameter_bytes(shape, mesh, b),
+        parameters=0 if shares_policy_base(config, run_config) else memory.decoder_parameter_bytes(shape, mesh, b),
         activations=memory.forward_activation_bytes(shape, data_parallel_rows(config.micro_batch_size, mesh),
                                                     prompt + completion, b, logit_positions=completion),
     )

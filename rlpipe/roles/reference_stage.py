@@ -15,7 +15,7 @@ from rlpipe.core.stage import Batch, StageContext
 from rlpipe.models.decoder import sequence_logprobs
 from rlpipe.models.generation import bucket_length, left_pad, row_shards
 from rlpipe.models.loading import load_model, load_tokenizer
-from rlpipe.roles.model_holder import ModelHolder
+from rlpipe.roles.model_holder import ModelHolder, shared_base
 from rlpipe.roles.rollout import sampling_temperature
 from rlpipe.runtime import distributed
 from rlpipe.runtime.devices import on_devices
@@ -39,10 +39,18 @@ class ReferenceStage:
         self.config = config
         mesh = make_mesh(placement)
         model_config = run.model
+        #: With ``model.lora`` and no checkpoint, the reference is the base model (the
+        #: adapters off): the run's base weights on this mesh, shared with the policy roles
+        #: on the same devices instead of a copy; on other devices, loaded as without LoRA.
+        self.shared = None
         if config.checkpoint:
-            model_config = attrs.evolve(model_config, path=config.checkpoint)
-        model = load_model(model_config, mesh=mesh, seed=context.seed)
-        self.holder = ModelHolder(model, placement, mesh)
+            model_config = attrs.evolve(model_config, path=config.checkpoint, lora=None)
+        if getattr(model_config, "lora", None) is not None:
+            self.shared = shared_base(run, mesh, seed=context.seed)
+            model = self.shared.model()
+        else:
+            model = load_model(model_config, mesh=mesh, seed=context.seed)
+        self.holder = ModelHolder(model, placement, mesh, shared=self.shared)
         self.pad_id = load_tokenizer(run.model).pad_id
         # The same tempered distribution the rollout sampled from, so KL compares like with like.
         self._fn = _logprobs_fn(self.holder.graphdef, sampling_temperature(run))

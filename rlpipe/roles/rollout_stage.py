@@ -23,8 +23,8 @@ from rlpipe.core.placement import RolePlacement, make_mesh
 from rlpipe.core.specs import BuildContext
 from rlpipe.core.stage import Batch, StageContext
 from rlpipe.models.generation import SamplingParams
-from rlpipe.models.loading import load_model, load_tokenizer
-from rlpipe.roles.model_holder import ModelHolder
+from rlpipe.models.loading import load_tokenizer
+from rlpipe.roles.model_holder import ModelHolder, policy_model
 from rlpipe.runtime import distributed, weights
 from rlpipe.runtime.devices import on_devices
 
@@ -130,9 +130,11 @@ class RolloutStage:
         self.config = config
         mesh = make_mesh(placement)
         self.tokenizer = load_tokenizer(run.model)
-        model = load_model(run.model, mesh=mesh, seed=context.seed)
+        # With model.lora: the run's base on this mesh (shared with the trainer and the
+        # reference when they are on the same devices) plus the adapters the trainer starts from.
+        model, base = policy_model(run, mesh, seed=context.seed)
         self.vocab_size = int(model.config.vocab_size)
-        self.holder = ModelHolder(model, placement, mesh)
+        self.holder = ModelHolder(model, placement, mesh, shared=base)
         spec = context.registry.get("rlpipe_rollout_engines", config.engine, path="roles.rollout.engine")
         self.engine = spec.factory(self.holder.graphdef, cache_dtype=model.dtype)
         stops = tuple(dict.fromkeys([t for t in (self.tokenizer.eos_id, *config.stop_tokens) if t is not None]))
@@ -152,11 +154,16 @@ class RolloutStage:
 
     def load_weights(self, state: Any, version: int) -> None:
         """Weight sync (DESIGN §4): shares, re-lays/casts in one jitted step, or
-        reshards across meshes, depending on where ``state`` lives."""
+        reshards across meshes, depending on where ``state`` lives.
+
+        With ``model.lora`` ``state`` is the adapters alone (the base is held
+        once and never moves); they keep their float32, as the trainer has them,
+        and are applied unmerged by the forward."""
         shared = weights.devices_of(state) & set(self.holder.mesh.devices.flat)
+        dtype = None if self.holder.adapters else self.holder.dtype
         # Re-laying out on shared devices runs a program with collectives there.
         with on_devices(self.holder.mesh) if shared else contextlib.nullcontext():
-            self.holder.put(version, weights.sync(state, self.holder.shardings, dtype=self.holder.dtype))
+            self.holder.put(version, weights.sync(state, self.holder.shardings, dtype=dtype))
         self._published = True
 
     def _weights_for(self, version: int) -> tuple[Any, int]:

@@ -126,22 +126,32 @@ def optimized_memory(config: OptimizedRoleConfig, run_config, mesh, *, rows: int
     mesh names real devices of another platform: estimates are made before
     devices are known).
     ``value_head``: the critic's trunk plus a replicated ``hidden + 1`` head,
-    and no vocabulary logits."""
+    and no vocabulary logits.
+
+    With ``model.lora`` (the policy, not the critic's value model) only the
+    adapters train: the frozen base counts once, in the compute dtype, and
+    the float32 adapters are what the optimizer state and gradients cover."""
     shape = memory.model_shape(run_config.model)
     if shape is None:
         return None
     master = memory.dtype_bytes("float32")
     resolve = getattr(run_config.model, "resolved_compute_dtype", None)
     compute = memory.dtype_bytes(resolve(_platform(mesh)) if resolve else run_config.model.dtype)
-    params = memory.decoder_parameter_bytes(shape, mesh, master) + ((shape.hidden_size + 1) * master if value_head else 0)
+    lora = None if value_head else getattr(run_config.model, "lora", None)
+    if lora is not None:
+        trained = memory.lora_parameter_bytes(shape, lora, mesh, master)
+        params = memory.decoder_parameter_bytes(shape, mesh, compute) + trained
+    else:
+        trained = params = memory.decoder_parameter_bytes(shape, mesh, master) + ((shape.hidden_size + 1) * master if value_head else 0)
     prompt, completion = sequence_shape(run_config)
     return MemoryEstimate(
         parameters=params,
-        optimizer_state=2 * params if config.optimizer == "adamw" else 0,
-        gradients=params,
+        optimizer_state=2 * trained if config.optimizer == "adamw" else 0,
+        gradients=trained,
         activations=memory.training_activation_bytes(shape, rows, prompt + completion, compute, logits=not value_head,
                                                      remat=getattr(config, "remat", False),
-                                                     logit_positions=completion, param_itemsize=master),
+                                                     logit_positions=completion,
+                                                     param_itemsize=compute if lora is not None else master),
     )
 
 

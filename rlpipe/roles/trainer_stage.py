@@ -65,6 +65,7 @@ from rlpipe.core.placement import RolePlacement
 from rlpipe.core.specs import BuildContext
 from rlpipe.core.stage import Batch, StageContext
 from rlpipe.models.decoder import sequence_logprobs
+from rlpipe.models.lora import LoRAParam
 from rlpipe.models.sharding import shardings_for
 from rlpipe.plugins.algorithms import losses
 from rlpipe.roles.optimization import (
@@ -129,7 +130,14 @@ class TrainerStage(OptimizedState):
 
     def __init__(self, config: Any, placement: RolePlacement, *, context: BuildContext, algorithm: Any):
         run = context.run_config
-        self.graphdef, params = nnx.split(self._build_model(config, placement, context, algorithm))
+        model = self._build_model(config, placement, context, algorithm, policy=True)
+        #: ``model.lora``: only the adapters train (``params``); the base is ``frozen``.
+        self.lora = getattr(run.model, "lora", None)
+        if self.lora is not None:
+            # The base's arrays are self.base_weights' (shared with the run's roles on this mesh).
+            self.graphdef, params, _ = nnx.split(model, LoRAParam, ...)
+        else:
+            self.graphdef, params = nnx.split(model)
         self.shardings = shardings_for(params, self.mesh)
         self.temperature = sampling_temperature(run)
         self.optimizer = make_optimizer(config, run.train.steps * config.num_iterations)
@@ -158,20 +166,24 @@ class TrainerStage(OptimizedState):
 
     # -- pure functions under jit ----------------------------------------------------
 
-    def _policy_logprobs(self, params, rows):
+    def _model(self, params, frozen):
+        """The policy from its trainable and (with LoRA) frozen parameters, inside jit."""
+        return nnx.merge(self.graphdef, params) if frozen is None else nnx.merge(self.graphdef, params, frozen)
+
+    def _policy_logprobs(self, params, frozen, rows):
         # Sampling used logits / T; the ratio must compare the same distribution.
-        lp = sequence_logprobs(nnx.merge(self.graphdef, params), rows["prompt"], rows["prompt_mask"],
+        lp = sequence_logprobs(self._model(params, frozen), rows["prompt"], rows["prompt_mask"],
                                rows["completion"], attention_mask(rows), self.temperature)
         return jnp.where(rows["completion_mask"].astype(bool), lp, 0.0)  # environment tokens are not scored
 
-    def _logprobs_fn(self, params, rows):
-        return self._policy_logprobs(params, rows)
+    def _logprobs_fn(self, params, frozen, rows):
+        return self._policy_logprobs(params, frozen, rows)
 
-    def _accumulate_fn(self, acc, params, rows, normalisers):
+    def _accumulate_fn(self, acc, params, frozen, rows, normalisers):
         """``acc`` (gradients, loss) plus this micro-batch's; and its metrics.
         ``normalisers``: the mini-batch's counts (:func:`losses.normalisers`)."""
         def loss_fn(p):
-            logp, entropy = sequence_logprobs(nnx.merge(self.graphdef, p), rows["prompt"], rows["prompt_mask"],
+            logp, entropy = sequence_logprobs(self._model(p, frozen), rows["prompt"], rows["prompt_mask"],
                                               rows["completion"], attention_mask(rows), self.temperature,
                                               with_entropy=True, remat=self.config.remat)
             logp = jnp.where(rows["completion_mask"].astype(bool), logp, 0.0)  # environment tokens are not scored
@@ -260,7 +272,7 @@ class TrainerStage(OptimizedState):
             # in the weight sync (a transfer every process joins).
             self.items = []
             self.version += 1
-            with context.span("weight_sync", policy_version=self.version):
+            with context.span("weight_sync", policy_version=self.version, bytes=self.sync_bytes):
                 for publish in self.subscribers:
                     publish(self.params, self.version)
             return
@@ -287,7 +299,7 @@ class TrainerStage(OptimizedState):
             if not skip_old:
                 # The "old" policy: current weights before any update of this global batch.
                 with context.span("logprobs", policy_version=self.version):
-                    old = [self._logprobs(self.params, chunk(i, i + mb)) for i in range(0, n_rows, mb)]
+                    old = [self._logprobs(self.params, self.frozen, chunk(i, i + mb)) for i in range(0, n_rows, mb)]
                     device_rows["old_logprobs"] = np.concatenate(distributed.to_host(old))
             # Each mini-batch's loss normalisers, counted before it is split (the same every pass).
             replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -300,7 +312,7 @@ class TrainerStage(OptimizedState):
                     for j, lo in enumerate(range(0, n_rows, mini)):
                         acc, parts = self._zeros(self.params), []
                         for i in range(lo, lo + mini, mb):
-                            acc, metrics = self._accumulate(acc, self.params, chunk(i, i + mb), normalisers[j])
+                            acc, metrics = self._accumulate(acc, self.params, self.frozen, chunk(i, i + mb), normalisers[j])
                             parts.append(metrics)
                         self.params, self.opt_state, gnorm, skipped, loss = self._apply(self.params, self.opt_state, acc)
                         grad_norms.append(gnorm)
@@ -333,9 +345,15 @@ class TrainerStage(OptimizedState):
         self.version += 1
         # Outside on_devices: a weight sync to another process's devices waits
         # for its turn (rlpipe.runtime.distributed.RegionOrder), never holding devices.
-        with context.span("weight_sync", policy_version=self.version):
+        with context.span("weight_sync", policy_version=self.version, bytes=self.sync_bytes):
             for publish in self.subscribers:
                 publish(self.params, self.version)
+
+    @property
+    def sync_bytes(self) -> int:
+        """Bytes a weight sync publishes: the trainable parameters (with LoRA,
+        the adapters alone), all shards together, before any cast."""
+        return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.params))
 
     def state(self) -> Any:
         return {**super().state(), "version": self.version, "skipped_updates": self.skipped_updates}

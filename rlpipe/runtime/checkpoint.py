@@ -14,7 +14,9 @@ holds, as orbax items:
 * ``meta`` (JSON): the step, the policy version, the data position, the seed,
   the scalar leaves of the stage states (``scalars``: ``{role: nested tree}``,
   the same nesting as the arrays), and a fingerprint of the config keys that
-  must not change between runs.
+  must not change between runs; with ``model.lora``, ``base``: the identity
+  of the base model (:func:`base_identity`), which the checkpoint holds no
+  copy of (the trainer's ``params`` are the adapters alone).
 
 Saves are asynchronous (the arrays are already in host memory when a save
 starts) and atomic: orbax writes into a temporary directory and renames it,
@@ -384,3 +386,52 @@ def _restore_sharding(x: Any) -> Any:
 def _reason(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}".splitlines()[0]
     return text[:300]
+
+
+# -- the base model of a LoRA run ------------------------------------------------------
+
+#: Weight files whose bytes identify a checkpoint directory's model.
+_WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin")
+
+
+def base_identity(model_config: Any) -> dict[str, Any] | None:
+    """What a LoRA run's checkpoints record about the base model they hold no
+    copy of (they hold the adapters and the optimizer state): the preset or
+    the ``architecture`` (a base drawn from ``train.seed``), or the checkpoint
+    path and the SHA-256 of each of its weight files.  ``None`` without
+    ``model.lora`` (the checkpoint holds the whole policy).
+
+    Reading the files takes a while for a large model: call it once per run.
+    """
+    if getattr(model_config, "lora", None) is None:
+        return None
+    from rlpipe.runtime import pretrained
+
+    path = model_config.path
+    if not path and getattr(model_config, "architecture", None) is None and model_config.preset in pretrained.PRETRAINED:
+        path = pretrained.cached_file(model_config.preset)
+    if not path:
+        which = "architecture" if getattr(model_config, "architecture", None) is not None else "preset"
+        return {"preset": model_config.preset if which == "preset" else None, "random_init": which}
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES)) \
+        if path.is_dir() else []
+    return {"preset": model_config.preset if not model_config.path else None, "path": str(path),
+            "sha256": {p.name: pretrained.sha256_of(p) for p in files}}
+
+
+def base_changes(saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None) -> list[str]:
+    """Why a run's checkpoint does not fit the base model the config now
+    loads: the adapters were trained on another one (another path or other
+    file contents).  Empty when they fit, or when either side has no record."""
+    if not saved or not current:
+        return []
+    out = []
+    if saved.get("path") != current.get("path") and saved.get("path") and current.get("path"):
+        out.append(f"the base model was {saved['path']}, now {current['path']}")
+    before, now = saved.get("sha256") or {}, current.get("sha256") or {}
+    for name in sorted(set(before) | set(now)):
+        if before.get(name) != now.get(name):
+            out.append(f"base weight file {name}: SHA-256 {str(before.get(name, '<absent>'))[:12]} in the run, "
+                       f"{str(now.get(name, '<absent>'))[:12]} now")
+    return out

@@ -29,6 +29,7 @@ from rlpipe.core.config import (
     structure,
 )
 from rlpipe.core.errors import ConfigError, Problem, suggest
+from rlpipe.core.lora_config import LoRAConfig
 from rlpipe.core.plugins import Registry
 from rlpipe.runtime.pretrained import PRETRAINED, missing_problem
 
@@ -161,6 +162,11 @@ class ModelConfig:
         tokenizer: ``char`` (the built-in character tokenizer), a directory
             holding ``tokenizer.json``, or ``null``: the checkpoint's own with
             ``path`` or a pretrained preset, else ``char``.
+        lora: low-rank adapters (:class:`rlpipe.core.lora_config.LoRAConfig`:
+            ``rank``, ``alpha``, ``targets``, ``dropout``): the policy roles
+            train, sync and checkpoint only the adapters, the base weights stay
+            frozen in the compute dtype, and the reference is the base model
+            with the adapters off (docs/lora.md).  ``null``: full fine-tuning.
     """
 
     preset: str = "tiny"
@@ -170,6 +176,7 @@ class ModelConfig:
         lambda v: v is None or v in ("float32", "bfloat16"), "must be 'float32', 'bfloat16' or null, got {value}"))
     tokenizer: str | None = None
     architecture: ArchitectureConfig | None = None
+    lora: LoRAConfig | None = None
 
     def resolved_compute_dtype(self, platform: str | None) -> str:
         """``compute_dtype`` with ``null`` resolved for devices of ``platform``
