@@ -48,6 +48,15 @@ Measurements:
   from the prefill's arrays), with ``same_tokens``: whether the completions
   equal the single-device ones (same key).  Fake CPU devices share the host's
   cores, so no speed-up is expected there; the cache bytes show the split.
+* with ``--variable-length``: a workload whose rows end at random lengths:
+  ``--stop-tokens K`` token ids (1..K) end a row, so with the near-uniform
+  next-token distribution of random weights a row stops with probability
+  about K / vocab per step (lengths roughly geometric, capped at
+  ``--new-tokens``).  Per batch size (the prompts of the workload),
+  ``variable_generate_throughput``: tokens actually generated / time of one
+  call (median), with ``engine_method`` ``generate`` (every prompt in one
+  batch) and, with ``--refill-rows R``, ``generate_refill`` (continuous
+  batching on R rows; ``same_tokens`` says whether it equals ``generate``).
 * with ``--inspect-hlo``: ``cache_relayouts_per_step``, the whole-cache
   copies or transposes inside the compiled decode loop (0 is ideal: the cache
   is updated in place and read once), plus whether the prefill materialises
@@ -74,6 +83,7 @@ if __name__ == "__main__" and "jax" not in sys.modules:
     if (_pre.parse_known_args()[0].devices or 1) > 1:
         fake_devices.request(_pre.parse_known_args()[0].devices)
 
+import attrs
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,11 +93,33 @@ from results import Sink, log, record, stdout_sink, timed
 from rlpipe.core.placement import MeshSpec, RolePlacement, make_mesh
 from rlpipe.models.config import PRESETS, DecoderConfig
 from rlpipe.models.decoder import init_cache
-from rlpipe.models.generation import Engine, SamplingParams, bucket_length, row_sharding
+from rlpipe.models.generation import (
+    Engine,
+    SamplingParams,
+    bucket_length,
+    decode_segments,
+    row_sharding,
+)
 from rlpipe.models.loading import init_sharded
 
 GB = 1e9
 MIB = 1 << 20
+
+#: Shapes for benchmarks only, besides :data:`rlpipe.models.config.PRESETS`:
+#: ``qwen2-2l-d128`` is the small Qwen2 of the engine comparisons (2 layers,
+#: hidden 128, vocab 512, 4 heads, 2 key-value heads, QKV bias).
+BENCH_PRESETS = {
+    "qwen2-2l-d128": DecoderConfig(architecture="qwen2", vocab_size=512, hidden_size=128, intermediate_size=512,
+                                   num_layers=2, num_heads=4, num_kv_heads=2, qkv_bias=True, rope_theta=1000000.0,
+                                   max_position_embeddings=4096),
+}
+
+
+def preset_config(preset: str, layers: int | None = None) -> DecoderConfig:
+    """The shape named ``preset`` (a model preset or a :data:`BENCH_PRESETS` one),
+    with ``layers`` layers when given."""
+    config = BENCH_PRESETS.get(preset) or PRESETS[preset]
+    return attrs.evolve(config, num_layers=layers) if layers else config
 
 
 def _rec(rec: dict[str, Any]) -> dict[str, Any]:
@@ -131,7 +163,7 @@ def copy_bandwidth(mib: int, repeats: int) -> float:
 
 def _prefill(graphdef, state, tokens, mask, cache_len: int, cache_dtype):
     # Mirrors the start of rlpipe.models.generation._generate: a fresh cache of the
-    # full generation length, then one forward over the left-padded prompt.
+    # first decode segment's length, then one forward over the left-padded prompt.
     model = nnx.merge(graphdef, state)
     rows, p = tokens.shape
     cache = init_cache(model.config, rows, cache_len, cache_dtype)
@@ -239,7 +271,15 @@ def inspect_generate_hlo(engine: Engine, state, tokens, mask, key, params: Sampl
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="tiny", choices=sorted({*PRESETS, *BENCH_PRESETS}))
+    p.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="sample with SamplingParams.ignore_eos (no stop token ends a row; there are none by default)")
+    p.add_argument("--variable-length", action="store_true", help="measure the variable-length workload instead")
+    p.add_argument("--stop-tokens", type=int, default=5, help="--variable-length: how many token ids end a row")
+    p.add_argument("--refill-rows", type=int, default=None,
+                   help="--variable-length: also measure generate_refill (continuous batching) on this many rows")
+    p.add_argument("--refill-every", type=int, default=16, help="--variable-length: generate_refill's refill_every")
     p.add_argument("--batch", type=int, nargs="+", default=[8, 32], help="rows per generate call (several allowed)")
     p.add_argument("--prompt-len", type=int, default=32, help="real prompt tokens per row (padded to a power-of-two bucket)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row (cache = prompt bucket + this)")
@@ -254,7 +294,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--devices", type=int, default=None,
                    help="also measure data-parallel generation on a (N, 1) fsdp mesh against (1, 1) (fake CPU devices on CPU)")
     args = p.parse_args(argv)
-    for name in ("batch", "prompt_len", "new_tokens", "repeats", "copy_mib", "devices"):
+    for name in ("batch", "prompt_len", "new_tokens", "repeats", "copy_mib", "devices", "layers", "refill_rows"):
         value = getattr(args, name)
         if value is not None and min(value if isinstance(value, list) else [value]) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -264,7 +304,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def measure(*, preset: str = "tiny", dtype: str = "float32", batches: Sequence[int] = (8, 32), prompt_len: int = 32,
             new_tokens: int = 64, repeats: int | None = None, copy_mib: int | None = None,
             nominal_bandwidth: float | None = None, inspect_hlo: bool = False, seed: int = 0,
-            bandwidth: float | None = None, emit: Sink | None = None) -> list[dict[str, Any]]:
+            bandwidth: float | None = None, emit: Sink | None = None, layers: int | None = None,
+            ignore_eos: bool = False) -> list[dict[str, Any]]:
     """Runs the rollout measurements (see the module docstring) and returns their records.
 
     Args:
@@ -274,13 +315,13 @@ def measure(*, preset: str = "tiny", dtype: str = "float32", batches: Sequence[i
         emit: receives each record as it is made (default: JSON lines on stdout).
     """
     emit = emit or stdout_sink()
-    config = PRESETS[preset]
+    config = preset_config(preset, layers)
     jdtype = jnp.dtype(dtype)
     dev = jax.devices()[0]
     if repeats is None:
         repeats = 10 if dev.platform == "cpu" else 3
     base = {"preset": preset, "dtype": dtype, "platform": dev.platform, "device_kind": dev.device_kind,
-            "jax": jax.__version__}
+            "jax": jax.__version__, "layers": config.num_layers}
     if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
         log("note: a persistent compilation cache is configured; first_call may not include compilation")
 
@@ -303,7 +344,8 @@ def measure(*, preset: str = "tiny", dtype: str = "float32", batches: Sequence[i
 
     bucket = bucket_length(prompt_len, engine.min_bucket)
     cache_len = bucket + new_tokens
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0)  # no stop tokens: never stops early
+    # No stop tokens: never stops early.
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, ignore_eos=ignore_eos)
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
 
@@ -349,9 +391,10 @@ def measure(*, preset: str = "tiny", dtype: str = "float32", batches: Sequence[i
         mask_p = np.zeros((batch, bucket), bool)
         mask_p[:, bucket - prompt_len:] = True
         tok_p, mask_p = jax.device_put((tok_p, mask_p))
-        jax.block_until_ready(prefill(graphdef, state, tok_p, mask_p, cache_len, jdtype))
-        t_pre = statistics.median(timed(lambda: jax.block_until_ready(prefill(graphdef, state, tok_p, mask_p, cache_len, jdtype)),
-                                        repeats))
+        first_slots = decode_segments(bucket, new_tokens)[0][1]
+        jax.block_until_ready(prefill(graphdef, state, tok_p, mask_p, first_slots, jdtype))
+        t_pre = statistics.median(timed(lambda: jax.block_until_ready(prefill(graphdef, state, tok_p, mask_p, first_slots,
+                                                                              jdtype)), repeats))
         records.append(emit(_rec({"name": "prefill_throughput", "value": batch * prompt_len / t_pre, "unit": "tokens/s",
                                   **shape, "time_s": t_pre})))
 
@@ -381,6 +424,63 @@ def measure(*, preset: str = "tiny", dtype: str = "float32", batches: Sequence[i
     return records
 
 
+def measure_variable_length(*, preset: str = "tiny", dtype: str = "float32", batches: Sequence[int] = (64,),
+                            prompt_len: int = 32, new_tokens: int = 256, stop_tokens: int = 5,
+                            refill_rows: int | None = None, refill_every: int = 16, repeats: int | None = None,
+                            seed: int = 0, layers: int | None = None, emit: Sink | None = None) -> list[dict[str, Any]]:
+    """The variable-length workload (see the module docstring): ``generate``
+    over every prompt at once, and ``generate_refill`` on ``refill_rows`` rows."""
+    emit = emit or stdout_sink()
+    config = preset_config(preset, layers)
+    jdtype = jnp.dtype(dtype)
+    dev = jax.devices()[0]
+    repeats = repeats or (5 if dev.platform == "cpu" else 3)
+    base = {"preset": preset, "dtype": dtype, "platform": dev.platform, "device_kind": dev.device_kind,
+            "jax": jax.__version__, "layers": config.num_layers, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "stop_tokens": stop_tokens}
+    graphdef, state = nnx.split(init_sharded(config, None, seed=seed, dtype=jdtype))
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, stop_tokens=tuple(range(1, stop_tokens + 1)))
+    rng = np.random.default_rng(seed)
+    key = jax.random.key(seed)
+    records = []
+    for batch in batches:
+        prompts = rng.integers(stop_tokens + 1, config.vocab_size, size=(batch, prompt_len), dtype=np.int32)
+        mask = np.ones_like(prompts, dtype=bool)
+        methods = [("generate", {}, lambda e, k, prompts=prompts, mask=mask: e.generate(state, prompts, mask, k, params))]
+        if refill_rows:
+            methods.append(("generate_refill", {"rows": refill_rows, "refill_every": refill_every},
+                            lambda e, k, prompts=prompts, mask=mask: e.generate_refill(
+                                state, prompts, mask, k, params, rows=refill_rows, refill_every=refill_every)))
+        engines = {name: Engine(graphdef, cache_dtype=jdtype) for name, _, _ in methods}
+        for name, _, run in methods:
+            log(f"variable length: batch {batch}, {name}: compiling ...")
+            t = time.perf_counter()
+            run(engines[name], key)
+            records.append(emit(_rec({"name": "first_call", "value": time.perf_counter() - t, "unit": "s", **base,
+                                      "batch": batch, "engine_method": name, "workload": "variable_length"})))
+        times: dict[str, list[float]] = {name: [] for name, _, _ in methods}
+        generated: dict[str, list[int]] = {name: [] for name, _, _ in methods}
+        same = {name: True for name, _, _ in methods}
+        for r in range(repeats):  # interleaved, so that a busy neighbour slows both alike
+            k = jax.random.fold_in(key, r + 1)
+            outs = {}
+            for name, _, run in methods:
+                t = time.perf_counter()
+                outs[name] = run(engines[name], k)
+                times[name].append(time.perf_counter() - t)
+                generated[name].append(int(outs[name].mask.sum()))
+            for name, out in outs.items():
+                same[name] &= bool(np.array_equal(out.tokens, outs["generate"].tokens))
+        for name, options, _ in methods:
+            t_med = statistics.median(times[name])
+            records.append(emit(_rec({
+                "name": "variable_generate_throughput", "value": statistics.median(generated[name]) / t_med,
+                "unit": "tokens/s", **base, "batch": batch, "engine_method": name, **options,
+                "same_tokens": same[name], "mean_length": statistics.mean(generated[name]) / batch,
+                "times_s": [round(x, 6) for x in times[name]], "host_load_1m": os.getloadavg()[0]})))
+    return records
+
+
 def measure_data_parallel(*, devices: int, preset: str = "tiny", dtype: str = "float32", batches: Sequence[int] = (32,),
                           prompt_len: int = 32, new_tokens: int = 64, repeats: int | None = None, seed: int = 0,
                           emit: Sink | None = None) -> list[dict[str, Any]]:
@@ -389,7 +489,7 @@ def measure_data_parallel(*, devices: int, preset: str = "tiny", dtype: str = "f
     emit = emit or stdout_sink()
     if len(jax.devices()) < devices:
         raise RuntimeError(f"{devices} devices asked for, JAX sees {len(jax.devices())} (run as a script for fake CPU devices)")
-    config = PRESETS[preset]
+    config = preset_config(preset)
     jdtype = jnp.dtype(dtype)
     dev = jax.devices()[0]
     repeats = repeats or (5 if dev.platform == "cpu" else 3)
@@ -426,9 +526,18 @@ def measure_data_parallel(*, devices: int, preset: str = "tiny", dtype: str = "f
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.variable_length:
+        records = measure_variable_length(preset=args.preset, dtype=args.dtype, batches=args.batch,
+                                          prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                          stop_tokens=args.stop_tokens, refill_rows=args.refill_rows,
+                                          refill_every=args.refill_every, repeats=args.repeats, seed=args.seed,
+                                          layers=args.layers)
+        table(records)
+        return 0
     records = measure(preset=args.preset, dtype=args.dtype, batches=args.batch, prompt_len=args.prompt_len,
                       new_tokens=args.new_tokens, repeats=args.repeats, copy_mib=args.copy_mib,
-                      nominal_bandwidth=args.nominal_bandwidth, inspect_hlo=args.inspect_hlo, seed=args.seed)
+                      nominal_bandwidth=args.nominal_bandwidth, inspect_hlo=args.inspect_hlo, seed=args.seed,
+                      layers=args.layers, ignore_eos=args.ignore_eos)
     if (args.devices or 1) > 1:
         records += measure_data_parallel(devices=args.devices, preset=args.preset, dtype=args.dtype, batches=args.batch,
                                          prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
@@ -444,7 +553,7 @@ def table(records: list[dict[str, Any]]) -> None:
         ceiling = f"{r['ceiling']:.4g}" if r.get("ceiling") else "-"
         ratio = f"{100 * r['ratio']:.1f}%" if r.get("ratio") is not None else "-"
         value = "?" if r["value"] is None else f"{r['value']:.4g}"
-        name = r["name"] + (f" {tuple(r['mesh'])}" if "mesh" in r else "")
+        name = r["name"] + (f" {tuple(r['mesh'])}" if "mesh" in r else "") + (f" {r['engine_method']}" if "engine_method" in r else "")
         row = (name, str(r.get("batch", "-")), value, r["unit"], ceiling, ratio)
         if nominal:
             row += (f"{100 * r['ratio_nominal']:.1f}%" if r.get("ratio_nominal") is not None else "-",)

@@ -582,7 +582,7 @@ def test_trainer_and_reference_score_the_policy_tokens_in_the_context_the_policy
     np.testing.assert_allclose(ref, batch["rollout_logprobs"], atol=2e-5)
     trainer = stages["trainer"]
     rows = flat_rows(group_items([batch.add(rewards=np.zeros(loss.shape[:2], np.float32))], trainer.pad_id))
-    got = jax.device_get(trainer._logprobs(trainer.params, {k: rows[k] for k in (
+    got = jax.device_get(trainer._logprobs(trainer.params, trainer.frozen, {k: rows[k] for k in (
         "prompt", "prompt_mask", "completion", "completion_mask", "completion_attention_mask")}))
     np.testing.assert_allclose(got, rows["rollout_logprobs"], atol=2e-5)
 

@@ -157,14 +157,29 @@ class Attention(nnx.Module):
         # With a cache (prefill, decode): the cache is read in its heads-major layout by the
         # einsums below; handing it to dot_product_attention ([batch, slots, heads, dim])
         # would re-lay the whole cache every decode step.
-        start = (0, 0, cache_index, 0)
-        keys = jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype), start)
-        values = jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), start)
+        if jnp.ndim(cache_index) == 1:
+            # A write slot per row (rows at different steps: continuous batching), a scatter.
+            rows, q_slot = jnp.arange(b)[:, None], cache_index[:, None] + jnp.arange(s)[None, :]  # [b, s]
+            keys = cache.k.at[rows, :, q_slot].set(k.astype(cache.k.dtype))
+            values = cache.v.at[rows, :, q_slot].set(v.astype(cache.v.dtype))
+        else:
+            start = (0, 0, cache_index, 0)
+            keys = jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype), start)
+            values = jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), start)
+            q_slot = jnp.broadcast_to(cache_index + jnp.arange(s), (b, s))
         cache = LayerCache(keys, values)
-        q_slot = cache_index + jnp.arange(s)
         t = keys.shape[2]
+        if s == 1:
+            # A decode step: the products without the query axis, so that XLA:CPU runs the
+            # probabilities x values one with a fast kernel (with it, a slow generic one).
+            scores = jnp.einsum("bkgd,bktd->bkgt", q[:, 0], keys.astype(q.dtype),
+                                preferred_element_type=jnp.float32) / math.sqrt(d)
+            allowed = (jnp.arange(t)[None, :] <= q_slot)[:, None, None] & kv_valid[:, None, None, :]
+            probs = jax.nn.softmax(jnp.where(allowed, scores, _NEG), axis=-1).astype(x.dtype)
+            out = jnp.einsum("bkgt,bktd->bkgd", probs, values.astype(x.dtype), preferred_element_type=jnp.float32)
+            return self.o_proj(out.astype(x.dtype).reshape(b, s, kvh * g * d)), cache
         scores = jnp.einsum("bskgd,bktd->bkgst", q, keys.astype(q.dtype), preferred_element_type=jnp.float32) / math.sqrt(d)
-        allowed = (jnp.arange(t)[None, :] <= q_slot[:, None])[None, None, None] & kv_valid[:, None, None, None, :]
+        allowed = (jnp.arange(t)[None, None, :] <= q_slot[:, :, None])[:, None, None] & kv_valid[:, None, None, None, :]
         probs = jax.nn.softmax(jnp.where(allowed, scores, _NEG), axis=-1).astype(x.dtype)
         out = jnp.einsum("bkgst,bktd->bskgd", probs, values.astype(x.dtype), preferred_element_type=jnp.float32)
         return self.o_proj(out.astype(x.dtype).reshape(b, s, kvh * g * d)), cache
@@ -276,7 +291,8 @@ class Decoder(nnx.Module):
             kv_valid: ``[batch, slots]`` which key slots hold real tokens; slots
                 equal ``seq`` without a cache, the cache length with one.
             cache: per-layer :class:`LayerCache`, or ``None``.
-            cache_index: the slot where ``tokens[:, 0]`` is written.
+            cache_index: the slot where ``tokens[:, 0]`` is written: one for
+                every row, or ``[batch]``, one per row.
             remat: recompute each layer in the backward pass (see :meth:`hidden`).
         """
         h, cache = self.hidden(tokens, positions, kv_valid, cache, cache_index, remat=remat)

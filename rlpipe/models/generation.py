@@ -6,25 +6,39 @@ a ``lax.while_loop`` that samples one token per row and runs one decode step,
 stopping early once every row has produced a stop token.  The KV cache is
 created inside the program and carried by the loop, so XLA updates it in
 place; nothing is copied whole per step and nothing returns to the host
-before the end.
+before the end.  The loop runs in a few segments (:func:`decode_segments`)
+whose caches hold the slots filled so far rounded up to a power of two, so
+attention reads about the filled part of the cache, not all of it; the cache
+grows (one copy) between segments.
 
 Prompts are padded on the left to a *bucket* length (a power of two, at least
 16), so prompts of varying length reuse a handful of compiled programs.
+
+Sampling is Gumbel-max with noise from a counter-based integer hash
+(:func:`gumbel_noise`) of (key, row index, step, token id): row ``r``'s
+token depends only on its logits, the key, its index and its step, so the
+samples do not depend on the number of rows, padding rows, how the rows are
+split over devices, or (:meth:`Engine.generate_refill`) which batch slot a
+prompt runs in.  Top-k / top-p find their threshold by bisection over the
+logits (masked counts and sums), not by sorting the vocabulary.
 
 Data parallelism: given a ``sharding`` whose first dimension is split over
 mesh axes (:func:`row_sharding`, e.g. ``PartitionSpec("fsdp")``), the rows
 are padded to a multiple of those axes' size, and the prompts, the KV cache,
 the logits and the outputs are split by rows along them (explicit sharding
 constraints inside the program); the padding rows generate nothing and are
-dropped.  Each row samples with its own key (the call's key folded with the
-row index), so the samples do not depend on how the rows are split.
+dropped.
+
+Continuous batching (:meth:`Engine.generate_refill`): a few batch slots, each
+refilled with the next pending prompt when its row ends, for completions of
+varying length; the result equals :meth:`Engine.generate`'s.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import jax
@@ -49,6 +63,8 @@ class SamplingParams:
             reaches ``top_p``; 1.0 keeps all.
         stop_tokens: a row ends after emitting one of these (it is kept, with mask 1).
         pad_id: written after a row ends (with mask 0).
+        ignore_eos: no token ends a row (``stop_tokens`` are ignored): every
+            row generates ``max_new_tokens``; for benchmarks.
     """
 
     max_new_tokens: int
@@ -57,6 +73,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop_tokens: tuple[int, ...] = attrs.field(default=(), converter=tuple)
     pad_id: int = 0
+    ignore_eos: bool = False
 
 
 @attrs.frozen
@@ -144,60 +161,198 @@ def _pad_rows(a: np.ndarray, rows: int, value: Any = 0) -> np.ndarray:
     return np.concatenate([a, np.full((rows - a.shape[0], *a.shape[1:]), value, a.dtype)])
 
 
+def _order_key(x: jax.Array) -> jax.Array:
+    """float32 -> uint32 with the same order (negative floats bit-flipped, positive
+    ones with the sign bit set), so that thresholds can be bisected exactly."""
+    u = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(u >> 31 == 1, ~u, u | jnp.uint32(0x80000000))
+
+
+def _from_order_key(k: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(jnp.where(k >> 31 == 1, k & jnp.uint32(0x7FFFFFFF), ~k), jnp.float32)
+
+
+def _bisect(keys: jax.Array, lo: jax.Array, hi: jax.Array, ok, *, smallest: bool) -> jax.Array:
+    """The smallest (or largest) ``t`` in ``[lo, hi]`` (``[rows, 1]`` uint32)
+    with ``ok(t)`` (``[rows, 1]`` bool, monotone in ``t``; true at ``hi``, or at
+    ``lo`` for the largest): 32 halvings cover the uint32 range."""
+    def step(_, bounds):
+        lo, hi = bounds
+        if smallest:
+            mid = lo + (hi - lo) // 2
+            good = ok(mid)
+            return jnp.where(good, lo, mid + 1), jnp.where(good, mid, hi)
+        mid = hi - (hi - lo) // 2
+        good = ok(mid)
+        return jnp.where(good, mid, lo), jnp.where(good, hi, mid - 1)
+    lo, hi = jax.lax.fori_loop(0, 32, step, (lo, hi))
+    return hi if smallest else lo
+
+
+def _threshold(logits: jax.Array, top_k: int, top_p: float) -> jax.Array | None:
+    """Per row ``[rows, 1]``, the smallest logit kept by top-k and then top-p
+    (every token at or above it is kept), or ``None`` when both keep all.
+
+    Found by bisection over the logits' values (as order-preserving integers,
+    so the result is exactly a logit), each halving one masked count or sum
+    over the vocabulary: no sort, and no ``lax.top_k``, which XLA:CPU runs
+    about as slowly as a sort of the whole vocabulary (~6 ms for 64 x 512).
+
+    * top-k: the largest value ``v`` with at least ``k`` logits ``>= v`` (the
+      k-th largest; tokens tied with it are kept).
+    * top-p, over the top-k-masked distribution: token ``i`` is kept when the
+      mass of the strictly more likely tokens is below ``top_p`` (so the most
+      likely token always is); the threshold is the smallest such logit.
+    """
+    vocab = logits.shape[-1]
+    k = top_k if 0 < top_k < vocab else 0
+    if not k and top_p >= 1.0:
+        return None
+    keys = _order_key(logits)
+    lo = jnp.min(keys, axis=-1, keepdims=True)
+    hi = jnp.max(keys, axis=-1, keepdims=True)
+    if k:
+        count = lambda t: jnp.sum(keys >= t, axis=-1, keepdims=True) >= k
+        lo = _bisect(keys, lo, hi, count, smallest=False)
+    if top_p < 1.0:
+        # Probabilities as the sampler would see them after top-k.
+        probs = jax.nn.softmax(jnp.where(keys >= lo, logits, -jnp.inf), axis=-1)
+        mass_above = lambda t: jnp.sum(jnp.where(keys > t, probs, 0.0), axis=-1, keepdims=True) < top_p
+        lo = _bisect(keys, lo, hi, mass_above, smallest=True)
+    return _from_order_key(lo)
+
+
 def _truncate(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
     """Masks (to -inf) tokens outside the top-k and outside the top-p nucleus."""
-    neg = jnp.finfo(logits.dtype).min
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, neg, logits)
-    if top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-        keep = before < top_p                        # always keeps the most likely token
-        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, neg, logits)
-    return logits
+    threshold = _threshold(logits, top_k, top_p)
+    if threshold is None:
+        return logits
+    return jnp.where(logits < threshold, jnp.finfo(logits.dtype).min, logits)
 
 
-def sample(logits: jax.Array, key: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
+def _mix32(x: jax.Array) -> jax.Array:
+    """A bijective avalanche mix of uint32 values (the "lowbias32" integer hash)."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _key_words(key: jax.Array) -> jax.Array:
+    """Two uint32 seeds derived from a JAX PRNG key (any implementation)."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    data = jnp.asarray(key).reshape(-1).astype(jnp.uint32)  # a raw ``PRNGKey`` too
+    h = jnp.uint32(0x9E3779B9)
+    for i in range(data.shape[0]):
+        h = _mix32(h ^ data[i]) + jnp.uint32(i + 1)
+    return jnp.stack([_mix32(h), _mix32(h ^ jnp.uint32(0x85EBCA6B))])
+
+
+def gumbel_noise(key: jax.Array, index: jax.Array, step: jax.Array, vocab: int) -> jax.Array:
+    """Standard Gumbel noise ``[rows, vocab]`` from a counter-based hash.
+
+    Element ``(r, v)`` is a pure function of ``key``, ``index[r]``,
+    ``step[r]`` and ``v``: rows draw independently of how many there are, how
+    they are split over devices or which batch slot they occupy.  A handful of
+    integer operations per element (fused with the sampler's argmax), instead
+    of the 20-round threefry loop of ``jax.random``, which took a quarter to
+    two fifths of a CPU decode step."""
+    words = _key_words(key)
+    index = jnp.asarray(index).astype(jnp.uint32)
+    step = jnp.broadcast_to(jnp.asarray(step).astype(jnp.uint32), index.shape)
+    row = _mix32((_mix32(words[0] ^ _mix32(index)) + words[1]) ^ _mix32(step + jnp.uint32(0x68E31DA4)))
+    column = _mix32(jnp.arange(vocab, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9) + jnp.uint32(0x1B873593))
+    bits = _mix32(row[:, None] + column[None, :])
+    # 24 bits to a float32 in (0, 1): never 0 or 1, so both logs are finite.
+    u = ((bits >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))
+    return -jnp.log(-jnp.log(u))
+
+
+def _argmax(x: jax.Array) -> jax.Array:
+    """``jnp.argmax`` over the last axis (the first maximum), as two plain
+    reductions: XLA:CPU runs argmax's value-and-index reduction as a scalar loop
+    (with the Gumbel noise fused into it, the largest operation of a decode step)."""
+    x = jax.lax.optimization_barrier(x)  # computed once, vectorised, not inside the reductions
+    top = jnp.max(x, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.minimum(jnp.min(jnp.where(x == top, iota, x.shape[-1]), axis=-1), x.shape[-1] - 1)  # NaN rows: the last
+
+
+def sample(logits: jax.Array, key: jax.Array, params: SamplingParams, *, index: jax.Array | None = None,
+           step: jax.Array | int = 0) -> tuple[jax.Array, jax.Array]:
     """Samples one token per row from ``[rows, vocab]`` float32 logits; returns
     the tokens and their policy log-probabilities (see :class:`Generation`).
 
-    Row ``r`` samples with ``fold_in(key, r)``: its token depends on its own
-    logits and index only, not on the other rows, their number (padding rows)
-    or how the rows are split over devices."""
+    Gumbel-max over the truncated (:func:`_truncate`) scaled logits, with the
+    noise of :func:`gumbel_noise`: row ``r``'s token depends only on its own
+    logits, ``key``, ``index[r]`` (default ``r``) and ``step[r]``, not on the
+    other rows, their number (padding rows), how the rows are split over
+    devices, or which slot of a batch the row occupies."""
     if params.temperature == 0:
-        tokens = jnp.argmax(logits, axis=-1)
+        tokens = _argmax(logits)
         logp = jax.nn.log_softmax(logits, axis=-1)
     else:
         scaled = logits / params.temperature
         logp = jax.nn.log_softmax(scaled, axis=-1)
-        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(logits.shape[0], dtype=jnp.uint32))
-        truncated = _truncate(scaled, params.top_k, params.top_p)
-        tokens = jax.vmap(lambda k, row: jax.random.categorical(k, row, axis=-1))(keys, truncated)
+        rows, vocab = logits.shape
+        index = jnp.arange(rows, dtype=jnp.uint32) if index is None else index
+        perturbed = scaled + gumbel_noise(key, index, step, vocab)
+        threshold = _threshold(scaled, params.top_k, params.top_p)
+        if threshold is not None:
+            perturbed = jnp.where(scaled < threshold, -jnp.inf, perturbed)
+        tokens = _argmax(perturbed)
     return tokens.astype(jnp.int32), jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
 
+def decode_segments(prompt_slots: int, max_new_tokens: int, minimum: int = 16) -> tuple[tuple[int, int], ...]:
+    """How :func:`_generate` splits its sampling loop: ``(end step, cache
+    slots)`` per segment.  Segment ``j`` runs the steps up to ``end`` with a
+    cache of ``slots`` slots, the next power of two that holds them (the
+    last one exactly ``prompt_slots + max_new_tokens``), so each step's
+    attention reads at most twice the filled slots rather than the whole
+    cache; the cache grows (one copy) between segments."""
+    total = prompt_slots + max_new_tokens
+    segments = []
+    slots = bucket_length(prompt_slots + 1, minimum)
+    while True:
+        slots = min(slots, total)
+        segments.append((slots - prompt_slots, slots))
+        if slots == total:
+            return tuple(segments)
+        slots *= 2
+
+
+def _grow(tree: Any, slots: int, axis: int) -> Any:
+    """Every array of ``tree`` padded with zeros (``False``) to ``slots`` along ``axis``."""
+    def one(x):
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, slots - x.shape[axis])
+        return jnp.pad(x, pad)
+    return jax.tree_util.tree_map(one, tree)
+
+
 def _decode(model, cache, valid, last_logits, next_pos, first_slot, key, params: SamplingParams, done,
-            rows_sharding: NamedSharding | None = None):
+            rows_sharding: NamedSharding | None = None, segments: tuple[tuple[int, int], ...] | None = None):
     """The sampling loop shared by :func:`_generate` and :func:`_extend`: up to
     ``max_new_tokens`` steps, the token of step ``i`` written to cache slot
     ``first_slot + i``.  A slot is marked valid only for rows still live, so
     a cache kept between calls holds no padding as context.  Returns tokens,
     mask, log-probs, the cache and the validity mask.  With ``rows_sharding``
-    every per-row value of the loop stays split by rows."""
+    every per-row value of the loop stays split by rows.
+
+    ``segments`` (:func:`decode_segments`): the loop runs in pieces, the
+    cache grown to each piece's slots before it (``None``: one piece over
+    the cache as given)."""
     rows = valid.shape[0]
     n = params.max_new_tokens
-    stop = jnp.asarray(params.stop_tokens or (-1,), jnp.int32)
-
-    def cond(carry):
-        i, done = carry[0], carry[-1]
-        return (i < n) & ~jnp.all(done)
+    stop = jnp.asarray((params.stop_tokens if not params.ignore_eos else ()) or (-1,), jnp.int32)
+    index = jnp.arange(rows, dtype=jnp.uint32)
 
     def body(carry):
         i, cache, last, next_pos, valid, out_tok, out_lp, out_mask, done = carry
-        tok, lp = sample(last, jax.random.fold_in(key, i), params)
+        tok, lp = sample(last, key, params, index=index, step=i)
         live = ~done
         tok = jnp.where(live, tok, params.pad_id)
         out_tok = out_tok.at[:, i].set(tok)
@@ -213,19 +368,26 @@ def _decode(model, cache, valid, last_logits, next_pos, first_slot, key, params:
     carry = (jnp.int32(0), *_constrain((cache, last_logits, next_pos.astype(jnp.int32), valid,
                                         jnp.full((rows, n), params.pad_id, jnp.int32), jnp.zeros((rows, n), jnp.float32),
                                         jnp.zeros((rows, n), bool), done), rows_sharding))
-    carry = jax.lax.while_loop(cond, body, carry)
+    for end, slots in segments or ((n, None),):
+        if slots is not None and slots > carry[4].shape[1]:
+            grown = (_grow(carry[1], slots, 2), _grow(carry[4], slots, 1))
+            carry = (carry[0], *_constrain(grown[:1], rows_sharding), *carry[2:4], *_constrain(grown[1:], rows_sharding),
+                     *carry[5:])
+        carry = jax.lax.while_loop(lambda c, end=end: (c[0] < end) & ~jnp.all(c[-1]), body, carry)
     return carry[5], carry[7], carry[6], carry[1], carry[4]
 
 
-def _prefill(graphdef, state, tokens, mask, params: SamplingParams, cache_dtype, rows_sharding=None):
-    """The prompt's pass of :func:`_generate`: the model, the KV cache (split
-    by rows with ``rows_sharding``), its validity and the last position's logits."""
+def _prefill(graphdef, state, tokens, mask, params: SamplingParams, cache_dtype, rows_sharding=None,
+             slots: int | None = None):
+    """The prompt's pass of :func:`_generate`: the model, the KV cache of
+    ``slots`` slots (default: prompt and every new token; split by rows with
+    ``rows_sharding``), its validity and the last position's logits."""
     model = nnx.merge(graphdef, state)
     tokens, mask = _constrain((tokens, mask), rows_sharding)
     rows, prompt_len = tokens.shape
-    n = params.max_new_tokens
-    cache = _constrain(init_cache(model.config, rows, prompt_len + n, cache_dtype), rows_sharding)
-    valid = _constrain(jnp.concatenate([mask, jnp.zeros((rows, n), bool)], axis=1), rows_sharding)
+    slots = slots or prompt_len + params.max_new_tokens
+    cache = _constrain(init_cache(model.config, rows, slots, cache_dtype), rows_sharding)
+    valid = _constrain(jnp.concatenate([mask, jnp.zeros((rows, slots - prompt_len), bool)], axis=1), rows_sharding)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     # Only the last prompt position's logits are needed: [rows, 1, vocab], not [rows, len, vocab].
     hidden, cache = model.hidden(tokens, positions, valid, cache, 0)
@@ -234,11 +396,14 @@ def _prefill(graphdef, state, tokens, mask, params: SamplingParams, cache_dtype,
 
 
 def _generate(graphdef, state, tokens, mask, done, key, params: SamplingParams, cache_dtype, rows_sharding=None):
-    """Prefill and sampling loop; ``done`` rows (padding) generate nothing."""
-    model, cache, valid, last = _prefill(graphdef, state, tokens, mask, params, cache_dtype, rows_sharding)
+    """Prefill and sampling loop; ``done`` rows (padding) generate nothing.
+    The loop runs in :func:`decode_segments`, the cache growing with them."""
     prompt_len = tokens.shape[1]
+    segments = decode_segments(prompt_len, params.max_new_tokens)
+    model, cache, valid, last = _prefill(graphdef, state, tokens, mask, params, cache_dtype, rows_sharding,
+                                         slots=segments[0][1])
     out_tok, out_mask, out_lp, _, _ = _decode(model, cache, valid, last, jnp.sum(mask, axis=1), prompt_len, key,
-                                              params, done, rows_sharding)
+                                              params, done, rows_sharding, segments)
     return out_tok, out_mask, out_lp
 
 
@@ -273,6 +438,87 @@ def _extend(graphdef, state, cache, valid, tokens, mask, start_pos, reset, trim_
                              jax.lax.dynamic_update_slice(f.v, c.v, (0, 0, 0, 0))) for f, c in zip(full_cache, cache))
     return out_tok, out_mask, out_lp, *_constrain((cache, jax.lax.dynamic_update_slice(full_valid, valid, (0, 0))),
                                                   rows_sharding, exact=True)
+
+
+class _Slots(NamedTuple):
+    """The device state of :meth:`Engine.generate_refill`: ``rows`` batch
+    slots, each holding one prompt's generation at a time, and the outputs of
+    every prompt ``[prompts, max_new_tokens]``."""
+
+    cache: Any       # per-layer LayerCache [rows, kv_heads, prompt_slots + max_new_tokens, head_dim]
+    valid: Any       # [rows, slots]
+    last: Any        # [rows, vocab] logits that sample the next token
+    next_pos: Any    # [rows] position of the next token
+    step: Any        # [rows] tokens the slot's prompt has generated
+    index: Any       # [rows] which prompt the slot holds
+    done: Any        # [rows] the slot is free
+    out_tok: Any
+    out_lp: Any
+    out_mask: Any
+
+
+def _slots_init(config, rows: int, prompts: int, params: SamplingParams, prompt_slots: int, cache_dtype, vocab: int):
+    n = params.max_new_tokens
+    return _Slots(init_cache(config, rows, prompt_slots + n, cache_dtype), jnp.zeros((rows, prompt_slots + n), bool),
+                  jnp.zeros((rows, vocab), jnp.float32), jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), jnp.int32),
+                  jnp.zeros((rows,), jnp.uint32), jnp.ones((rows,), bool),
+                  jnp.full((prompts, n), params.pad_id, jnp.int32), jnp.zeros((prompts, n), jnp.float32),
+                  jnp.zeros((prompts, n), bool))
+
+
+def _slots_admit(graphdef, state, slots: _Slots, tokens, mask, where, index, params: SamplingParams, cache_dtype):
+    """Prefills prompts ``tokens`` ``[a, prompt_slots]`` (their prompt ``index``)
+    into batch slots ``where`` (``rows``: padding, dropped), exactly as
+    :func:`_generate`'s prefill does (same cache length)."""
+    a, p = tokens.shape
+    first = decode_segments(p, params.max_new_tokens)[0][1]
+    _, cache, _, logits = _prefill(graphdef, state, tokens, mask, params, cache_dtype, slots=first)
+    total = slots.valid.shape[1]
+
+    def put(x, v):
+        return x.at[where].set(v, mode="drop")
+    return _Slots(
+        tuple(LayerCache(c.k.at[where, :, :p].set(n.k[:, :, :p], mode="drop"),
+                         c.v.at[where, :, :p].set(n.v[:, :, :p], mode="drop")) for c, n in zip(slots.cache, cache)),
+        put(slots.valid, jnp.concatenate([mask, jnp.zeros((a, total - p), bool)], axis=1)),
+        put(slots.last, logits), put(slots.next_pos, jnp.sum(mask, axis=1).astype(jnp.int32)),
+        put(slots.step, jnp.zeros((a,), jnp.int32)), put(slots.index, index.astype(jnp.uint32)),
+        put(slots.done, jnp.zeros((a,), bool)), slots.out_tok, slots.out_lp, slots.out_mask)
+
+
+def _slots_decode(graphdef, state, slots: _Slots, key, refill_at, params: SamplingParams, steps: int):
+    """Up to ``steps`` decode steps of every occupied slot, each at its own
+    step count (its write slot ``prompt_slots + step``); stops early once
+    every slot is free or ``refill_at`` of them are."""
+    model = nnx.merge(graphdef, state)
+    n = params.max_new_tokens
+    prompt_slots = slots.valid.shape[1] - n
+    stop = jnp.asarray((params.stop_tokens if not params.ignore_eos else ()) or (-1,), jnp.int32)
+    rows = jnp.arange(slots.done.shape[0])
+    outside = slots.out_tok.shape[0]  # an out-of-range prompt row: the write is dropped
+
+    def body(carry):
+        i, c = carry
+        tok, lp = sample(c.last, key, params, index=c.index, step=c.step)
+        live = ~c.done
+        tok = jnp.where(live, tok, params.pad_id)
+        at = (jnp.where(live, c.index.astype(jnp.int32), outside), jnp.minimum(c.step, n - 1))
+        out_tok = c.out_tok.at[at].set(tok, mode="drop")
+        out_lp = c.out_lp.at[at].set(lp, mode="drop")
+        out_mask = c.out_mask.at[at].set(True, mode="drop")
+        slot = prompt_slots + jnp.minimum(c.step, n - 1)
+        valid = c.valid.at[rows, slot].set(live)
+        logits, cache = model.forward(tok[:, None], c.next_pos[:, None], valid, c.cache, slot)
+        step = c.step + live
+        done = c.done | jnp.isin(tok, stop) | (step >= n)
+        return i + 1, _Slots(cache, valid, logits[:, 0], c.next_pos + live, step, c.index, done, out_tok, out_lp, out_mask)
+
+    def cond(carry):
+        i, c = carry
+        free = jnp.sum(c.done)
+        return (i < steps) & (free < c.done.shape[0]) & (free < refill_at)
+
+    return jax.lax.while_loop(cond, body, (jnp.int32(0), slots))[1]
 
 
 @attrs.define
@@ -344,6 +590,9 @@ class Engine:
         self.compiles = 0  # programs traced so far (bucketing keeps this small)
         self._fn = jax.jit(self._traced, static_argnames=("params", "cache_dtype", "rows_sharding"))
         self._prefill_fn = jax.jit(self._traced_prefill, static_argnames=("params", "cache_dtype", "rows_sharding"))
+        self._slots_init_fn = jax.jit(_slots_init, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+        self._slots_admit_fn = jax.jit(self._traced_admit, static_argnames=("params", "cache_dtype"), donate_argnums=(1,))
+        self._slots_decode_fn = jax.jit(self._traced_slots_decode, static_argnames=("params", "steps"), donate_argnums=(1,))
         # The cache and its validity are donated: each call updates them in place.
         self._extend_fn = jax.jit(self._traced_extend, static_argnames=("params", "attend", "rows_sharding"),
                                   donate_argnums=(1, 2))
@@ -352,6 +601,16 @@ class Engine:
         with self._lock:
             self.compiles += 1
         return _generate(self.graphdef, state, tokens, mask, done, key, params, cache_dtype, rows_sharding)
+
+    def _traced_admit(self, state, slots, tokens, mask, where, index, params, cache_dtype):
+        with self._lock:
+            self.compiles += 1
+        return _slots_admit(self.graphdef, state, slots, tokens, mask, where, index, params, cache_dtype)
+
+    def _traced_slots_decode(self, state, slots, key, refill_at, params, steps):
+        with self._lock:
+            self.compiles += 1
+        return _slots_decode(self.graphdef, state, slots, key, refill_at, params, steps)
 
     def _traced_prefill(self, state, tokens, mask, params, cache_dtype, rows_sharding):
         return _prefill(self.graphdef, state, tokens, mask, params, cache_dtype, rows_sharding)[1:3]
@@ -397,11 +656,61 @@ class Engine:
         toks, m, lp = (np.asarray(x)[:rows] for x in distributed.to_host(out))
         return Generation(tokens=toks, mask=m, logprobs=lp)
 
+    def generate_refill(self, state: Any, prompt_tokens: np.ndarray, prompt_mask: np.ndarray, key: jax.Array,
+                        params: SamplingParams, *, rows: int, refill_every: int = 16) -> Generation:
+        """:meth:`generate` for every row of ``prompt_tokens`` with continuous
+        batching: ``rows`` batch slots, each refilled with the next pending
+        prompt as soon as its row ends, so a batch of completions of varying
+        length runs at the throughput of full rows.
+
+        The result equals ``generate(state, prompt_tokens, prompt_mask, key,
+        params)`` (same tokens; log-probs to float rounding): a prompt's cache
+        has the layout it has there and its randomness comes from its index
+        and its own step count, not from its slot or when it started.
+
+        Args:
+            rows: batch slots (rows decoded together); at most the prompts.
+            refill_every: decode steps between two looks at which slots are
+                free (a program returns to the host then); a segment also
+                ends early once an eighth of the slots are free.
+        """
+        tokens, mask, _ = self._inputs(prompt_tokens, prompt_mask, params, None)
+        prompts, prompt_slots = tokens.shape
+        rows = max(1, min(rows, prompts))
+        config = nnx.merge(self.graphdef, state).config
+        slots = self._slots_init_fn(config, rows, prompts, params, prompt_slots, self.cache_dtype, config.vocab_size)
+        free, pending = list(range(rows)), 0
+        while True:
+            if free and pending < prompts:
+                take = free[:prompts - pending]
+                width = min(bucket_length(len(take), 1), rows)  # a few admission programs
+                where = np.full((width,), rows, np.int32)
+                where[:len(take)] = take
+                index = np.zeros((width,), np.int32)
+                index[:len(take)] = np.arange(pending, pending + len(take))
+                chunk = np.zeros((width, prompt_slots), np.int32)
+                chunk_mask = np.zeros((width, prompt_slots), bool)
+                chunk[:len(take)] = tokens[pending:pending + len(take)]
+                chunk_mask[:len(take)] = mask[pending:pending + len(take)]
+                slots = self._slots_admit_fn(state, slots, chunk, chunk_mask, where, index, params=params,
+                                             cache_dtype=self.cache_dtype)
+                pending += len(take)
+            refill_at = max(1, rows // 8) if pending < prompts else rows + 1
+            slots = self._slots_decode_fn(state, slots, key, jnp.int32(refill_at), params=params, steps=refill_every)
+            done = np.asarray(slots.done)
+            if pending == prompts and done.all():
+                break
+            free = np.flatnonzero(done).tolist()
+        return Generation(tokens=np.asarray(slots.out_tok), mask=np.asarray(slots.out_mask),
+                          logprobs=np.asarray(slots.out_lp))
+
     def prefill_cache(self, state: Any, prompt_tokens: np.ndarray, prompt_mask: np.ndarray, params: SamplingParams, *,
                       sharding: jax.sharding.Sharding | None = None) -> tuple[Any, Any]:
-        """The KV cache and validity mask that :meth:`generate` starts its
-        sampling loop from (the prefill of the same program, device arrays with
-        its shardings): for inspecting where the cache lives."""
+        """The KV cache and validity mask of :meth:`generate`'s prefill
+        (device arrays with its shardings), at the full length the cache grows
+        to (prompt bucket + ``max_new_tokens`` slots; ``generate`` itself starts
+        with the first of :func:`decode_segments`): for inspecting where the
+        cache lives."""
         tokens, mask, _ = self._inputs(prompt_tokens, prompt_mask, params, sharding)
         if sharding is not None:
             tokens, mask = distributed.put((tokens, mask), sharding)

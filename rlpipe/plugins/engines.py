@@ -17,6 +17,7 @@ def _jax_engine(graphdef, **options):
 def rlpipe_rollout_engines():
     yield RolloutEngineSpec(
         name="jax",
-        description="pure-JAX prefill + while-loop decode with an in-place KV cache, prompt-length buckets",
+        description=("pure-JAX prefill + while-loop decode with an in-place KV cache, prompt-length buckets; "
+                     "continuous batching with generate_refill"),
         factory=_jax_engine,
     )

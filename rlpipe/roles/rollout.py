@@ -39,6 +39,16 @@ class RolloutConfig(RoleConfig):
         top_p: nucleus sampling mass; 1.0 keeps all.
         stop_tokens: token ids that end a completion, besides the tokenizer's
             end-of-sequence token.
+        ignore_eos: no token ends a completion (neither the end-of-sequence
+            token nor ``stop_tokens``): every completion is ``max_new_tokens``
+            long.  For benchmarking the engine.
+        refill_rows: continuous batching: decode at most this many rows at
+            once, each refilled with the next pending completion as soon as
+            its own ends (``Engine.generate_refill``); the completions equal
+            those of generating all rows at once.  Pays off when completions
+            end at very different lengths.  ``null``: every row at once.
+            Single-turn rollouts with the rows on one device (agentic
+            episodes already refill their rows turn by turn).
         environment: makes the rollout agentic: multi-turn episodes with this
             environment (:class:`rlpipe.plugins.agentic.environment.EnvironmentSection`);
             ``max_new_tokens`` is then each episode's budget, policy and
@@ -55,6 +65,8 @@ class RolloutConfig(RoleConfig):
     top_k: int = attrs.field(default=0, validator=check(lambda v: v >= 0, "must be at least 0 (0 keeps all tokens), got {value}"))
     top_p: float = attrs.field(default=1.0, validator=check(lambda v: 0 < v <= 1, "must be in (0, 1], got {value}"))
     stop_tokens: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    refill_rows: int | None = attrs.field(default=None, validator=check(lambda v: v >= 1, "must be at least 1 (or null: every row at once), got {value}"))
     environment: EnvironmentSection | None = None
     max_concurrency: int | None = attrs.field(default=None, validator=check(lambda v: v >= 1, "must be at least 1, got {value}"))
 

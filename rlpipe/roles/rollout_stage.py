@@ -59,9 +59,14 @@ class SingleTurn:
         g = stage.config.num_generations
 
         def generate() -> dict[str, np.ndarray]:
+            rows = stage.config.refill_rows
             with on_devices(stage.holder.mesh, context):
-                out = stage.engine.generate(state, np.repeat(prompts, g, axis=0), np.repeat(mask, g, axis=0), context.key(),
-                                            stage.params, sharding=stage.holder.rows)
+                if rows is not None:  # continuous batching (checked at build: one row shard)
+                    out = stage.engine.generate_refill(state, np.repeat(prompts, g, axis=0), np.repeat(mask, g, axis=0),
+                                                       context.key(), stage.params, rows=rows)
+                else:
+                    out = stage.engine.generate(state, np.repeat(prompts, g, axis=0), np.repeat(mask, g, axis=0),
+                                                context.key(), stage.params, sharding=stage.holder.rows)
             return {"tokens": out.tokens, "mask": out.mask, "logprobs": out.logprobs}
 
         with context.span("generate", policy_version=version):
@@ -111,6 +116,24 @@ def check_prompt_tokens(batch: Batch, vocab_size: int, *, tokenizer_vocab: int |
         + ": the tokenizer does not match the model (model.tokenizer)")
 
 
+def _check_refill(config: Any, engine: Any, rows: Any, generator: Any) -> None:
+    """``roles.rollout.refill_rows`` needs single-turn rollouts, an engine with
+    ``generate_refill`` and the rows on one device."""
+    from rlpipe.core.errors import ConfigError, Problem
+    from rlpipe.models.generation import row_shards
+
+    why = None
+    if generator is not SingleTurn:
+        why = "agentic episodes already refill their rows turn by turn; leave it null with an environment"
+    elif not callable(getattr(engine, "generate_refill", None)):
+        why = f"the rollout engine {config.engine!r} has no generate_refill (continuous batching)"
+    elif row_shards(rows) > 1:
+        why = (f"the rollout's rows are split over {row_shards(rows)} devices (its mesh's fsdp axis); continuous "
+               "batching runs the rows on one device: use a mesh with fsdp 1, or leave refill_rows null")
+    if why:
+        raise ConfigError(Problem("roles.rollout.refill_rows", why))
+
+
 class RolloutStage:
     """Generates ``num_generations`` completions per prompt.
 
@@ -140,7 +163,9 @@ class RolloutStage:
         stops = tuple(dict.fromkeys([t for t in (self.tokenizer.eos_id, *config.stop_tokens) if t is not None]))
         self.params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                      top_k=config.top_k, top_p=config.top_p, stop_tokens=stops,
-                                     pad_id=self.tokenizer.pad_id)
+                                     pad_id=self.tokenizer.pad_id, ignore_eos=config.ignore_eos)
+        if config.refill_rows is not None:
+            _check_refill(config, self.engine, self.holder.rows, generator)
         self._published = False  # no trainer publishes: generate with the initial weights
         self.last_metrics: dict[str, float] = {}
         self.generator: Generator = generator(self)
