@@ -91,7 +91,7 @@ REPO = HERE.parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 
-from results import Sink, log, record, stdout_sink, table  # noqa: E402 - after the sys.path change
+from results import Sink, log, record, stdout_sink, table
 
 #: The google-tunix release this script was written and measured against.
 TUNIX_VERSION = "0.1.7"
@@ -279,13 +279,14 @@ def as_text(rows: Any) -> list[str]:
 class RlpipeGenerator:
     """rlpipe's built-in engine: one :meth:`Engine.generate` per call."""
 
-    def __init__(self, graphdef: Any, state: Any):
+    def __init__(self, graphdef: Any, state: Any, *, refill_rows: int | None = None):
         import jax
 
         from rlpipe.models.generation import Engine
 
         self.engine, self.state = Engine(graphdef, cache_dtype=jax.numpy.float32), state
         self.key = jax.random.key(0)
+        self.refill_rows = refill_rows  # continuous batching (Engine.generate_refill) on this many rows
 
     def __call__(self, prompts: Any, new_tokens: int, *, stop: int | None, repeat: int) -> list[int]:
         """Generates; returns each row's token count up to and including a stop token."""
@@ -302,8 +303,12 @@ class RlpipeGenerator:
                                     **({"ignore_eos": True} if "ignore_eos" in fields else {}))
         else:
             params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, stop_tokens=(stop,))
-        out = self.engine.generate(self.state, prompts, np.ones_like(prompts, dtype=bool),
-                                   jax.random.fold_in(self.key, repeat), params)
+        if self.refill_rows:
+            out = self.engine.generate_refill(self.state, prompts, np.ones_like(prompts, dtype=bool),
+                                              jax.random.fold_in(self.key, repeat), params, rows=self.refill_rows)
+        else:
+            out = self.engine.generate(self.state, prompts, np.ones_like(prompts, dtype=bool),
+                                       jax.random.fold_in(self.key, repeat), params)
         return [int(n) for n in out.mask.sum(axis=1)]
 
 
@@ -476,7 +481,7 @@ def paired_speedup(ours: Sequence[float], theirs: Sequence[float]) -> float:
 
 def measure(*, only: Sequence[str] = WORKLOADS, repeats: int = 5, quick: bool = False,
             frameworks: Sequence[str] = FRAMEWORKS, shape_overrides: dict[str, dict[str, int]] | None = None,
-            emit: Sink | None = None) -> list[dict[str, Any]]:
+            refill_rows: int | None = 16, emit: Sink | None = None) -> list[dict[str, Any]]:
     """Runs the workloads in ``only`` for ``frameworks`` (``("rlpipe",)``
     needs no Tunix) and returns their records (module docstring)."""
     import jax
@@ -525,6 +530,9 @@ def measure(*, only: Sequence[str] = WORKLOADS, repeats: int = 5, quick: bool = 
         for fw in frameworks:
             engines[fw] = (RlpipeGenerator(graphdef, wstate) if fw == "rlpipe"
                            else TunixGenerator(tunix_qwen2(wstate), cache_size=prompt_len + new))
+        if workload == "variable" and refill_rows and "rlpipe" in frameworks:
+            # rlpipe's continuous batching (roles.rollout.refill_rows): a finished row takes the next prompt.
+            engines["rlpipe_refill"] = RlpipeGenerator(graphdef, wstate, refill_rows=refill_rows)
         fields = {"workload": workload, **shape, "useful_tokens": useful}
         for fw, gen in engines.items():
             log(f"{workload}: {fw}: first call (compile) ...")
@@ -547,9 +555,10 @@ def measure(*, only: Sequence[str] = WORKLOADS, repeats: int = 5, quick: bool = 
         for fw, ts in times.items():
             add(name, useful / statistics.median(ts), "tokens/s", framework=fw, **fields,
                 times_s=[round(t, 6) for t in ts], repeats=repeats)
-        if len(engines) == 2:
-            add("peer_speedup", paired_speedup(speeds["rlpipe"], speeds["tunix"]), "x", peer="tunix", **fields,
-                definition="median over repeats of rlpipe tokens/s / tunix tokens/s (>1: rlpipe faster)")
+        if "tunix" in engines:
+            for fw in [f for f in engines if f.startswith("rlpipe")]:
+                add("peer_speedup", paired_speedup(speeds[fw], speeds["tunix"]), "x", peer="tunix", framework=fw,
+                    **fields, definition=f"median over repeats of {fw} tokens/s / tunix tokens/s (>1: rlpipe faster)")
 
     if "grpo" in only:
         shape = plan["grpo"]
@@ -601,6 +610,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per framework (default 5; --quick 3)")
     p.add_argument("--quick", action="store_true", help="shorter generations, 3 repeats: a couple of minutes")
     p.add_argument("--rlpipe-only", action="store_true", help="measure rlpipe alone (no Tunix, no venv)")
+    p.add_argument("--refill-rows", type=int, default=16,
+                   help="also time rlpipe's continuous batching on this many rows on the variable-length workload "
+                        "(0: not)")
     p.add_argument("--out", type=Path, help="also append the JSON lines to this file")
     p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)  # already in the venv
     return p.parse_args(argv)
@@ -623,7 +635,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         streams.append(out)
     try:
         records = measure(only=args.only, repeats=args.repeats or (3 if args.quick else 5), quick=args.quick,
-                          frameworks=("rlpipe",) if args.rlpipe_only else FRAMEWORKS, emit=Sink(streams))
+                          frameworks=("rlpipe",) if args.rlpipe_only else FRAMEWORKS, refill_rows=args.refill_rows or None,
+                          emit=Sink(streams))
     finally:
         if out is not None:
             out.close()
