@@ -210,7 +210,9 @@ class _Probe:
         import rlpipe.roles.trainer_stage as trainer_stage
 
         probe = self
-        original_trace = train_module.Trace
+        # The class the driver makes its run's trace with (its own subclass of Trace, where it has one).
+        trace_name = "_RunTrace" if hasattr(train_module, "_RunTrace") else "Trace"
+        original_trace = getattr(train_module, trace_name)
 
         class RecordingTrace(original_trace):  # type: ignore[misc, valid-type]
             def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -220,7 +222,7 @@ class _Probe:
         saved = {m: m.on_devices for m in (rollout_stage, reference_stage, trainer_stage, critic_stage) if hasattr(m, "on_devices")}
         if not saved:
             log("note: the role modules no longer import on_devices; device waits are not measured")
-        train_module.Trace = RecordingTrace
+        setattr(train_module, trace_name, RecordingTrace)
         for module, original in saved.items():
             module.on_devices = self._wrap(original)
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
@@ -230,7 +232,7 @@ class _Probe:
             jax.monitoring.unregister_event_duration_listener(self._on_event)
             for module, original in saved.items():
                 module.on_devices = original
-            train_module.Trace = original_trace
+            setattr(train_module, trace_name, original_trace)
 
     def to_trace_time(self) -> float:
         """perf_counter() - this = seconds on the trace's clock."""

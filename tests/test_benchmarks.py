@@ -182,3 +182,20 @@ def test_startup_records_time_the_quick_commands_and_name_heavy_imports(capsys, 
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == records
     # --rev measures a revision exported from git, not the work tree.
     assert (startup.package_root("HEAD", str(tmp_path)) / "rlpipe" / "__init__.py").is_file()
+
+
+def test_lora_trainer_memory_records_follow_xla_and_the_stage():
+    import lora as lora_benchmark
+
+    records = lora_benchmark.trainer_memory(rank=2, rows=2, prompt_tokens=4, completion_tokens=2)
+    assert_schema(records)
+    by = {(r["name"], r["way"]): r["value"] for r in records}
+    for way in ("full", "lora"):
+        held = by[("trainer_params_bytes", way)] + by[("trainer_frozen_bytes", way)]
+        # The program's arguments hold the parameters (trainable and frozen) and the accumulator,
+        # and the donated accumulator is what its outputs reuse.
+        assert by[("trainer_step_argument_bytes", way)] >= held + by[("trainer_accumulator_bytes", way)]
+        assert by[("trainer_step_alias_bytes", way)] == by[("trainer_accumulator_bytes", way)]
+    assert by[("trainer_frozen_bytes", "full")] == 0
+    assert by[("trainer_frozen_bytes", "lora")] == by[("trainer_params_bytes", "full")]  # the base, float32 on the CPU
+    assert by[("trainer_opt_state_bytes", "lora")] < by[("trainer_opt_state_bytes", "full")]
