@@ -49,10 +49,12 @@ def test_the_rlpipe_half_of_the_generation_workloads_follows_the_schema():
     (gen,) = by_name(records, "peer_generate_throughput")
     assert gen["framework"] == "rlpipe" and gen["unit"] == "tokens/s" and len(gen["times_s"]) == 2
     assert gen["useful_tokens"] == 2 * 4 and gen["value"] > 0
-    (var,) = by_name(records, "peer_variable_throughput")
+    var, refill = by_name(records, "peer_variable_throughput")  # all rows at once, then continuous batching
+    assert (var["framework"], refill["framework"]) == ("rlpipe", "rlpipe_refill")
+    assert refill["useful_tokens"] == var["useful_tokens"]
     # Every row stopped after exactly its planned number of tokens (the successor model).
-    (first,) = [r for r in by_name(records, "peer_first_call") if r["workload"] == "variable"]
-    assert first["rows_as_planned"] == 4
+    firsts = [r for r in by_name(records, "peer_first_call") if r["workload"] == "variable"]
+    assert [r["rows_as_planned"] for r in firsts] == [4, 4]
     assert 4 * 2 <= var["useful_tokens"] <= 4 * 7
     assert not by_name(records, "peer_speedup")  # one framework: nothing to pair
 
