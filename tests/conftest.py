@@ -14,9 +14,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.pop("RLPIPE_DISABLE_PLUGINS", None)
 os.environ.pop("RLPIPE_STRICT_PLUGINS", None)
 
-import pytest  # noqa: E402
+import pytest
 
-from rlpipe.core.plugins import load_registry  # noqa: E402
+from rlpipe.core.plugins import load_registry
+
+#: The engine tests' shared ``model`` and ``engine`` fixtures (a module's own fixture of the same name wins).
+pytest_plugins = ("engine_fixtures",)
 
 
 @pytest.fixture

@@ -5,11 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from engine_fixtures import MASK, PROMPTS
 from flax import nnx
 
-from rlpipe.models import PRESETS, build
 from rlpipe.models.generation import (
-    Engine,
     SamplingParams,
     _truncate,
     decode_segments,
@@ -86,20 +85,6 @@ def test_a_raw_uint32_key_works_too():
     logits = jax.random.normal(jax.random.key(0), (4, 32))
     toks, _ = sample(logits, jax.random.PRNGKey(1), SamplingParams(max_new_tokens=1))
     assert toks.shape == (4,)
-
-
-PROMPTS = np.array([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12], [13, 0, 0, 0, 0]])
-MASK = (PROMPTS != 0).astype(np.int32)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return build(PRESETS["tiny"], seed=3)
-
-
-@pytest.fixture(scope="module")
-def engine(model):
-    return Engine(nnx.split(model)[0])
 
 
 def test_ignore_eos_generates_every_token(model, engine):

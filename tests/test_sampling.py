@@ -4,10 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from engine_fixtures import MASK, PROMPTS
 from flax import nnx
 
 from rlpipe.core.placement import MeshSpec, RolePlacement, make_mesh
-from rlpipe.models import PRESETS, build, init_cache
+from rlpipe.models import init_cache
 from rlpipe.models.decoder import sequence_logprobs
 from rlpipe.models.generation import (
     Engine,
@@ -18,19 +19,6 @@ from rlpipe.models.generation import (
     sample,
 )
 from rlpipe.models.loading import init_sharded
-
-PROMPTS = np.array([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12], [13, 0, 0, 0, 0]])
-MASK = (PROMPTS != 0).astype(np.int32)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return build(PRESETS["tiny"], seed=3)
-
-
-@pytest.fixture(scope="module")
-def engine(model):
-    return Engine(nnx.split(model)[0])
 
 
 def state(model):

@@ -87,6 +87,27 @@ def load_policy(run_dir: Path, config: Any, step: int | None, *, role: str) -> t
     return checkpointer.restore_subtree(step, role, ("params",), template), step
 
 
+def run_config_of(run_dir: Path, registry: Any) -> Any:
+    """The resolved config a run directory was trained with (its ``config.yaml``).
+
+    Raises:
+        RunDirError: not a run directory, or an unreadable config.
+    """
+    import yaml
+
+    from rlpipe.core.errors import RunDirError
+    from rlpipe.runtime.run_config import load_config
+
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise RunDirError(f"{run_dir}: not a run directory (no config.yaml)")
+    try:
+        data = yaml.safe_load(saved.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise RunDirError(f"{saved}: cannot read the run's config: {str(exc).splitlines()[0]}") from exc
+    return load_config(registry, defaults=data if isinstance(data, dict) else {})
+
+
 @click.command("eval")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--step", type=click.IntRange(min=0), default=None, help="Evaluate this checkpoint (default: the latest).")
@@ -102,22 +123,11 @@ def eval_cmd(ctx: click.Context, run_dir: str, step: int | None, initial: bool, 
              k: int, num_samples: int | None, as_json: bool) -> None:
     """Evaluate RUN_DIR's latest (or --step) policy on its task's held-out
     split: greedy accuracy, sampled pass@k and mean reward."""
-    import yaml
-
     from rlpipe.app.evaluation import evaluate
-    from rlpipe.core.errors import RunDirError
-    from rlpipe.runtime.run_config import load_config
 
     path = Path(run_dir)
-    saved = path / "config.yaml"
-    if not saved.is_file():
-        raise RunDirError(f"{path}: not a run directory (no config.yaml)")
-    try:
-        data = yaml.safe_load(saved.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise RunDirError(f"{saved}: cannot read the run's config: {str(exc).splitlines()[0]}") from exc
     reg = registry_of(ctx)
-    config = load_config(reg, defaults=data if isinstance(data, dict) else {})
+    config = run_config_of(path, reg)
     state, used = (None, None) if initial else load_policy(path, config, step, role=policy_role(config, reg))
     result = evaluate(config, reg, model_state=state, split=split, num_examples=num_examples, k=k,
                       num_samples=num_samples)

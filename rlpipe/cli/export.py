@@ -21,27 +21,6 @@ import click
 from rlpipe.cli.context import registry_of
 
 
-def run_config_of(run_dir: Path, registry: Any) -> Any:
-    """The resolved config a run directory was trained with (its ``config.yaml``).
-
-    Raises:
-        RunDirError: not a run directory, or an unreadable config.
-    """
-    import yaml
-
-    from rlpipe.core.errors import RunDirError
-    from rlpipe.runtime.run_config import load_config
-
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise RunDirError(f"{run_dir}: not a run directory (no config.yaml)")
-    try:
-        data = yaml.safe_load(saved.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise RunDirError(f"{saved}: cannot read the run's config: {str(exc).splitlines()[0]}") from exc
-    return load_config(registry, defaults=data if isinstance(data, dict) else {})
-
-
 def trained_policy(run_dir: Path, config: Any, step: int | None, *, role: str) -> tuple[Any, int]:
     """The policy of checkpoint ``step`` (the latest when ``None``) of
     ``run_dir``, as a decoder on the default device: with ``model.lora``, the
@@ -93,6 +72,8 @@ def export_cmd(ctx: click.Context, run_dir: str, adapters_out: str | None, merge
         raise UsageError("nothing to export: give --adapters OUT and/or --merged OUT")
     path = Path(run_dir)
     reg = registry_of(ctx)
+    from rlpipe.cli.eval import run_config_of
+
     config = run_config_of(path, reg)
     lora = config.model.lora
     if adapters_out is not None and lora is None:
