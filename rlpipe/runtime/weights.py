@@ -21,6 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from rlpipe.runtime import host_memory
+
 HOST_MEMORY = "pinned_host"
 DEVICE_MEMORY = "device"
 
@@ -78,7 +80,16 @@ def _cast_program(dtype: Any, target_shardings: Any) -> Any:
 
 
 def with_memory_kind(tree: Any, kind: str) -> Any:
-    """The same arrays moved to memory ``kind`` (``pinned_host`` or ``device``)."""
+    """The same arrays moved to memory ``kind`` (``pinned_host`` or ``device``).
+
+    On the CPU backend, where both kinds are ``malloc``'d host memory, the
+    copies that earlier moves freed are first given back to the system
+    (:func:`rlpipe.runtime.host_memory.release_freed`): a role moved every
+    step would otherwise keep each freed generation of its arrays resident.
+    """
+    leaves = jax.tree_util.tree_leaves(tree)
+    if leaves and next(iter(leaves[0].sharding.device_set)).platform == "cpu":
+        host_memory.release_freed()
     shardings = jax.tree_util.tree_map(lambda x: x.sharding.with_memory_kind(kind), tree)
     return jax.device_put(tree, shardings)
 
