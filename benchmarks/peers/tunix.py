@@ -401,7 +401,9 @@ def rlpipe_grpo(shape: dict[str, int], steps: int, run_dir: Path) -> tuple[Gate,
         "algorithm": {"name": "grpo"},
         "roles": {"rollout": {"num_generations": shape["generations"], "max_new_tokens": shape["new_tokens"],
                               "temperature": 1.0},
-                  "reward": {}, "reference": {},
+                  # Tunix scores and trains the whole batch (its mini-batch: every prompt) in one
+                  # pass each; rlpipe's reference defaults to 8-row passes, so it is told the same.
+                  "reward": {}, "reference": {"micro_batch_size": shape["prompts"] * shape["generations"]},
                   "trainer": {"learning_rate": 1e-6, "micro_batch_size": shape["prompts"] * shape["generations"],
                               "num_iterations": 1}},
         "train": {"steps": steps, "seed": 0, "max_staleness": 0, "prompts_per_item": shape["prompts"],

@@ -49,7 +49,7 @@ from flax import nnx
 from rlpipe.core.errors import UsageError
 from rlpipe.core.lora_config import ATTENTION_TARGETS, MLP_TARGETS, TARGETS, LoRAConfig
 from rlpipe.models.config import DecoderConfig
-from rlpipe.models.decoder import Decoder, Linear
+from rlpipe.models.decoder import Decoder, Linear, dense
 from rlpipe.models.hf import hf_name, save_pretrained
 
 __all__ = ["ADAPTER_CONFIG_FILE", "ADAPTER_WEIGHTS_FILE", "ATTENTION_TARGETS", "MLP_TARGETS", "TARGETS", "LoRAConfig",
@@ -102,9 +102,8 @@ class LoRALinear(Linear):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = super().__call__(x)
-        h = jnp.einsum("...i,ir->...r", x, self.lora_a[...].astype(x.dtype), preferred_element_type=jnp.float32)
-        delta = jnp.einsum("...r,ro->...o", (h * self.scale).astype(x.dtype), self.lora_b[...].astype(x.dtype),
-                           preferred_element_type=jnp.float32)
+        h = dense(x, self.lora_a[...].astype(x.dtype))
+        delta = dense((h * self.scale).astype(x.dtype), self.lora_b[...].astype(x.dtype))
         return y + delta.astype(x.dtype)
 
     def without_adapter(self) -> Linear:
