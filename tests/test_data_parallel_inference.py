@@ -95,6 +95,25 @@ def test_rollout_on_8_devices_splits_rows_and_equals_one_device(registry_module,
     assert tokens.shape[0] == 16 and per_device_rows(tokens) == [2] * 8 == per_device_rows(mask)
 
 
+def test_rollout_prefilling_each_prompt_once_splits_rows_and_equals_one_device(registry_module, puts):
+    """4 prompts over fsdp=4: the prompts themselves split evenly, so each is
+    prefilled once and its cache copied to its G rows on its own device."""
+    cfg = run_config(registry_module, 1.0)
+    one = build(RolloutStage, registry_module, cfg, "rollout", (1, 1))
+    four = build(RolloutStage, registry_module, cfg, "rollout", (4, 1))
+    full = prompts()
+    batch = Batch(prompt_tokens=full["prompt_tokens"][:4], prompt_mask=full["prompt_mask"][:4])
+    a = one.process(batch, context=ctx("rollout"))
+    puts.clear()
+    b = four.process(batch, context=ctx("rollout"))
+    np.testing.assert_array_equal(a["completion_tokens"], b["completion_tokens"])
+    np.testing.assert_allclose(a["rollout_logprobs"], b["rollout_logprobs"], atol=1e-5)
+    [(sharding, (tokens, mask, done))] = puts
+    assert row_shards(sharding) == 4
+    assert per_device_rows(tokens) == [1] * 4 == per_device_rows(mask)  # one prompt per device, prefilled once
+    assert per_device_rows(done) == [G] * 4  # and its G rows on that device
+
+
 def test_rollout_kv_cache_holds_an_eighth_of_the_rows_per_device(registry_module):
     cfg = run_config(registry_module, 1.0)
     stage = build(RolloutStage, registry_module, cfg, "rollout", (8, 1))

@@ -157,3 +157,58 @@ def test_refilled_generation_with_more_slots_than_prompts(model, engine):
     want = engine.generate(state, PROMPTS, MASK, jax.random.key(2), params)
     got = engine.generate_refill(state, PROMPTS, MASK, jax.random.key(2), params, rows=8)
     np.testing.assert_array_equal(got.tokens, want.tokens)
+
+
+# -- each prompt prefilled once for its group (generate(..., repeat=g)) -------------------
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 20), (0.0, 0)])
+def test_repeat_equals_generating_the_repeated_prompts(model, engine, temperature, top_k):
+    params = SamplingParams(max_new_tokens=10, temperature=temperature, top_k=top_k)
+    state = nnx.split(model)[1]
+    rows = engine.generate(state, np.repeat(PROMPTS, 4, axis=0), np.repeat(MASK, 4, axis=0), jax.random.key(5), params)
+    grouped = engine.generate(state, PROMPTS, MASK, jax.random.key(5), params, repeat=4)
+    assert grouped.tokens.shape == (12, 10)
+    np.testing.assert_array_equal(rows.tokens, grouped.tokens)
+    np.testing.assert_array_equal(rows.mask, grouped.mask)
+    np.testing.assert_allclose(rows.logprobs, grouped.logprobs, atol=1e-5)
+    if temperature > 0:  # the copies sample independently: a group's completions differ
+        assert len({tuple(t) for t in grouped.tokens[4:8]}) > 1
+
+
+def test_repeat_must_be_positive(model, engine):
+    with pytest.raises(ValueError, match="repeat must be at least 1, got 0"):
+        engine.generate(nnx.split(model)[1], PROMPTS, MASK, jax.random.key(0), SamplingParams(max_new_tokens=2), repeat=0)
+
+
+def test_the_rollout_prefills_each_prompt_once_when_its_engine_can(registry, monkeypatch):
+    from helpers import config
+
+    from rlpipe import Batch, BuildContext, StageContext
+    from rlpipe.core.placement import MeshSpec, RolePlacement
+    from rlpipe.roles.rollout_stage import RolloutStage
+
+    cfg = config(registry, {"roles": {"rollout": {"num_generations": 3, "max_new_tokens": 4}}})
+    placement = RolePlacement(name="rollout", devices=range(1), mesh=MeshSpec((1, 1), ("fsdp", "tp")))
+    stage = RolloutStage(cfg.roles["rollout"], placement,
+                         context=BuildContext(run_config=cfg, registry=registry, seed=cfg.train.seed))
+    assert stage.engine_repeats
+    calls = []
+    real = stage.engine.generate
+
+    def spy(state, tokens, mask, key, params, **kw):
+        calls.append((np.shape(tokens)[0], kw.get("repeat", 1)))
+        return real(state, tokens, mask, key, params, **kw)
+
+    stage.engine.generate = spy
+    batch = Batch(prompt_tokens=PROMPTS, prompt_mask=MASK)
+    context = StageContext(role="rollout", step=0, index=0, seed=0, behavior_version=0)
+    grouped = stage.process(batch, context=context)
+    assert calls == [(3, 3)] and grouped["completion_tokens"].shape == (3, 3, 4)
+    # An engine whose generate has no ``repeat`` gets the repeated prompts, with the same result.
+    stage.engine.generate = lambda state, tokens, mask, key, params, sharding=None: spy(state, tokens, mask, key, params,
+                                                                                       sharding=sharding)
+    stage.engine_repeats = False
+    again = stage.process(batch, context=context)
+    assert calls[-1] == (9, 1)
+    np.testing.assert_array_equal(grouped["completion_tokens"], again["completion_tokens"])

@@ -395,13 +395,21 @@ def _prefill(graphdef, state, tokens, mask, params: SamplingParams, cache_dtype,
     return model, _constrain(cache, rows_sharding), valid, _constrain(logits[:, -1], rows_sharding)
 
 
-def _generate(graphdef, state, tokens, mask, done, key, params: SamplingParams, cache_dtype, rows_sharding=None):
+def _generate(graphdef, state, tokens, mask, done, key, params: SamplingParams, cache_dtype, rows_sharding=None,
+              repeat: int = 1):
     """Prefill and sampling loop; ``done`` rows (padding) generate nothing.
-    The loop runs in :func:`decode_segments`, the cache growing with them."""
+    The loop runs in :func:`decode_segments`, the cache growing with them.
+
+    ``repeat``: each prompt row of ``tokens`` is prefilled once and its cache,
+    validity and last logits copied to ``repeat`` consecutive rows (``done``
+    has the repeated rows), which then sample independently."""
     prompt_len = tokens.shape[1]
     segments = decode_segments(prompt_len, params.max_new_tokens)
     model, cache, valid, last = _prefill(graphdef, state, tokens, mask, params, cache_dtype, rows_sharding,
                                          slots=segments[0][1])
+    if repeat > 1:
+        cache, valid, last, mask = _constrain(jax.tree_util.tree_map(lambda x: jnp.repeat(x, repeat, axis=0),
+                                                                     (cache, valid, last, mask)), rows_sharding)
     out_tok, out_mask, out_lp, _, _ = _decode(model, cache, valid, last, jnp.sum(mask, axis=1), prompt_len, key,
                                               params, done, rows_sharding, segments)
     return out_tok, out_mask, out_lp
@@ -588,7 +596,7 @@ class Engine:
         self.cache_dtype = jnp.dtype(cache_dtype)
         self._lock = threading.Lock()
         self.compiles = 0  # programs traced so far (bucketing keeps this small)
-        self._fn = jax.jit(self._traced, static_argnames=("params", "cache_dtype", "rows_sharding"))
+        self._fn = jax.jit(self._traced, static_argnames=("params", "cache_dtype", "rows_sharding", "repeat"))
         self._prefill_fn = jax.jit(self._traced_prefill, static_argnames=("params", "cache_dtype", "rows_sharding"))
         self._slots_init_fn = jax.jit(_slots_init, static_argnums=(0, 1, 2, 3, 4, 5, 6))
         self._slots_admit_fn = jax.jit(self._traced_admit, static_argnames=("params", "cache_dtype"), donate_argnums=(1,))
@@ -597,10 +605,10 @@ class Engine:
         self._extend_fn = jax.jit(self._traced_extend, static_argnames=("params", "attend", "rows_sharding"),
                                   donate_argnums=(1, 2))
 
-    def _traced(self, state, tokens, mask, done, key, params, cache_dtype, rows_sharding):
+    def _traced(self, state, tokens, mask, done, key, params, cache_dtype, rows_sharding, repeat=1):
         with self._lock:
             self.compiles += 1
-        return _generate(self.graphdef, state, tokens, mask, done, key, params, cache_dtype, rows_sharding)
+        return _generate(self.graphdef, state, tokens, mask, done, key, params, cache_dtype, rows_sharding, repeat)
 
     def _traced_admit(self, state, slots, tokens, mask, where, index, params, cache_dtype):
         with self._lock:
@@ -634,7 +642,8 @@ class Engine:
         return tokens, mask, np.arange(padded) >= rows
 
     def generate(self, state: Any, prompt_tokens: np.ndarray, prompt_mask: np.ndarray, key: jax.Array,
-                 params: SamplingParams, *, sharding: jax.sharding.Sharding | None = None) -> Generation:
+                 params: SamplingParams, *, sharding: jax.sharding.Sharding | None = None,
+                 repeat: int = 1) -> Generation:
         """Generates for every row of ``prompt_tokens`` (``[rows, len]``, any padding).
 
         Args:
@@ -645,14 +654,28 @@ class Engine:
                 or split by rows (:func:`row_sharding`): rows are then padded
                 to a multiple of the row shards, and the KV cache, logits and
                 outputs are split by rows too.
+            repeat: completions per prompt (GRPO's group): the output has
+                ``rows * repeat`` rows, prompt ``r``'s at ``r * repeat`` to
+                ``r * repeat + repeat - 1`` (``np.repeat``'s order), and equals
+                ``generate`` of the repeated prompts (same tokens; log-probs to
+                float rounding) — but each prompt is prefilled once and its KV
+                cache copied to its rows, not prefilled ``repeat`` times.
         """
+        if repeat < 1:
+            raise ValueError(f"repeat must be at least 1, got {repeat}")
+        if repeat > 1 and np.shape(prompt_tokens)[0] % row_shards(sharding):
+            # The prompts do not split evenly over the row shards (their repetitions may): prefill
+            # every row rather than pad whole prompts' worth of rows.
+            prompt_tokens, prompt_mask = np.repeat(prompt_tokens, repeat, axis=0), np.repeat(prompt_mask, repeat, axis=0)
+            repeat = 1
         tokens, mask, done = self._inputs(prompt_tokens, prompt_mask, params, sharding)
+        done = np.repeat(done, repeat)
         if sharding is not None:
             # Not jax.device_put: on a mesh spanning processes it would compare the prompts across them.
             tokens, mask, done = distributed.put((tokens, mask, done), sharding)
         out = self._fn(state, tokens, mask, done, key, params=params, cache_dtype=self.cache_dtype,
-                       rows_sharding=_rows_spec(sharding))
-        rows = np.asarray(prompt_tokens).shape[0]
+                       rows_sharding=_rows_spec(sharding), repeat=repeat)
+        rows = np.asarray(prompt_tokens).shape[0] * repeat
         toks, m, lp = (np.asarray(x)[:rows] for x in distributed.to_host(out))
         return Generation(tokens=toks, mask=m, logprobs=lp)
 

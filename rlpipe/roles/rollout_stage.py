@@ -13,6 +13,7 @@ rollouts.  Items carry completions grouped per prompt: the fields are
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -64,6 +65,9 @@ class SingleTurn:
                 if rows is not None:  # continuous batching (checked at build: one row shard)
                     out = stage.engine.generate_refill(state, np.repeat(prompts, g, axis=0), np.repeat(mask, g, axis=0),
                                                        context.key(), stage.params, rows=rows)
+                elif stage.engine_repeats:  # each prompt prefilled once for its g completions
+                    out = stage.engine.generate(state, prompts, mask, context.key(), stage.params,
+                                                sharding=stage.holder.rows, repeat=g)
                 else:
                     out = stage.engine.generate(state, np.repeat(prompts, g, axis=0), np.repeat(mask, g, axis=0),
                                                 context.key(), stage.params, sharding=stage.holder.rows)
@@ -116,6 +120,15 @@ def check_prompt_tokens(batch: Batch, vocab_size: int, *, tokenizer_vocab: int |
         + ": the tokenizer does not match the model (model.tokenizer)")
 
 
+def _takes_repeat(engine: Any) -> bool:
+    """Whether ``engine.generate`` accepts ``repeat=`` (a third-party engine need not)."""
+    try:
+        parameters = inspect.signature(engine.generate).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return "repeat" in parameters  # by name only: a **kwargs engine might swallow it and return too few rows
+
+
 def _check_refill(config: Any, engine: Any, rows: Any, generator: Any) -> None:
     """``roles.rollout.refill_rows`` needs single-turn rollouts, an engine with
     ``generate_refill`` and the rows on one device."""
@@ -160,6 +173,9 @@ class RolloutStage:
         self.holder = ModelHolder(model, placement, mesh, shared=base)
         spec = context.registry.get("rlpipe_rollout_engines", config.engine, path="roles.rollout.engine")
         self.engine = spec.factory(self.holder.graphdef, cache_dtype=model.dtype)
+        #: The engine's ``generate`` takes ``repeat`` (the built-in one does): each prompt is then
+        #: prefilled once for its num_generations completions instead of once per completion.
+        self.engine_repeats = _takes_repeat(self.engine)
         stops = tuple(dict.fromkeys([t for t in (self.tokenizer.eos_id, *config.stop_tokens) if t is not None]))
         self.params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                      top_k=config.top_k, top_p=config.top_p, stop_tokens=stops,

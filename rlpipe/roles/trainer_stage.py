@@ -160,6 +160,9 @@ class TrainerStage(OptimizedState):
         self._acc_shardings = (jax.tree_util.tree_map(lambda x: x.sharding, params), NamedSharding(self.mesh, PartitionSpec()))
         self._zeros = jax.jit(lambda params: (jax.tree_util.tree_map(jnp.zeros_like, params), jnp.zeros((), jnp.float32)),
                               out_shardings=self._acc_shardings)
+        # An update over one micro-batch: gradient and optimizer step as one program (no
+        # accumulator to zero, fill and hand over; the optimizer state is donated as above).
+        self._update = jax.jit(self._update_fn, donate_argnums=(1,))
         self._logprobs = jax.jit(self._logprobs_fn)
         if placement.offload:
             self.offload()
@@ -220,6 +223,15 @@ class TrainerStage(OptimizedState):
         acc_grads, acc_loss = acc
         acc = (jax.tree_util.tree_map(jnp.add, acc_grads, grads), acc_loss + loss)
         return jax.lax.with_sharding_constraint(acc, self._acc_shardings), metrics
+
+    def _update_fn(self, params, opt_state, frozen, rows, normalisers):
+        """:meth:`_accumulate_fn` from zero then :meth:`_apply_fn`, fused: the
+        update of a mini-batch that is one micro-batch.  Returns the new
+        parameters and optimizer state, the gradient norm, whether the update
+        was skipped, the loss and the micro-batch's metrics."""
+        zeros = (jax.tree_util.tree_map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
+        acc, metrics = self._accumulate_fn(zeros, params, frozen, rows, normalisers)
+        return (*self._apply_fn(params, opt_state, acc), metrics)
 
     def _apply_fn(self, params, opt_state, acc):
         """One optimizer update with the accumulated gradients; skipped (state
@@ -310,11 +322,17 @@ class TrainerStage(OptimizedState):
             with context.span("train", policy_version=self.version, old_logprobs="fused" if skip_old else "pass"):
                 for _ in range(self.config.num_iterations):
                     for j, lo in enumerate(range(0, n_rows, mini)):
-                        acc, parts = self._zeros(self.params), []
-                        for i in range(lo, lo + mini, mb):
-                            acc, metrics = self._accumulate(acc, self.params, self.frozen, chunk(i, i + mb), normalisers[j])
-                            parts.append(metrics)
-                        self.params, self.opt_state, gnorm, skipped, loss = self._apply(self.params, self.opt_state, acc)
+                        if mini == mb:  # one micro-batch per update: one program
+                            self.params, self.opt_state, gnorm, skipped, loss, metrics = self._update(
+                                self.params, self.opt_state, self.frozen, chunk(lo, lo + mb), normalisers[j])
+                            parts = [metrics]
+                        else:
+                            acc, parts = self._zeros(self.params), []
+                            for i in range(lo, lo + mini, mb):
+                                acc, metrics = self._accumulate(acc, self.params, self.frozen, chunk(i, i + mb),
+                                                                normalisers[j])
+                                parts.append(metrics)
+                            self.params, self.opt_state, gnorm, skipped, loss = self._apply(self.params, self.opt_state, acc)
                         grad_norms.append(gnorm)
                         skips.append(skipped)
                         per_update.append((parts, loss))
