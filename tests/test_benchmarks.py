@@ -13,7 +13,9 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import agentic  # noqa: E402
+import group_prefill  # noqa: E402
 import pipeline  # noqa: E402
+import projections  # noqa: E402
 import results  # noqa: E402
 import rollout  # noqa: E402
 import run_all  # noqa: E402
@@ -199,3 +201,13 @@ def test_lora_trainer_memory_records_follow_xla_and_the_stage():
     assert by[("trainer_frozen_bytes", "full")] == 0
     assert by[("trainer_frozen_bytes", "lora")] == by[("trainer_params_bytes", "full")]  # the base, float32 on the CPU
     assert by[("trainer_opt_state_bytes", "lora")] < by[("trainer_opt_state_bytes", "full")]
+
+
+def test_projection_and_group_prefill_records():
+    """Both forms of each comparison run and agree (group_prefill checks the tokens itself)."""
+    recs = projections.measure("peer", pairs=1)
+    assert_schema(recs)
+    assert {r.get("form") for r in recs if r["name"] == "projection_grad_time"} == {"einsum", "dense"}
+    recs = group_prefill.measure(preset="tiny", prompts=2, group=3, prompt_len=5, new_tokens=3, pairs=1)
+    assert_schema(recs)
+    assert [r["name"] for r in recs] == ["group_generate_time", "group_generate_time", "group_prefill_speedup"]
