@@ -13,19 +13,17 @@ its compute dtype; prompts are random token ids of ``--prompt-len`` tokens
 (padded to the engine's power-of-two bucket), sampling at temperature 0.7.
 Both forms must give the same tokens (checked).  Records (benchmarks/results.py
 schema): ``group_generate_time`` per form (s, median) and
-``group_prefill_speedup`` (median over pairs of repeated / grouped time).
+``group_generate_speedup`` (median over pairs of repeated / grouped time).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Sequence
 
 import jax
 import numpy as np
-from results import record, stdout_sink, table
+from results import compare_forms, stdout_sink, table
 
 from rlpipe.app.defaults import DEFAULT_CONFIG
 from rlpipe.core.plugins import load_registry
@@ -54,18 +52,10 @@ def measure(*, preset: str, prompts: int, group: int, prompt_len: int, new_token
     first = {form: fn() for form, fn in forms.items()}  # compiles; and the two must agree
     if not np.array_equal(first["repeated"].tokens, first["grouped"].tokens):
         raise AssertionError("grouped generation differs from generating the repeated prompts")
-    times: dict[str, list[float]] = {form: [] for form in forms}
-    for _ in range(pairs):
-        for form, fn in forms.items():
-            start = time.perf_counter()
-            fn()  # returns host numpy: synchronised
-            times[form].append(time.perf_counter() - start)
     fields = {"preset": preset, "prompts": prompts, "group": group, "prompt_len": prompt_len, "new_tokens": new_tokens,
-              "platform": jax.default_backend(), "pairs": pairs}
-    out = [record("group_generate_time", statistics.median(t), "s", form=form, **fields) for form, t in times.items()]
-    ratios = [a / b for a, b in zip(times["repeated"], times["grouped"])]
-    out.append(record("group_prefill_speedup", statistics.median(ratios), "x", **fields))
-    return out
+              "platform": jax.default_backend()}
+    # generate returns host numpy: each call is synchronised
+    return compare_forms("group_generate", forms, pairs, before="repeated", after="grouped", **fields)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,17 +23,15 @@ pairs of einsum time / dense time.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from results import record, stdout_sink, table
+from results import compare_forms, stdout_sink, table
 
-import rlpipe.models.decoder as decoder
+from rlpipe.models import decoder
 from rlpipe.models.config import from_architecture
 from rlpipe.runtime.run_config import ArchitectureConfig
 
@@ -76,18 +74,10 @@ def measure(shape: str, pairs: int) -> list[dict]:
             jax.block_until_ready(steps[form](state))
     finally:
         decoder.Linear.__call__ = dense_call
-    times: dict[str, list[float]] = {form: [] for form in steps}
-    for _ in range(pairs):
-        for form, step in steps.items():
-            start = time.perf_counter()
-            jax.block_until_ready(step(state))
-            times[form].append(time.perf_counter() - start)
     fields = {"shape": shape, "rows": rows, "tokens": prompt_len + completion_len, "remat": remat,
-              "platform": jax.default_backend(), "pairs": pairs}
-    out = [record("projection_grad_time", statistics.median(t), "s", form=form, **fields) for form, t in times.items()]
-    ratios = [a / b for a, b in zip(times["einsum"], times["dense"])]
-    out.append(record("projection_grad_speedup", statistics.median(ratios), "x", **fields))
-    return out
+              "platform": jax.default_backend()}
+    forms = {form: (lambda step=step: jax.block_until_ready(step(state))) for form, step in steps.items()}
+    return compare_forms("projection_grad", forms, pairs, before="einsum", after="dense", **fields)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -48,6 +48,27 @@ def record(name: str, value: float | int | None, unit: str, *, ceiling: float | 
     return _clean({"name": name, "value": value, "unit": unit, "ceiling": ceiling, "ratio": ratio, **fields})
 
 
+def compare_forms(name: str, forms: dict[str, Any], pairs: int, *, before: str, after: str,
+                  **fields: Any) -> list[dict[str, Any]]:
+    """Times the zero-argument calls ``forms`` (each must return only once its
+    work is done), alternating, ``pairs`` times each; returns a
+    ``<name>_time`` record per form (median, s) and ``<name>_speedup``, the
+    median over pairs of ``before``'s time / ``after``'s (> 1: ``after`` is faster)."""
+    import statistics
+    import time as _time
+
+    times: dict[str, list[float]] = {form: [] for form in forms}
+    for _ in range(pairs):
+        for form, fn in forms.items():
+            start = _time.perf_counter()
+            fn()
+            times[form].append(_time.perf_counter() - start)
+    out = [record(f"{name}_time", statistics.median(t), "s", form=form, pairs=pairs, **fields) for form, t in times.items()]
+    ratios = [a / b for a, b in zip(times[before], times[after])]
+    out.append(record(f"{name}_speedup", statistics.median(ratios), "x", before=before, after=after, pairs=pairs, **fields))
+    return out
+
+
 def check(rec: dict[str, Any]) -> dict[str, Any]:
     """Raises ``ValueError`` unless ``rec`` follows the schema above."""
     missing = [k for k in KEYS if k not in rec]

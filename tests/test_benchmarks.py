@@ -210,4 +210,4 @@ def test_projection_and_group_prefill_records():
     assert {r.get("form") for r in recs if r["name"] == "projection_grad_time"} == {"einsum", "dense"}
     recs = group_prefill.measure(preset="tiny", prompts=2, group=3, prompt_len=5, new_tokens=3, pairs=1)
     assert_schema(recs)
-    assert [r["name"] for r in recs] == ["group_generate_time", "group_generate_time", "group_prefill_speedup"]
+    assert [r["name"] for r in recs] == ["group_generate_time", "group_generate_time", "group_generate_speedup"]
