@@ -48,6 +48,13 @@ def record(name: str, value: float | int | None, unit: str, *, ceiling: float | 
     return _clean({"name": name, "value": value, "unit": unit, "ceiling": ceiling, "ratio": ratio, **fields})
 
 
+def paired_speedup(ours: Sequence[float], theirs: Sequence[float]) -> float:
+    """Median of the per-repeat ratios ``ours[i] / theirs[i]`` (pairs with a zero left out)."""
+    import statistics
+
+    return statistics.median(a / b for a, b in zip(ours, theirs) if a and b)
+
+
 def compare_forms(name: str, forms: dict[str, Any], pairs: int, *, before: str, after: str,
                   **fields: Any) -> list[dict[str, Any]]:
     """Times the zero-argument calls ``forms`` (each must return only once its
@@ -64,8 +71,8 @@ def compare_forms(name: str, forms: dict[str, Any], pairs: int, *, before: str, 
             fn()
             times[form].append(_time.perf_counter() - start)
     out = [record(f"{name}_time", statistics.median(t), "s", form=form, pairs=pairs, **fields) for form, t in times.items()]
-    ratios = [a / b for a, b in zip(times[before], times[after])]
-    out.append(record(f"{name}_speedup", statistics.median(ratios), "x", before=before, after=after, pairs=pairs, **fields))
+    out.append(record(f"{name}_speedup", paired_speedup(times[before], times[after]), "x", before=before, after=after,
+                      pairs=pairs, **fields))
     return out
 
 

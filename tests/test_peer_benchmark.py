@@ -82,7 +82,7 @@ def test_the_rlpipe_half_of_the_grpo_step_follows_the_schema():
 
 
 def test_paired_speedup_is_the_median_of_the_per_repeat_ratios():
-    assert peer.paired_speedup([2.0, 9.0, 3.0], [1.0, 3.0, 1.0]) == 3.0
+    assert results.paired_speedup([2.0, 9.0, 3.0], [1.0, 3.0, 1.0]) == 3.0
 
 
 def test_a_missing_tunix_environment_is_a_clean_skip(tmp_path, capsys):

@@ -91,7 +91,7 @@ REPO = HERE.parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 
-from results import Sink, log, record, stdout_sink, table
+from results import Sink, log, paired_speedup, record, stdout_sink, table
 
 #: The google-tunix release this script was written and measured against.
 TUNIX_VERSION = "0.1.7"
@@ -474,11 +474,6 @@ def tunix_grpo(state: Any, shape: dict[str, int], steps: int, tmp: Path) -> tupl
 
 
 # -- measuring -----------------------------------------------------------------------------
-
-
-def paired_speedup(ours: Sequence[float], theirs: Sequence[float]) -> float:
-    """Median of the per-repeat ratios ``ours[i] / theirs[i]``."""
-    return statistics.median(a / b for a, b in zip(ours, theirs) if a and b)
 
 
 def measure(*, only: Sequence[str] = WORKLOADS, repeats: int = 5, quick: bool = False,
