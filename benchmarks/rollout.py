@@ -192,10 +192,16 @@ def _computations(text: str) -> dict[str, list[str]]:
     return comps
 
 
-def cache_relayouts(text: str, cache_shape: tuple[int, ...]) -> tuple[int | None, int]:
+def cache_relayouts(text: str, cache_shape: tuple[int, ...],
+                    other_shapes: tuple[tuple[int, ...], ...] = ()) -> tuple[int | None, int]:
     """Counts, in the compiled HLO ``text``, the instructions that rewrite a whole
     per-layer cache array (a copy, or a transpose into another dimension order)
     inside the decode loop (per step) and outside it (once per call).
+
+    ``cache_shape`` is the keys' shape (it finds the loop), ``other_shapes``
+    the other cache arrays' when their dimensions are the keys' in another
+    order (the values: ``LayerCache`` keeps keys slots-minor, values
+    head-dim-minor), so that those arrays themselves are not counted.
 
     Fused computations are not walked: a fusion that transposes the cache shows
     up as one top-level instruction whose result has the cache's dimensions in
@@ -207,6 +213,7 @@ def cache_relayouts(text: str, cache_shape: tuple[int, ...]) -> tuple[int | None
     fusion_bodies = {m for lines in comps.values() for line in lines if " fusion(" in line
                      for m in _REF.findall(line)}
     dims = list(cache_shape)
+    others = [list(o) for o in other_shapes]
 
     tag = "[" + ",".join(map(str, dims)) + "]"
     # The decode loop: the while whose carried state holds the cache.
@@ -228,7 +235,8 @@ def cache_relayouts(text: str, cache_shape: tuple[int, ...]) -> tuple[int | None
             if sorted(shape) != sorted(dims) or op in ("bitcast", "parameter", "get-tuple-element", "dynamic-update-slice",
                                                        "tuple", "copy-done"):
                 continue
-            if shape != dims or op in ("copy", "transpose") or (layout and cache_layout and layout != cache_layout):
+            if (shape != dims and shape not in others) or op in ("copy", "transpose") or (
+                    shape == dims and layout and cache_layout and layout != cache_layout):
                 n += 1
         return n
 
@@ -247,7 +255,8 @@ def cache_relayouts(text: str, cache_shape: tuple[int, ...]) -> tuple[int | None
 
 
 def inspect_generate_hlo(engine: Engine, state, tokens, mask, key, params: SamplingParams, *,
-                         cache_shape: tuple[int, ...], logits_shape: tuple[int, ...]) -> dict[str, Any]:
+                         cache_shape: tuple[int, ...], logits_shape: tuple[int, ...],
+                         value_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Structural facts about the compiled generate program (reaches into the engine's private jit)."""
     fn = getattr(engine, "_fn", None)
     if fn is None:
@@ -256,7 +265,8 @@ def inspect_generate_hlo(engine: Engine, state, tokens, mask, key, params: Sampl
     compiled = fn.lower(state, tokens, mask, done, key, params=params, cache_dtype=engine.cache_dtype,
                         rows_sharding=None).compile()
     text = compiled.as_text()
-    per_step, once = cache_relayouts(text, cache_shape)
+    others = (value_shape,) if value_shape and tuple(value_shape) != tuple(cache_shape) else ()
+    per_step, once = cache_relayouts(text, cache_shape, others)
     out: dict[str, Any] = {
         "cache_relayouts_per_step": per_step,
         "cache_relayouts_outside_loop": once,
@@ -413,9 +423,9 @@ def measure(*, preset: str = "tiny", dtype: str = "float32", batches: Sequence[i
 
         if inspect_hlo:
             log(f"batch {batch}: inspecting the compiled program ...")
-            facts = inspect_generate_hlo(engine, state, tok_p, mask_p, key, params,
-                                         cache_shape=jax.eval_shape(lambda: init_cache(config, batch, cache_len))[0].k.shape,
-                                         logits_shape=(batch, bucket, config.vocab_size))
+            layer = jax.eval_shape(lambda: init_cache(config, batch, cache_len))[0]
+            facts = inspect_generate_hlo(engine, state, tok_p, mask_p, key, params, cache_shape=layer.k.shape,
+                                         value_shape=layer.v.shape, logits_shape=(batch, bucket, config.vocab_size))
             layer_bytes = kv_bytes // (2 * config.num_layers)
             per_step = facts.pop("cache_relayouts_per_step")
             records.append(emit(_rec({"name": "cache_relayouts_per_step", "value": per_step, "unit": "count", **shape, **facts,

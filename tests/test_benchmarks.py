@@ -14,6 +14,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import agentic  # noqa: E402
 import group_prefill  # noqa: E402
+import kv_layout  # noqa: E402
 import pipeline  # noqa: E402
 import projections  # noqa: E402
 import results  # noqa: E402
@@ -203,7 +204,7 @@ def test_lora_trainer_memory_records_follow_xla_and_the_stage():
     assert by[("trainer_opt_state_bytes", "lora")] < by[("trainer_opt_state_bytes", "full")]
 
 
-def test_projection_and_group_prefill_records():
+def test_projection_group_prefill_and_kv_layout_records():
     """Both forms of each comparison run and agree (group_prefill checks the tokens itself)."""
     recs = projections.measure("peer", pairs=1)
     assert_schema(recs)
@@ -211,3 +212,7 @@ def test_projection_and_group_prefill_records():
     recs = group_prefill.measure(preset="tiny", prompts=2, group=3, prompt_len=5, new_tokens=3, pairs=1)
     assert_schema(recs)
     assert [r["name"] for r in recs] == ["group_generate_time", "group_generate_time", "group_generate_speedup"]
+    recs = kv_layout.measure("peer", pairs=1)  # asserts both layouts give the same scores
+    assert_schema(recs)
+    assert {(r["slots"], r.get("form")) for r in recs if r["name"] == "kv_scores_time"} == {
+        (s, f) for s in (128, 320) for f in ("slots-major", "slots-minor")}

@@ -124,9 +124,11 @@ def test_rollout_kv_cache_holds_an_eighth_of_the_rows_per_device(registry_module
     cache, valid = stage.engine.prefill_cache(stage.holder.state, toks, mask, stage.params, sharding=stage.holder.rows)
     c = stage.holder.config
     for layer in cache:
-        for x in (layer.k, layer.v):
-            assert x.shape == (16, c.num_kv_heads, 32 + N, c.dim_per_head)
-            assert [s.data.shape for s in x.addressable_shards] == [(2, c.num_kv_heads, 32 + N, c.dim_per_head)] * 8
+        # keys slots-minor, values head-dim-minor (LayerCache)
+        for x, shape in ((layer.k, (c.num_kv_heads, c.dim_per_head, 32 + N)),
+                         (layer.v, (c.num_kv_heads, 32 + N, c.dim_per_head))):
+            assert x.shape == (16, *shape)
+            assert [s.data.shape for s in x.addressable_shards] == [(2, *shape)] * 8
             assert len(x.sharding.device_set) == 8
     assert per_device_rows(valid) == [2] * 8
 

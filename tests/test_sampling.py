@@ -8,7 +8,7 @@ from engine_fixtures import MASK, PROMPTS
 from flax import nnx
 
 from rlpipe.core.placement import MeshSpec, RolePlacement, make_mesh
-from rlpipe.models import init_cache
+from rlpipe.models import LayerCache, init_cache
 from rlpipe.models.decoder import sequence_logprobs
 from rlpipe.models.generation import (
     Engine,
@@ -37,6 +37,37 @@ def test_cached_decoding_equals_the_full_forward(model):
         logits, cache = model.forward(toks[:, t:t + 1], jnp.full((1, 1), t), valid, cache, t)
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, 1), model(toks), atol=1e-5)
+
+
+def test_layer_cache_slot_helpers_move_the_same_slots_of_keys_and_values(model):
+    """Keys are slots-minor, values head-dim-minor: prefix / grow / put_prefix
+    address slot ``t`` of both alike (checked against numpy on the slot-major view)."""
+    c = model.config
+    [cache, *_] = init_cache(c, 3, 5)
+    assert cache.k.shape == (3, c.num_kv_heads, c.dim_per_head, 5)
+    assert cache.v.shape == (3, c.num_kv_heads, 5, c.dim_per_head) and cache.slots == 5
+    rng = np.random.default_rng(0)
+    full = LayerCache(jnp.asarray(rng.standard_normal(cache.k.shape), jnp.float32),
+                      jnp.asarray(rng.standard_normal(cache.v.shape), jnp.float32))
+    slot_major = lambda x: (np.swapaxes(np.asarray(x.k), 2, 3), np.asarray(x.v))  # both [rows, heads, slots, dim]
+    keys, values = slot_major(full)
+    for got, want in zip(slot_major(full.prefix(2)), (keys[:, :, :2], values[:, :, :2])):
+        np.testing.assert_array_equal(got, want)
+    grown = full.grow(8)
+    assert grown.slots == 8
+    for got, want in zip(slot_major(grown), (keys, values)):
+        np.testing.assert_array_equal(got[:, :, :5], want)
+        assert not np.any(got[:, :, 5:])
+    part = full.prefix(2)  # every row's first two slots
+    onto = LayerCache(jnp.zeros_like(full.k), jnp.zeros_like(full.v))
+    for got, want in zip(slot_major(onto.put_prefix(part)), (keys, values)):
+        np.testing.assert_array_equal(got[:, :, :2], want[:, :, :2])
+        assert not np.any(got[:, :, 2:])
+    # rows: part's row 0 -> row 2, row 1 -> row 0, row 2 dropped (out of range)
+    for got, want in zip(slot_major(onto.put_prefix(part, rows=jnp.array([2, 0, 3]))), (keys, values)):
+        np.testing.assert_array_equal(got[2, :, :2], want[0, :, :2])
+        np.testing.assert_array_equal(got[0, :, :2], want[1, :, :2])
+        assert not np.any(got[1]) and not np.any(got[:, :, 2:])
 
 
 @pytest.mark.slow

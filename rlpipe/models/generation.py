@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rlpipe.models.decoder import LayerCache, init_cache
+from rlpipe.models.decoder import init_cache
 from rlpipe.runtime import distributed
 
 
@@ -324,15 +324,6 @@ def decode_segments(prompt_slots: int, max_new_tokens: int, minimum: int = 16) -
         slots *= 2
 
 
-def _grow(tree: Any, slots: int, axis: int) -> Any:
-    """Every array of ``tree`` padded with zeros (``False``) to ``slots`` along ``axis``."""
-    def one(x):
-        pad = [(0, 0)] * x.ndim
-        pad[axis] = (0, slots - x.shape[axis])
-        return jnp.pad(x, pad)
-    return jax.tree_util.tree_map(one, tree)
-
-
 def _decode(model, cache, valid, last_logits, next_pos, first_slot, key, params: SamplingParams, done,
             rows_sharding: NamedSharding | None = None, segments: tuple[tuple[int, int], ...] | None = None):
     """The sampling loop shared by :func:`_generate` and :func:`_extend`: up to
@@ -370,7 +361,8 @@ def _decode(model, cache, valid, last_logits, next_pos, first_slot, key, params:
                                         jnp.zeros((rows, n), bool), done), rows_sharding))
     for end, slots in segments or ((n, None),):
         if slots is not None and slots > carry[4].shape[1]:
-            grown = (_grow(carry[1], slots, 2), _grow(carry[4], slots, 1))
+            grown = (tuple(c.grow(slots) for c in carry[1]),
+                     jnp.pad(carry[4], ((0, 0), (0, slots - carry[4].shape[1]))))
             carry = (carry[0], *_constrain(grown[:1], rows_sharding), *carry[2:4], *_constrain(grown[1:], rows_sharding),
                      *carry[5:])
         carry = jax.lax.while_loop(lambda c, end=end: (c[0] < end) & ~jnp.all(c[-1]), body, carry)
@@ -432,7 +424,7 @@ def _extend(graphdef, state, cache, valid, tokens, mask, start_pos, reset, trim_
     cache, valid, tokens, mask, start_pos, reset, trim_from, trim_to = _constrain(
         (cache, valid, tokens, mask, start_pos, reset, trim_from, trim_to), rows_sharding)
     full_cache, full_valid = cache, valid
-    cache = tuple(LayerCache(c.k[:, :, :attend], c.v[:, :, :attend]) for c in cache)
+    cache = tuple(c.prefix(attend) for c in cache)
     valid = valid[:, :attend]
     slot = jnp.arange(attend)[None, :]
     valid = valid & ~reset[:, None] & ~((slot >= trim_from[:, None]) & (slot < trim_to[:, None]))
@@ -442,8 +434,7 @@ def _extend(graphdef, state, cache, valid, tokens, mask, start_pos, reset, trim_
     logits = model.logits(hidden[:, -1:])
     out_tok, out_mask, out_lp, cache, valid = _decode(model, cache, valid, logits[:, -1], start_pos + jnp.sum(mask, axis=1),
                                                       write + k, key, params, ~jnp.any(mask, axis=1), rows_sharding)
-    cache = tuple(LayerCache(jax.lax.dynamic_update_slice(f.k, c.k, (0, 0, 0, 0)),
-                             jax.lax.dynamic_update_slice(f.v, c.v, (0, 0, 0, 0))) for f, c in zip(full_cache, cache))
+    cache = tuple(f.put_prefix(c) for f, c in zip(full_cache, cache))
     return out_tok, out_mask, out_lp, *_constrain((cache, jax.lax.dynamic_update_slice(full_valid, valid, (0, 0))),
                                                   rows_sharding, exact=True)
 
@@ -453,7 +444,7 @@ class _Slots(NamedTuple):
     slots, each holding one prompt's generation at a time, and the outputs of
     every prompt ``[prompts, max_new_tokens]``."""
 
-    cache: Any       # per-layer LayerCache [rows, kv_heads, prompt_slots + max_new_tokens, head_dim]
+    cache: Any       # per-layer LayerCache of prompt_slots + max_new_tokens slots
     valid: Any       # [rows, slots]
     last: Any        # [rows, vocab] logits that sample the next token
     next_pos: Any    # [rows] position of the next token
@@ -486,8 +477,7 @@ def _slots_admit(graphdef, state, slots: _Slots, tokens, mask, where, index, par
     def put(x, v):
         return x.at[where].set(v, mode="drop")
     return _Slots(
-        tuple(LayerCache(c.k.at[where, :, :p].set(n.k[:, :, :p], mode="drop"),
-                         c.v.at[where, :, :p].set(n.v[:, :, :p], mode="drop")) for c, n in zip(slots.cache, cache)),
+        tuple(c.put_prefix(n.prefix(p), rows=where) for c, n in zip(slots.cache, cache)),
         put(slots.valid, jnp.concatenate([mask, jnp.zeros((a, total - p), bool)], axis=1)),
         put(slots.last, logits), put(slots.next_pos, jnp.sum(mask, axis=1).astype(jnp.int32)),
         put(slots.step, jnp.zeros((a,), jnp.int32)), put(slots.index, index.astype(jnp.uint32)),
