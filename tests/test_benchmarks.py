@@ -20,6 +20,7 @@ import projections  # noqa: E402
 import results  # noqa: E402
 import rollout  # noqa: E402
 import run_all  # noqa: E402
+import shared_prompts  # noqa: E402
 import startup  # noqa: E402
 import train_step  # noqa: E402
 
@@ -212,6 +213,9 @@ def test_projection_group_prefill_and_kv_layout_records():
     recs = group_prefill.measure(preset="tiny", prompts=2, group=3, prompt_len=5, new_tokens=3, pairs=1)
     assert_schema(recs)
     assert [r["name"] for r in recs] == ["group_generate_time", "group_generate_time", "group_generate_speedup"]
+    recs = shared_prompts.measure("peer", pairs=1)  # raises when the two forms disagree
+    assert_schema(recs)
+    assert {r.get("form") for r in recs if r["name"] == "shared_prompts_grad_time"} == {"repeated", "shared"}
     recs = kv_layout.measure("peer", pairs=1)  # asserts both layouts give the same scores
     assert_schema(recs)
     assert {(r["slots"], r.get("form")) for r in recs if r["name"] == "kv_scores_time"} == {

@@ -115,9 +115,11 @@ def attention_query_block(batch: int, heads: int, seq: int) -> int:
 
 
 def _attention(q, k, v, kv_valid, scale):
-    """Causal attention with a key-validity mask, without a cache: ``q`` ``[batch, seq,
-    heads, dim]``, ``k``/``v`` ``[batch, seq, kv_heads, dim]`` (query heads grouped per
-    key head), ``kv_valid`` ``[batch, seq]``.
+    """Causal attention with a key-validity mask, without a cache: ``q`` ``[batch, sq,
+    heads, dim]``, ``k``/``v`` ``[batch, sk, kv_heads, dim]`` (query heads grouped per
+    key head), ``kv_valid`` ``[batch, sk]``.  The queries are the last ``sq`` of the
+    ``sk`` positions (all of them when ``sq == sk``): query ``i`` sees keys up to
+    ``sk - sq + i``.
 
     ``jax.nn.dot_product_attention`` over blocks of :func:`attention_query_block`
     queries (a ``lax.map`` whose body is rematerialised), so the scores of one block
@@ -125,21 +127,46 @@ def _attention(q, k, v, kv_valid, scale):
     the blocks in float32 so that their gradients accumulate over blocks in float32.
     """
     b, s, n, d = q.shape
-    block = attention_query_block(b, n, s)
+    t = k.shape[1]
+    offset = t - s
+    block = attention_query_block(b, n, t)
     if block >= s:
-        return jax.nn.dot_product_attention(q, k, v, mask=kv_valid[:, None, None, :], is_causal=True, scale=scale)
+        if offset == 0:
+            return jax.nn.dot_product_attention(q, k, v, mask=kv_valid[:, None, None, :], is_causal=True, scale=scale)
+        allowed = (jnp.arange(t)[None, :] <= offset + jnp.arange(s)[:, None])[None, None] & kv_valid[:, None, None, :]
+        return jax.nn.dot_product_attention(q, k, v, mask=allowed, scale=scale)
     blocks = -(-s // block)
     qb = jnp.pad(q, ((0, 0), (0, blocks * block - s), (0, 0), (0, 0))).reshape(b, blocks, block, n, d).transpose(1, 0, 2, 3, 4)
     dtype = q.dtype
 
     @jax.checkpoint
     def one(k, v, q, start):
-        allowed = (jnp.arange(s)[None, :] <= (start + jnp.arange(block))[:, None])[None, None] & kv_valid[:, None, None, :]
+        allowed = (jnp.arange(t)[None, :] <= (offset + start + jnp.arange(block))[:, None])[None, None] & kv_valid[:, None, None, :]
         return jax.nn.dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask=allowed, scale=scale)
 
     k32, v32 = k.astype(jnp.float32), v.astype(jnp.float32)
     out = jax.lax.map(lambda xs: one(k32, v32, *xs), (qb, jnp.arange(blocks) * block))
     return out.transpose(1, 0, 2, 3, 4).reshape(b, blocks * block, n, d)[:, :s]
+
+
+def _joint(fn, *parts):
+    """``fn`` (a per-token function of ``[tokens, features]``) applied to the
+    tokens of every ``[rows, seq, features]`` array of ``parts`` at once (one
+    set of matrix products), split back into the parts' shapes."""
+    flat = [x.reshape(-1, x.shape[-1]) for x in parts]
+    y = fn(jnp.concatenate(flat) if len(flat) > 1 else flat[0])
+    out, start = [], 0
+    for x, f in zip(parts, flat):
+        out.append(y[start:start + f.shape[0]].reshape(*x.shape[:-1], y.shape[-1]))
+        start += f.shape[0]
+    return out
+
+
+class Rope(NamedTuple):
+    """RoPE's ``cos`` and ``sin`` per token ``[batch, seq, 1, head_dim]``."""
+
+    cos: jax.Array
+    sin: jax.Array
 
 
 def dense(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -231,6 +258,29 @@ class Attention(nnx.Module):
         return self.o_proj(out.astype(x.dtype).reshape(b, s, kvh * g * d)), cache
 
 
+    def shared(self, xp, xc, rope_p: Rope, rope_c: Rope, prompt_valid, completion_valid, group: int):
+        """Attention over prompts shared by groups of rows, without a cache: ``xp``
+        ``[prompts, Lp, hidden]`` (each prompt once), ``xc`` ``[prompts * group, Lc,
+        hidden]`` (row ``r`` continues prompt ``r // group``).  The prompts attend to
+        themselves; each row's completion to its prompt's keys and values (computed
+        once, repeated to its ``group`` rows) and causally to its own.  Equal to
+        ``__call__`` on the concatenated, repeated sequences, with the prompts'
+        projections done once per prompt instead of once per row."""
+        kvh, g, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        q, k, v = (_joint(proj, xp, xc) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        qp, qc = (_rope(x.reshape(*x.shape[:2], kvh, g, d), r.cos[:, :, None], r.sin[:, :, None])
+                  for x, r in zip(q, (rope_p, rope_c)))
+        kp, kc = (_rope(x.reshape(*x.shape[:2], kvh, d), r.cos, r.sin) for x, r in zip(k, (rope_p, rope_c)))
+        vp, vc = (x.reshape(*x.shape[:2], kvh, d) for x in v)
+        scale = 1.0 / math.sqrt(d)
+        out_p = _attention(qp.reshape(*qp.shape[:2], kvh * g, d), kp, vp, prompt_valid.astype(bool), scale)
+        repeat = lambda x: jnp.repeat(x, group, axis=0)
+        keys, values = jnp.concatenate([repeat(kp), kc], axis=1), jnp.concatenate([repeat(vp), vc], axis=1)
+        valid = jnp.concatenate([repeat(prompt_valid), completion_valid], axis=1).astype(bool)
+        out_c = _attention(qc.reshape(*qc.shape[:2], kvh * g, d), keys, values, valid, scale)
+        return _joint(self.o_proj, out_p.reshape(*out_p.shape[:2], -1), out_c.reshape(*out_c.shape[:2], -1))
+
+
 class MLP(nnx.Module):
     def __init__(self, c: DecoderConfig, *, param_dtype, rngs: nnx.Rngs):
         self.gate_proj = Linear(c.hidden_size, c.intermediate_size, bias=False, param_dtype=param_dtype, rngs=rngs)
@@ -253,9 +303,19 @@ class Block(nnx.Module):
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
+    def shared(self, xp, xc, rope_p: Rope, rope_c: Rope, prompt_valid, completion_valid, group: int):
+        """The block over prompts shared by groups of rows (:meth:`Attention.shared`):
+        ``(xp, xc)`` in, ``(xp, xc)`` out; the per-token parts run on both at once."""
+        hp, hc = self.self_attn.shared(*_joint(self.input_layernorm, xp, xc), rope_p, rope_c, prompt_valid,
+                                       completion_valid, group)
+        xp, xc = xp + hp, xc + hc
+        mp, mc = _joint(lambda x: self.mlp(self.post_attention_layernorm(x)), xp, xc)
+        return xp + mp, xc + mc
 
-def _remat_layers(layers, x, cos, sin, kv_valid):
-    """The blocks applied in turn without a cache, each recomputed in the backward pass.
+
+def _remat_layers(layers, x, apply):
+    """The blocks applied in turn without a cache, each recomputed in the backward
+    pass: ``x = apply(block, x)`` per layer (``x`` any tree of activations).
 
     A ``lax.scan`` over the layers' parameters, stacked here (cast to the compute
     dtype first, which every use casts them to anyway, so the values and gradients
@@ -267,13 +327,13 @@ def _remat_layers(layers, x, cos, sin, kv_valid):
     has one copy of the block however deep the model.
     """
     graphdef, _ = nnx.split(layers[0])
-    dtype = x.dtype
+    dtype = jax.tree.leaves(x)[0].dtype
     cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
     stacked = jax.tree.map(lambda *a: jnp.stack([cast(t) for t in a]), *[nnx.split(layer)[1] for layer in layers])
 
     @jax.checkpoint
     def body(x, state):
-        return nnx.merge(graphdef, state)(x, cos, sin, kv_valid, None, None)[0]
+        return apply(nnx.merge(graphdef, state), x)
 
     x, _ = jax.lax.scan(lambda x, state: (body(x, state), None), x, stacked)
     return x
@@ -310,17 +370,47 @@ class Decoder(nnx.Module):
         ``roles.trainer.remat``); it changes nothing in the values, and is ignored
         with a cache.
         """
-        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)
-        freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(self.config)
-        emb = jnp.concatenate([freqs, freqs], axis=-1)
-        cos, sin = jnp.cos(emb)[:, :, None], jnp.sin(emb)[:, :, None]
+        x = self.embed(tokens)
+        cos, sin = self.rope(positions)
         if remat and cache is None:
-            return self.norm(_remat_layers(self.layers, x, cos, sin, kv_valid)), None
+            return self.norm(_remat_layers(self.layers, x, lambda b, x: b(x, cos, sin, kv_valid, None, None)[0])), None
         new_cache = []
         for i, layer in enumerate(self.layers):
             x, c = layer(x, cos, sin, kv_valid, None if cache is None else cache[i], cache_index)
             new_cache.append(c)
         return self.norm(x), (None if cache is None else tuple(new_cache))
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)
+
+    def rope(self, positions: jax.Array) -> Rope:
+        """RoPE's ``cos`` and ``sin`` ``[batch, seq, 1, head_dim]`` at ``positions`` ``[batch, seq]``."""
+        freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(self.config)
+        emb = jnp.concatenate([freqs, freqs], axis=-1)
+        return Rope(jnp.cos(emb)[:, :, None], jnp.sin(emb)[:, :, None])
+
+    def hidden_shared(self, prompt, prompt_positions, prompt_valid, completion, completion_positions,
+                      completion_valid, *, remat: bool = False):
+        """:meth:`hidden` of rows that share their prompts in groups, without a
+        cache: ``prompt`` ``[P, Lp]`` (each prompt once), ``completion``
+        ``[P * g, Lc]`` (row ``r`` continues prompt ``r // g``).  Returns the
+        final normalised hidden states of the prompts ``[P, Lp, hidden]`` and of
+        the completions ``[P * g, Lc, hidden]``: those of :meth:`hidden` on the
+        repeated, concatenated rows, with each prompt's tokens computed once
+        rather than ``g`` times (:meth:`Block.shared`)."""
+        group = completion.shape[0] // prompt.shape[0]
+        rope_p, rope_c = self.rope(prompt_positions), self.rope(completion_positions)
+
+        def apply(block, x):
+            return block.shared(*x, rope_p, rope_c, prompt_valid, completion_valid, group)
+
+        x = (self.embed(prompt), self.embed(completion))
+        if remat:
+            x = _remat_layers(self.layers, x, apply)
+        else:
+            for layer in self.layers:
+                x = apply(layer, x)
+        return tuple(_joint(self.norm, *x))
 
     def logits(self, h: jax.Array) -> jax.Array:
         if self.lm_head is None:
@@ -407,15 +497,34 @@ def sequence_logprobs(model: Decoder, prompt: jax.Array, prompt_mask: jax.Array,
     ``[batch, completion_len, vocab]`` float32 array exists, in the forward or the
     backward pass.  ``remat`` recomputes each layer in the backward pass
     (:meth:`Decoder.hidden`); use it for training.
+
+    **Shared prompts**: ``prompt`` may have fewer rows than ``completion``, a
+    divisor ``P`` of its ``P * g`` rows: completion row ``r`` then continues
+    prompt ``r // g`` (GRPO's groups, in ``np.repeat`` order), and each prompt's
+    tokens go through the model once instead of ``g`` times
+    (:meth:`Decoder.hidden_shared`).  The values are those of the repeated
+    prompts (tested to float rounding, gradients included).
     """
-    tokens = jnp.concatenate([prompt, completion], axis=1)
-    mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-    h, _ = model.hidden(tokens, positions, mask, remat=remat)
-    p = prompt.shape[1]
-    b, c = completion.shape
-    # the hidden state at position t predicts token t + 1
-    hc = h[:, p - 1:-1].reshape(b * c, h.shape[-1])
+    rows, b = prompt.shape[0], completion.shape[0]
+    if rows < 1 or b % rows:
+        raise ValueError(f"{b} completion rows do not continue {rows} prompts in equal groups")
+    if rows == b:
+        tokens = jnp.concatenate([prompt, completion], axis=1)
+        mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
+        positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+        h, _ = model.hidden(tokens, positions, mask, remat=remat)
+        # the hidden state at position t predicts token t + 1
+        h = h[:, prompt.shape[1] - 1:-1]
+    else:
+        pmask, cmask = prompt_mask.astype(bool), completion_mask.astype(bool)
+        prompt_positions = jnp.maximum(jnp.cumsum(pmask, axis=-1) - 1, 0)
+        before = jnp.repeat(jnp.sum(pmask, axis=-1, dtype=jnp.int32), b // rows)[:, None]  # each row's prompt length
+        completion_positions = jnp.maximum(before + jnp.cumsum(cmask, axis=-1) - 1, 0)
+        hp, hc = model.hidden_shared(prompt, prompt_positions, pmask, completion, completion_positions, cmask,
+                                     remat=remat)
+        h = jnp.concatenate([jnp.repeat(hp[:, -1:], b // rows, axis=0), hc[:, :-1]], axis=1)
+    c = completion.shape[1]
+    hc = h.reshape(b * c, h.shape[-1])
     targets = completion.reshape(b * c)
     tied = model.lm_head is None
     w = model.embed_tokens[...] if tied else model.lm_head.kernel[...]

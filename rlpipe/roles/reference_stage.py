@@ -34,6 +34,10 @@ class ReferenceStage:
     micro-batch is split by rows over the mesh's ``fsdp`` axis (rounded up to
     a multiple of its size, the padding rows dropped)."""
 
+    #: Micro-batches of whole GRPO groups give each prompt once (``sequence_logprobs``'s
+    #: shared prompts); ``False`` repeats it per completion (to compare the two).
+    share_prompts: bool = True
+
     def __init__(self, config: Any, placement: RolePlacement, *, context: BuildContext):
         run = context.run_config
         self.config = config
@@ -66,20 +70,27 @@ class ReferenceStage:
         rows, g, n = comp.shape
         length = bucket_length(int(pmask.sum(axis=1).max(initial=1)))
         prompts, pmask = left_pad(prompts, pmask, length, self.pad_id)
-        prompts, pmask = np.repeat(prompts, g, axis=0), np.repeat(pmask, g, axis=0)
         comp, cmask = comp.reshape(rows * g, n), cmask.reshape(rows * g, n)
         state = self.holder.state
         shards = row_shards(self.holder.rows)
         mb = -(-self.config.micro_batch_size // shards) * shards  # whole rows per device
+        # Whole groups per micro-batch, the same number per device: each prompt goes once
+        # (sequence_logprobs's shared prompts); otherwise once per completion.
+        per = g if self.share_prompts and g > 1 and mb % g == 0 and (mb // g) % shards == 0 else 1
+        if per == 1:
+            prompts, pmask = np.repeat(prompts, g, axis=0), np.repeat(pmask, g, axis=0)
         total = rows * g
         padded = -(-total // mb) * mb
         if padded != total:  # pad to whole micro-batches: every call has one shape (one compile)
-            prompts, pmask, comp, cmask = (np.concatenate([a, np.zeros((padded - total, *a.shape[1:]), a.dtype)])
-                                           for a in (prompts, pmask, comp, cmask))
+            pad = lambda a, n: np.concatenate([a, np.zeros((n - len(a), *a.shape[1:]), a.dtype)])
+            prompts, pmask = pad(prompts, padded // per), pad(pmask, padded // per)
+            comp, cmask = pad(comp, padded), pad(cmask, padded)
+
         # Dispatch every micro-batch, then fetch once: no host round trip between them.
         def score() -> dict[str, np.ndarray]:
             with on_devices(self.holder.mesh, context):
-                outs = [self._fn(state, *distributed.put([a[s:s + mb] for a in (prompts, pmask, comp, cmask)], self.holder.rows))
+                outs = [self._fn(state, *distributed.put([prompts[s // per:(s + mb) // per], pmask[s // per:(s + mb) // per],
+                                                          comp[s:s + mb], cmask[s:s + mb]], self.holder.rows))
                         for s in range(0, padded, mb)]
                 return {"logprobs": np.concatenate(distributed.to_host(outs))[:total]}
 

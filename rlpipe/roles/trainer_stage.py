@@ -65,6 +65,7 @@ from rlpipe.core.placement import RolePlacement
 from rlpipe.core.specs import BuildContext
 from rlpipe.core.stage import Batch, StageContext
 from rlpipe.models.decoder import sequence_logprobs
+from rlpipe.models.generation import row_shards
 from rlpipe.models.lora import LoRAParam
 from rlpipe.models.sharding import shardings_for
 from rlpipe.plugins.algorithms import losses
@@ -127,6 +128,11 @@ class TrainerStage(OptimizedState):
     """
 
     fuse_old_logprobs: bool = True
+    #: Each micro-batch gives every GRPO group's prompt once (``sequence_logprobs``'s
+    #: shared prompts): its tokens go through the model once, not once per completion.
+    #: Used when micro-batches hold whole groups split evenly over the row shards;
+    #: ``False`` repeats the prompts (to compare the two).
+    share_prompts: bool = True
 
     def __init__(self, config: Any, placement: RolePlacement, *, context: BuildContext, algorithm: Any):
         run = context.run_config
@@ -242,7 +248,7 @@ class TrainerStage(OptimizedState):
         ok = jnp.isfinite(gnorm) & jnp.isfinite(loss)
         updates, new_opt = self.optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
         return keep(new_params, params), keep(new_opt, opt_state), gnorm, ~ok, loss
 
     # -- stage protocol --------------------------------------------------------------
@@ -260,6 +266,7 @@ class TrainerStage(OptimizedState):
         with the algorithm's advantages."""
         grouped = group_items(self.items, self.pad_id)
         self._reward_mean = float(grouped["rewards"].mean())
+        self._group = grouped["completion"].shape[1]
         estimate = self.algorithm.estimate(
             jnp.asarray(grouped["rewards"]), jnp.asarray(grouped["completion_mask"]),
             None if "values" not in grouped else jnp.asarray(grouped["values"]),
@@ -301,8 +308,13 @@ class TrainerStage(OptimizedState):
         rows.pop("values", None)  # the critic's business; advantages already hold them
         device_rows = {k: v for k, v in rows.items()}
 
+        # Whole groups per micro-batch, the same number on each row shard: the prompts go once per group.
+        g, shards = self._group, row_shards(self.row_sharding)
+        per = g if self.share_prompts and g > 1 and mb % g == 0 and (mb // g) % shards == 0 else 1
+
         def chunk(lo, hi):
-            return distributed.put({k: v[lo:hi] for k, v in device_rows.items()}, self.row_sharding)
+            part = {k: v[lo:hi:per] if k in ("prompt", "prompt_mask") else v[lo:hi] for k, v in device_rows.items()}
+            return distributed.put(part, self.row_sharding)
 
         # One update per global batch: the weights that would compute the old log-probs are the
         # ones that use every row, so the training forward supplies them (module docstring).
@@ -319,7 +331,8 @@ class TrainerStage(OptimizedState):
                            for lo in range(0, n_rows, mini)]
             per_update: list[tuple[list, Any]] = []  # (micro-batch metrics, loss) of each update
             grad_norms, skips = [], []
-            with context.span("train", policy_version=self.version, old_logprobs="fused" if skip_old else "pass"):
+            with context.span("train", policy_version=self.version, old_logprobs="fused" if skip_old else "pass",
+                              prompts_shared_by=per):
                 for _ in range(self.config.num_iterations):
                     for j, lo in enumerate(range(0, n_rows, mini)):
                         if mini == mb:  # one micro-batch per update: one program
