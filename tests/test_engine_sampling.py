@@ -8,12 +8,15 @@ import pytest
 from engine_fixtures import MASK, PROMPTS
 from flax import nnx
 
+from rlpipe.models import generation
 from rlpipe.models.generation import (
+    Engine,
     SamplingParams,
     _truncate,
     decode_segments,
     left_pad,
     sample,
+    shrink_levels,
 )
 from rlpipe.roles.rollout import RolloutConfig
 
@@ -157,6 +160,40 @@ def test_refilled_generation_with_more_slots_than_prompts(model, engine):
     want = engine.generate(state, PROMPTS, MASK, jax.random.key(2), params)
     got = engine.generate_refill(state, PROMPTS, MASK, jax.random.key(2), params, rows=8)
     np.testing.assert_array_equal(got.tokens, want.tokens)
+
+
+# -- fewer rows as rows finish (generate's shrinking batch) ---------------------------------
+
+
+def test_shrink_levels_halve_down_to_eight_rows():
+    assert shrink_levels(64) == (64, 32, 16, 8)
+    assert shrink_levels(24) == (24, 12)
+    assert shrink_levels(16) == (16, 8)
+    assert shrink_levels(15) == (15,) and shrink_levels(13) == (13,) and shrink_levels(8) == (8,)
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.8, 20)])
+def test_a_shrinking_batch_samples_what_the_full_batch_samples(model, monkeypatch, temperature, top_k):
+    """32 rows ending at stop tokens at different steps: once no more than 16
+    (then 8) are live, generate goes on with 16 (then 8) rows; every row's
+    completion is the one the full batch gives it (and continuous batching)."""
+    rng = np.random.default_rng(4)
+    prompts = rng.integers(1, 128, size=(32, 6)).astype(np.int32)
+    mask = np.ones_like(prompts)
+    mask[5, :3] = 0
+    params = SamplingParams(max_new_tokens=48, temperature=temperature, top_k=top_k,
+                            stop_tokens=(5, 7, 9, 11, 13, 17, 19, 23))
+    state = nnx.split(model)[1]
+    got = Engine(nnx.split(model)[0]).generate(state, prompts, mask, jax.random.key(3), params)
+    lengths = got.mask.sum(axis=1)
+    assert np.sort(lengths)[-9] < lengths.max()  # at most 8 rows live for a while: the 8-row batch runs
+    refill = Engine(nnx.split(model)[0]).generate_refill(state, prompts, mask, jax.random.key(3), params, rows=8)
+    monkeypatch.setattr(generation, "shrink_levels", lambda rows, minimum=8: (rows,))
+    want = Engine(nnx.split(model)[0]).generate(state, prompts, mask, jax.random.key(3), params)
+    for other in (want, refill):
+        np.testing.assert_array_equal(got.mask, other.mask)
+        np.testing.assert_array_equal(got.tokens, other.tokens)
+        np.testing.assert_allclose(got.logprobs, other.logprobs, atol=1e-5)
 
 
 # -- each prompt prefilled once for its group (generate(..., repeat=g)) -------------------

@@ -324,8 +324,29 @@ def decode_segments(prompt_slots: int, max_new_tokens: int, minimum: int = 16) -
         slots *= 2
 
 
+def shrink_levels(rows: int, minimum: int = 8) -> tuple[int, ...]:
+    """The batch sizes :func:`_generate`'s sampling loop steps down through as
+    rows finish: ``rows``, then halves while they stay at least ``minimum``
+    (``(64, 32, 16, 8)`` for 64 rows; ``(rows,)`` below ``2 * minimum``)."""
+    levels = [rows]
+    while levels[-1] % 2 == 0 and levels[-1] // 2 >= minimum:
+        levels.append(levels[-1] // 2)
+    return tuple(levels)
+
+
+def _compact(carry, rows: int):
+    """The loop state of :func:`_decode` cut to ``rows`` rows, the live ones first
+    (in their order): every row left out has finished."""
+    i, cache, last, next_pos, valid, out_tok, out_lp, out_mask, done, index = carry
+    order = jnp.argsort(done, stable=True)[:rows]
+    take = lambda x: jnp.take(x, order, axis=0)  # noqa: E731
+    cache = jax.tree_util.tree_map(take, cache)
+    return (i, cache, take(last), take(next_pos), take(valid), out_tok, out_lp, out_mask, take(done), take(index))
+
+
 def _decode(model, cache, valid, last_logits, next_pos, first_slot, key, params: SamplingParams, done,
-            rows_sharding: NamedSharding | None = None, segments: tuple[tuple[int, int], ...] | None = None):
+            rows_sharding: NamedSharding | None = None, segments: tuple[tuple[int, int], ...] | None = None,
+            levels: tuple[int, ...] | None = None):
     """The sampling loop shared by :func:`_generate` and :func:`_extend`: up to
     ``max_new_tokens`` steps, the token of step ``i`` written to cache slot
     ``first_slot + i``.  A slot is marked valid only for rows still live, so
@@ -335,37 +356,60 @@ def _decode(model, cache, valid, last_logits, next_pos, first_slot, key, params:
 
     ``segments`` (:func:`decode_segments`): the loop runs in pieces, the
     cache grown to each piece's slots before it (``None``: one piece over
-    the cache as given)."""
+    the cache as given).
+
+    ``levels`` (:func:`shrink_levels`, not with ``rows_sharding``): as rows
+    finish, the loop goes on with fewer — once no more than the next level's
+    number are live, the live rows are gathered into a batch of that size
+    (a decode step's cost grows with its rows), each keeping its own index,
+    so its samples are those it would have drawn in the full batch.  The
+    returned cache and validity are then not meaningful (``_generate``
+    drops them)."""
     rows = valid.shape[0]
     n = params.max_new_tokens
+    levels = levels or (rows,)
     stop = jnp.asarray((params.stop_tokens if not params.ignore_eos else ()) or (-1,), jnp.int32)
-    index = jnp.arange(rows, dtype=jnp.uint32)
 
     def body(carry):
-        i, cache, last, next_pos, valid, out_tok, out_lp, out_mask, done = carry
+        i, cache, last, next_pos, valid, out_tok, out_lp, out_mask, done, index = carry
         tok, lp = sample(last, key, params, index=index, step=i)
         live = ~done
         tok = jnp.where(live, tok, params.pad_id)
-        out_tok = out_tok.at[:, i].set(tok)
-        out_lp = out_lp.at[:, i].set(jnp.where(live, lp, 0.0))
-        out_mask = out_mask.at[:, i].set(live)
+        if len(levels) > 1:  # rows may have moved: write at their own index
+            out_tok = out_tok.at[index, i].set(tok)
+            out_lp = out_lp.at[index, i].set(jnp.where(live, lp, 0.0))
+            out_mask = out_mask.at[index, i].set(live)
+        else:
+            out_tok = out_tok.at[:, i].set(tok)
+            out_lp = out_lp.at[:, i].set(jnp.where(live, lp, 0.0))
+            out_mask = out_mask.at[:, i].set(live)
         done = done | jnp.isin(tok, stop)
         slot = first_slot + i
         valid = jax.lax.dynamic_update_slice(valid, live[:, None], (0, slot))
         logits, cache = model.forward(tok[:, None], next_pos[:, None], valid, cache, slot)
         return (i + 1, *_constrain((cache, logits[:, 0], next_pos + live, valid, out_tok, out_lp, out_mask, done),
-                                   rows_sharding))
+                                   rows_sharding), index)
 
     carry = (jnp.int32(0), *_constrain((cache, last_logits, next_pos.astype(jnp.int32), valid,
                                         jnp.full((rows, n), params.pad_id, jnp.int32), jnp.zeros((rows, n), jnp.float32),
-                                        jnp.zeros((rows, n), bool), done), rows_sharding))
-    for end, slots in segments or ((n, None),):
-        if slots is not None and slots > carry[4].shape[1]:
-            grown = (tuple(c.grow(slots) for c in carry[1]),
-                     jnp.pad(carry[4], ((0, 0), (0, slots - carry[4].shape[1]))))
-            carry = (carry[0], *_constrain(grown[:1], rows_sharding), *carry[2:4], *_constrain(grown[1:], rows_sharding),
-                     *carry[5:])
-        carry = jax.lax.while_loop(lambda c, end=end: (c[0] < end) & ~jnp.all(c[-1]), body, carry)
+                                        jnp.zeros((rows, n), bool), done), rows_sharding),
+             jnp.arange(rows, dtype=jnp.uint32))
+
+    def running(c, end, below):
+        """Steps left in this piece, and more than ``below`` rows live (``0``: any)."""
+        return (c[0] < end) & (jnp.sum(~c[8]) > below)
+
+    for level, rows_now in enumerate(levels):
+        below = levels[level + 1] if level + 1 < len(levels) else 0
+        if level:
+            carry = _compact(carry, rows_now)
+        for end, slots in (segments or ((n, None),)) if level == 0 else ((n, None),):
+            if slots is not None and slots > carry[4].shape[1]:
+                grown = (tuple(c.grow(slots) for c in carry[1]),
+                         jnp.pad(carry[4], ((0, 0), (0, slots - carry[4].shape[1]))))
+                carry = (carry[0], *_constrain(grown[:1], rows_sharding), *carry[2:4], *_constrain(grown[1:], rows_sharding),
+                         *carry[5:])
+            carry = jax.lax.while_loop(lambda c, end=end, below=below: running(c, end, below), body, carry)
     return carry[5], carry[7], carry[6], carry[1], carry[4]
 
 
@@ -402,8 +446,10 @@ def _generate(graphdef, state, tokens, mask, done, key, params: SamplingParams, 
     if repeat > 1:
         cache, valid, last, mask = _constrain(jax.tree_util.tree_map(lambda x: jnp.repeat(x, repeat, axis=0),
                                                                      (cache, valid, last, mask)), rows_sharding)
+    # Fewer rows as rows finish (one device's rows: across devices it would move rows between them).
+    levels = shrink_levels(done.shape[0]) if rows_sharding is None else None
     out_tok, out_mask, out_lp, _, _ = _decode(model, cache, valid, last, jnp.sum(mask, axis=1), prompt_len, key,
-                                              params, done, rows_sharding, segments)
+                                              params, done, rows_sharding, segments, levels)
     return out_tok, out_mask, out_lp
 
 
