@@ -257,7 +257,6 @@ class Attention(nnx.Module):
         out = jnp.einsum("bkgst,bktd->bskgd", probs, values.astype(x.dtype), preferred_element_type=jnp.float32)
         return self.o_proj(out.astype(x.dtype).reshape(b, s, kvh * g * d)), cache
 
-
     def shared(self, xp, xc, rope_p: Rope, rope_c: Rope, prompt_valid, completion_valid, group: int):
         """Attention over prompts shared by groups of rows, without a cache: ``xp``
         ``[prompts, Lp, hidden]`` (each prompt once), ``xc`` ``[prompts * group, Lc,
