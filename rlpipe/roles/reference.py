@@ -17,7 +17,7 @@ class ReferenceConfig(RoleConfig):
 
     Attributes:
         checkpoint: a local HF checkpoint directory; ``null`` uses the initial policy.
-        micro_batch_size: items per forward pass.
+        micro_batch_size: completions (rows) per forward pass; a multiple of the group size scores each prompt once.
     """
 
     checkpoint: str | None = None
