@@ -203,3 +203,34 @@ def test_reference_logprobs_with_shared_prompts_equal_the_repeated_ones(registry
     assert set(placed[True]) == {(mb // 4, mb)} and set(placed[False]) == {(mb, mb)}
     np.testing.assert_allclose(out[True], out[False], atol=2e-5)
     assert not np.any(out[True][~batch["completion_mask"].astype(bool)])
+
+
+@pytest.mark.parametrize("mb", [8, 3])  # whole groups of 4 (shared), or not (repeated: 12 rows padded to 15)
+def test_critic_values_and_update_with_shared_prompts_equal_the_repeated_ones(registry, monkeypatch, mb):
+    import jax
+
+    from rlpipe import StageContext
+    from rlpipe.roles.critic_stage import CriticStage
+
+    overrides = {"algorithm": {"name": "ppo"}, "roles": {"critic": {"learning_rate": 1e-2, "micro_batch_size": mb}}}
+    values, params, placed, calls = {}, {}, {}, _prompt_rows(monkeypatch)
+    for share in (True, False):
+        monkeypatch.setattr(CriticStage, "share_prompts", share)
+        from helpers import config
+
+        from rlpipe import BuildContext
+        from rlpipe.core.placement import MeshSpec, RolePlacement
+
+        cfg = config(registry, overrides)
+        placement = RolePlacement(name="critic", devices=[0], mesh=MeshSpec((1, 1), ("fsdp", "tp")))
+        critic = registry.roles["critic"].factory(cfg.roles["critic"], placement,
+                                                  context=BuildContext(run_config=cfg, registry=registry))
+        calls.clear()
+        out = critic.process(_group_batch(prompts=3, scored=False), context=StageContext(role="critic", step=0, index=0))
+        critic.on_barrier(context=StageContext(role="critic", step=0))
+        values[share], params[share], placed[share] = out["values"], jax.tree.leaves(critic.params), list(calls)
+    shared = mb % 4 == 0
+    assert set(placed[True]) == ({(mb // 4, mb)} if shared else {(mb, mb)}) and set(placed[False]) == {(mb, mb)}
+    np.testing.assert_allclose(values[True], values[False], atol=2e-5)
+    for a, b in zip(params[True], params[False]):
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)

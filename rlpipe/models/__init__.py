@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ resolves th
         Decoder,
         LayerCache,
         build,
+        completion_hidden,
         init_cache,
         sequence_logprobs,
         token_logprobs,
@@ -39,7 +40,8 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ resolves th
 #: Each public name and the module that defines it.
 _LAZY = {
     **dict.fromkeys(["PRESETS", "DecoderConfig", "RopeScaling"], "rlpipe.models.config"),
-    **dict.fromkeys(["Decoder", "LayerCache", "build", "init_cache", "sequence_logprobs", "token_logprobs"],
+    **dict.fromkeys(["Decoder", "LayerCache", "build", "completion_hidden", "init_cache", "sequence_logprobs",
+                     "token_logprobs"],
                     "rlpipe.models.decoder"),
     **dict.fromkeys(["CheckpointError", "config_from_hf", "from_pretrained", "save_pretrained"], "rlpipe.models.hf"),
     **dict.fromkeys(["from_gguf", "gguf_config", "gguf_tokenizer", "is_gguf"], "rlpipe.models.gguf"),
@@ -52,5 +54,5 @@ __getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = ["PRESETS", "CharTokenizer", "CheckpointError", "Decoder", "DecoderConfig", "HFTokenizer", "LayerCache",
-           "RopeScaling", "Tokenizer", "TokenizerError", "build", "config_from_hf", "from_gguf", "from_pretrained",
+           "RopeScaling", "Tokenizer", "TokenizerError", "build", "completion_hidden", "config_from_hf", "from_gguf", "from_pretrained",
            "gguf_config", "gguf_tokenizer", "init_cache", "is_gguf", "load_tokenizer", "save_pretrained", "sequence_logprobs", "token_logprobs"]

@@ -479,6 +479,35 @@ def _chunk_stats(w, h, targets, *, tied: bool, temperature: float, with_entropy:
     return lp, entropy
 
 
+def completion_hidden(model: Decoder, prompt: jax.Array, prompt_mask: jax.Array, completion: jax.Array,
+                      completion_mask: jax.Array, *, remat: bool = False) -> jax.Array:
+    """The final hidden states ``[rows, completion_len, hidden]`` that predict
+    each completion token: at position ``t``, the state after the prompt and
+    the completion's tokens before ``t`` (what the head, or a value head, reads).
+
+    ``prompt`` is left-padded ``[rows, Lp]``, or has ``P`` rows for ``P * g``
+    completion rows (shared prompts: completion row ``r`` continues prompt
+    ``r // g``; each prompt's tokens are computed once, :meth:`Decoder.hidden_shared`).
+    ``completion_mask`` marks the completion tokens attended to.
+    """
+    rows, b = prompt.shape[0], completion.shape[0]
+    if rows < 1 or b % rows:
+        raise ValueError(f"{b} completion rows do not continue {rows} prompts in equal groups")
+    if rows == b:
+        tokens = jnp.concatenate([prompt, completion], axis=1)
+        mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
+        positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+        h, _ = model.hidden(tokens, positions, mask, remat=remat)
+        # the hidden state at position t predicts token t + 1
+        return h[:, prompt.shape[1] - 1:-1]
+    pmask, cmask = prompt_mask.astype(bool), completion_mask.astype(bool)
+    prompt_positions = jnp.maximum(jnp.cumsum(pmask, axis=-1) - 1, 0)
+    before = jnp.repeat(jnp.sum(pmask, axis=-1, dtype=jnp.int32), b // rows)[:, None]  # each row's prompt length
+    completion_positions = jnp.maximum(before + jnp.cumsum(cmask, axis=-1) - 1, 0)
+    hp, hc = model.hidden_shared(prompt, prompt_positions, pmask, completion, completion_positions, cmask, remat=remat)
+    return jnp.concatenate([jnp.repeat(hp[:, -1:], b // rows, axis=0), hc[:, :-1]], axis=1)
+
+
 def sequence_logprobs(model: Decoder, prompt: jax.Array, prompt_mask: jax.Array, completion: jax.Array,
                       completion_mask: jax.Array, temperature: float = 1.0, *, with_entropy: bool = False,
                       remat: bool = False):
@@ -504,25 +533,8 @@ def sequence_logprobs(model: Decoder, prompt: jax.Array, prompt_mask: jax.Array,
     (:meth:`Decoder.hidden_shared`).  The values are those of the repeated
     prompts (tested to float rounding, gradients included).
     """
-    rows, b = prompt.shape[0], completion.shape[0]
-    if rows < 1 or b % rows:
-        raise ValueError(f"{b} completion rows do not continue {rows} prompts in equal groups")
-    if rows == b:
-        tokens = jnp.concatenate([prompt, completion], axis=1)
-        mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
-        positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-        h, _ = model.hidden(tokens, positions, mask, remat=remat)
-        # the hidden state at position t predicts token t + 1
-        h = h[:, prompt.shape[1] - 1:-1]
-    else:
-        pmask, cmask = prompt_mask.astype(bool), completion_mask.astype(bool)
-        prompt_positions = jnp.maximum(jnp.cumsum(pmask, axis=-1) - 1, 0)
-        before = jnp.repeat(jnp.sum(pmask, axis=-1, dtype=jnp.int32), b // rows)[:, None]  # each row's prompt length
-        completion_positions = jnp.maximum(before + jnp.cumsum(cmask, axis=-1) - 1, 0)
-        hp, hc = model.hidden_shared(prompt, prompt_positions, pmask, completion, completion_positions, cmask,
-                                     remat=remat)
-        h = jnp.concatenate([jnp.repeat(hp[:, -1:], b // rows, axis=0), hc[:, :-1]], axis=1)
-    c = completion.shape[1]
+    h = completion_hidden(model, prompt, prompt_mask, completion, completion_mask, remat=remat)
+    b, c = completion.shape
     hc = h.reshape(b * c, h.shape[-1])
     targets = completion.reshape(b * c)
     tied = model.lm_head is None

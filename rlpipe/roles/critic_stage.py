@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from rlpipe.core.placement import RolePlacement
 from rlpipe.core.specs import BuildContext
 from rlpipe.core.stage import Batch, StageContext
+from rlpipe.models.decoder import completion_hidden
 from rlpipe.roles.optimization import (
     OptimizedState,
     attention_mask,
@@ -25,6 +26,9 @@ from rlpipe.roles.optimization import (
 )
 from rlpipe.runtime import distributed
 from rlpipe.runtime.devices import on_devices
+
+#: The fields that hold one row per prompt when prompts are shared.
+_PROMPT_KEYS = ("prompt", "prompt_mask")
 
 
 class ValueModel(nnx.Module):
@@ -42,14 +46,11 @@ class ValueModel(nnx.Module):
     def values(self, prompt, prompt_mask, completion, completion_mask, completion_attention=None):
         """``[rows, completion_len]``: the value of the state before each completion
         token (0 where ``completion_mask`` is 0); the forward pass attends to
-        ``completion_attention`` (default: ``completion_mask``)."""
-        tokens = jnp.concatenate([prompt, completion], axis=1)
+        ``completion_attention`` (default: ``completion_mask``).  ``prompt`` may
+        give each group's prompt once (:func:`~rlpipe.models.decoder.completion_hidden`)."""
         attend = completion_mask if completion_attention is None else completion_attention
-        mask = jnp.concatenate([prompt_mask, attend], axis=1).astype(bool)
-        positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-        h, _ = self.trunk.hidden(tokens, positions, mask)
-        p = prompt.shape[1]
-        v = self.value_head(h[:, p - 1:-1])[..., 0].astype(jnp.float32)
+        h = completion_hidden(self.trunk, prompt, prompt_mask, completion, attend)
+        v = self.value_head(h)[..., 0].astype(jnp.float32)
         return jnp.where(completion_mask.astype(bool), v, 0.0)
 
 
@@ -65,6 +66,10 @@ def clipped_value_loss(values, old_values, returns, mask, clip: float):
 class CriticStage(OptimizedState):
     """Values for every completion token as items pass; at the barrier, trains
     on the algorithm's returns (GAE) with the clipped value loss."""
+
+    #: Micro-batches of whole groups give each prompt once (``completion_hidden``'s
+    #: shared prompts); ``False`` repeats it per completion (to compare the two).
+    share_prompts: bool = True
 
     def __init__(self, config: Any, placement: RolePlacement, *, context: BuildContext, algorithm: Any):
         run = context.run_config
@@ -101,24 +106,43 @@ class CriticStage(OptimizedState):
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    def _micro_batches(self, rows: dict[str, np.ndarray]):
+    def _rows(self, grouped: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+        """One row per completion, and how many rows share each prompt row: a
+        group's (its prompt given once, ``completion_hidden``'s shared prompts)
+        when micro-batches hold whole groups, else 1 (prompts repeated)."""
+        rows = flat_rows(grouped)
+        g = grouped["completion"].shape[1]
+        if self.share_prompts and g > 1 and self.config.micro_batch_size % g == 0:
+            rows = {**rows, "prompt": grouped["prompt"], "prompt_mask": grouped["prompt_mask"]}
+            return rows, g
+        return rows, 1
+
+    def _micro_batches(self, rows: dict[str, np.ndarray], per: int = 1):
+        """Micro-batches of ``micro_batch_size`` completions; ``per`` completions
+        share each row of ``rows``' prompts (:meth:`_rows`)."""
         mb = self.config.micro_batch_size
-        n = len(rows["prompt"])
+        n = len(rows["completion"])
         padded = -(-n // mb) * mb
+
+        def size(k):
+            return padded // per if k in _PROMPT_KEYS else padded
+
         if padded != n:  # zero rows (mask 0) so every call has one shape
-            rows = {k: np.concatenate([v, np.zeros((padded - n, *v.shape[1:]), v.dtype)]) for k, v in rows.items()}
+            rows = {k: np.concatenate([v, np.zeros((size(k) - len(v), *v.shape[1:]), v.dtype)]) for k, v in rows.items()}
         for lo in range(0, padded, mb):
-            yield distributed.put({k: v[lo:lo + mb] for k, v in rows.items()}, self.replicated)
+            yield distributed.put({k: v[lo // per:(lo + mb) // per] if k in _PROMPT_KEYS else v[lo:lo + mb]
+                                   for k, v in rows.items()}, self.replicated)
 
     def process(self, batch: Batch, *, context: StageContext) -> Batch:
         grouped = group_items([batch], self.pad_id)
-        rows = flat_rows(grouped)
+        rows, per = self._rows(grouped)
         keys = ("prompt", "prompt_mask", "completion", "completion_mask", *(["completion_attention_mask"] if "completion_attention_mask" in rows else []))
         p, g, n = grouped["completion"].shape
 
         def compute() -> dict[str, np.ndarray]:
             with on_devices(self.mesh, context):
-                outs = [self._values(self.params, *(c[k] for k in keys)) for c in self._micro_batches({k: rows[k] for k in keys})]
+                outs = [self._values(self.params, *(c[k] for k in keys))
+                        for c in self._micro_batches({k: rows[k] for k in keys}, per)]
                 return {"values": np.concatenate(distributed.to_host(outs))[: p * g].reshape(p, g, n)}
 
         values = distributed.share(self.mesh, compute)["values"]  # every process gets them (multi-process runs)
@@ -135,14 +159,14 @@ class CriticStage(OptimizedState):
                                            jnp.asarray(grouped["values"]))
         if estimate.returns is None:
             raise ValueError(f"advantage estimator {self.algorithm.config.advantage!r} gives no returns to train a critic on")
-        rows = flat_rows(grouped)
+        rows, per = self._rows(grouped)
         rows = {k: rows[k] for k in ("prompt", "prompt_mask", "completion", "completion_mask", "completion_attention_mask", "values")
                 if k in rows}
         rows["returns"] = np.asarray(estimate.returns, np.float32).reshape(rows["completion"].shape)
-        n_chunks = -(-len(rows["prompt"]) // self.config.micro_batch_size)
+        n_chunks = -(-len(rows["completion"]) // self.config.micro_batch_size)
         with on_devices(self.mesh, context):
             acc = self._zeros(self.params)
-            for chunk in self._micro_batches(rows):
+            for chunk in self._micro_batches(rows, per):
                 acc = self._accumulate(acc, self.params, chunk, jnp.float32(1.0 / n_chunks))
             self.params, self.opt_state, loss = self._apply(self.params, self.opt_state, acc)
             self.last_metrics = {"value_loss": float(distributed.to_host(loss))}
