@@ -234,3 +234,12 @@ def test_critic_values_and_update_with_shared_prompts_equal_the_repeated_ones(re
     np.testing.assert_allclose(values[True], values[False], atol=2e-5)
     for a, b in zip(params[True], params[False]):
         np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
+
+
+def test_which_micro_batches_share_prompts():
+    from rlpipe.roles.optimization import prompts_shared_by
+
+    assert prompts_shared_by(4, 8) == 4 and prompts_shared_by(4, 16, 4) == 4
+    assert prompts_shared_by(4, 6) == 1  # not whole groups
+    assert prompts_shared_by(4, 8, 4) == 1  # 2 groups over 4 shards
+    assert prompts_shared_by(1, 8) == 1 and prompts_shared_by(4, 8, enabled=False) == 1

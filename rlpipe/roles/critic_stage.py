@@ -23,6 +23,7 @@ from rlpipe.roles.optimization import (
     init_optimizer_state,
     make_optimizer,
     on_mesh,
+    prompts_shared_by,
 )
 from rlpipe.runtime import distributed
 from rlpipe.runtime.devices import on_devices
@@ -111,11 +112,10 @@ class CriticStage(OptimizedState):
         group's (its prompt given once, ``completion_hidden``'s shared prompts)
         when micro-batches hold whole groups, else 1 (prompts repeated)."""
         rows = flat_rows(grouped)
-        g = grouped["completion"].shape[1]
-        if self.share_prompts and g > 1 and self.config.micro_batch_size % g == 0:
+        per = prompts_shared_by(grouped["completion"].shape[1], self.config.micro_batch_size, enabled=self.share_prompts)
+        if per > 1:
             rows = {**rows, "prompt": grouped["prompt"], "prompt_mask": grouped["prompt_mask"]}
-            return rows, g
-        return rows, 1
+        return rows, per
 
     def _micro_batches(self, rows: dict[str, np.ndarray], per: int = 1):
         """Micro-batches of ``micro_batch_size`` completions; ``per`` completions

@@ -60,6 +60,15 @@ def flat_rows(grouped: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return rows
 
 
+def prompts_shared_by(group: int, micro_batch: int, shards: int = 1, *, enabled: bool = True) -> int:
+    """How many completion rows of a micro-batch share each prompt row
+    (``sequence_logprobs``'s shared prompts): ``group`` when micro-batches of
+    ``micro_batch`` rows hold whole groups, the same number on each of
+    ``shards`` row shards; 1 (each row its own copy of the prompt) otherwise."""
+    whole = group > 1 and micro_batch % group == 0 and (micro_batch // group) % shards == 0
+    return group if enabled and whole else 1
+
+
 def attention_mask(rows: Any) -> Any:
     """The completion tokens a forward pass attends to: every token of an
     agentic episode, the environment's included (``completion_attention_mask``);

@@ -16,6 +16,7 @@ from rlpipe.models.decoder import sequence_logprobs
 from rlpipe.models.generation import bucket_length, left_pad, row_shards
 from rlpipe.models.loading import load_model, load_tokenizer
 from rlpipe.roles.model_holder import ModelHolder, shared_base
+from rlpipe.roles.optimization import prompts_shared_by
 from rlpipe.roles.rollout import sampling_temperature
 from rlpipe.runtime import distributed
 from rlpipe.runtime.devices import on_devices
@@ -76,7 +77,7 @@ class ReferenceStage:
         mb = -(-self.config.micro_batch_size // shards) * shards  # whole rows per device
         # Whole groups per micro-batch, the same number per device: each prompt goes once
         # (sequence_logprobs's shared prompts); otherwise once per completion.
-        per = g if self.share_prompts and g > 1 and mb % g == 0 and (mb // g) % shards == 0 else 1
+        per = prompts_shared_by(g, mb, shards, enabled=self.share_prompts)
         if per == 1:
             prompts, pmask = np.repeat(prompts, g, axis=0), np.repeat(pmask, g, axis=0)
         total = rows * g

@@ -99,7 +99,7 @@ class RewardStage:
                 for name, weight, fn in terms:
                     try:
                         value = float(fn(prompt, completion, examples[i]))
-                    except Exception as exc:  # noqa: BLE001 - a user's function may raise anything
+                    except Exception as exc:
                         if self.config.on_error == "fail":
                             raise RewardFunctionError(
                                 f"reward function {name!r} raised on step {context.step}, micro-batch {context.index}, "

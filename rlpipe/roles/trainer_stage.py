@@ -77,6 +77,7 @@ from rlpipe.roles.optimization import (
     group_items,
     init_optimizer_state,
     make_optimizer,
+    prompts_shared_by,
 )
 from rlpipe.roles.rollout import sampling_temperature
 from rlpipe.runtime import distributed
@@ -310,7 +311,7 @@ class TrainerStage(OptimizedState):
 
         # Whole groups per micro-batch, the same number on each row shard: the prompts go once per group.
         g, shards = self._group, row_shards(self.row_sharding)
-        per = g if self.share_prompts and g > 1 and mb % g == 0 and (mb // g) % shards == 0 else 1
+        per = prompts_shared_by(g, mb, shards, enabled=self.share_prompts)
 
         def chunk(lo, hi):
             part = {k: v[lo:hi:per] if k in ("prompt", "prompt_mask") else v[lo:hi] for k, v in device_rows.items()}
